@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: every figure is a ratio measured in one run, written to JSON."""

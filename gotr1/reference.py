@@ -1,0 +1,144 @@
+"""The Hugging Face way to generate GoT samples: the engine's correctness oracle and its speed baseline.
+
+Reasoning text comes from `generate` on the whole batch (all prompts x n samples), stopping at
+`<begin_of_image>`; then the image from `JanusForConditionalGeneration.generate(generation_mode="image")`,
+which re-prefills prompt + chain with its own CFG batch (unconditional rows: BOS + pads + BOI), then the VQ
+decode. That is as fast as transformers allows; we keep it honest by batching everything and doing no work
+twice that transformers itself does not do twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.utils import logging as hf_logging
+
+from gotr1.chain import ParsedChain, parse_chain
+from gotr1.model import JanusBundle
+
+
+@dataclass
+class ReferenceSample:
+    prompt: str
+    prompt_ids: list[int]
+    reasoning_ids: list[int]  # generated text tokens, always ending with <begin_of_image>
+    boi_forced: bool
+    reasoning_text: str
+    chain: ParsedChain
+    image_tokens: torch.Tensor  # [num_image_tokens]
+    image: Image.Image | None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' generate warns about its own internal kwargs (Janus passes `guidance_scale`); hide that."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class _Progress(LogitsProcessor):
+    """Ticks a progress bar once per decoding step (transformers' generate has no hook of its own)."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.bar.update(1)
+        return scores
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _generation_config(bundle: JanusBundle, temperature: float, top_k: int, top_p: float, **kw) -> GenerationConfig:
+    """The model's generation config with our settings, passed whole (transformers warns on config + kwargs)."""
+    config = copy.deepcopy(bundle.model.generation_config)
+    sampling = {"do_sample": False} if temperature == 0 else {
+        "do_sample": True, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+    config.update(max_length=None, min_length=None, **sampling, **kw)
+    return config
+
+
+class ReferenceGenerator:
+    """Batched GoT generation with transformers' own `generate` (text, then image with CFG)."""
+
+    def __init__(self, bundle: JanusBundle):
+        self.bundle = bundle
+
+    @torch.no_grad()
+    def generate_reasoning(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_k: int,
+                           top_p: float, max_reasoning_tokens: int, min_reasoning_tokens: int,
+                           progress: bool) -> list[tuple[list[int], bool]]:
+        """Reasoning for every prompt x n, prompt-major; each ends with BOI (forced at the token limit)."""
+        b = self.bundle
+        # Rows repeated n times rather than `num_return_sequences`: the same work, and greedy allows it.
+        ids, mask = _left_pad([p for p in prompt_ids for _ in range(n)], b.pad_id, b.device)
+        with _quiet_transformers(), tqdm(total=max_reasoning_tokens, desc="reference reasoning",
+                                         disable=not progress, leave=False) as bar:
+            config = _generation_config(b, temperature, top_k, top_p, max_new_tokens=max_reasoning_tokens,
+                                        min_new_tokens=min_reasoning_tokens, eos_token_id=b.boi_id)
+            out = b.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   logits_processor=LogitsProcessorList([_Progress(bar)]))
+        results = []
+        for row in out[:, ids.shape[1]:].tolist():
+            if b.boi_id in row:
+                results.append((row[: row.index(b.boi_id) + 1], False))
+            else:  # every row that has not stopped ran to the limit: force the image to start
+                results.append((row + [b.boi_id], True))
+        return results
+
+    @torch.no_grad()
+    def generate_images(self, sequences: list[list[int]], *, temperature: float, top_k: int, top_p: float,
+                        cfg_weight: float, progress: bool) -> torch.Tensor:
+        """Image tokens `[len(sequences), num_image_tokens]` for full `BOS ... BOI` sequences, with CFG."""
+        b = self.bundle
+        if cfg_weight <= 1:
+            raise ValueError(f"transformers' Janus image generate needs cfg_weight > 1, got {cfg_weight}")
+        ids, mask = _left_pad(sequences, b.pad_id, b.device)
+        with _quiet_transformers(), tqdm(total=b.num_image_tokens, desc="reference image", disable=not progress,
+                                         leave=False) as bar:
+            config = _generation_config(b, temperature, top_k, top_p, guidance_scale=cfg_weight)
+            return b.model.generate(input_ids=ids, attention_mask=mask, generation_mode="image",
+                                    generation_config=config, logits_processor=LogitsProcessorList([_Progress(bar)]))
+
+    def generate(self, prompts: list[str], *, n: int = 1, text_temperature: float = 1.0,
+                 image_temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_weight: float = 5.0,
+                 max_reasoning_tokens: int = 600, min_reasoning_tokens: int = 0, seed: int = 0,
+                 decode_images: bool = True, progress: bool = False) -> list[list[ReferenceSample]]:
+        """GoT samples for each prompt (outer list: prompts; inner: its n samples)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        b = self.bundle
+        prompt_ids = b.encode_prompts(prompts, max_reasoning_tokens)
+        torch.manual_seed(seed)
+        reasoning = self.generate_reasoning(
+            prompt_ids, n=n, temperature=text_temperature, top_k=top_k, top_p=top_p,
+            max_reasoning_tokens=max_reasoning_tokens, min_reasoning_tokens=min_reasoning_tokens,
+            progress=progress)
+        sequences = [prompt_ids[i // n] + r for i, (r, _) in enumerate(reasoning)]
+        tokens = self.generate_images(sequences, temperature=image_temperature, top_k=top_k, top_p=top_p,
+                                      cfg_weight=cfg_weight, progress=progress)
+        images = b.decode_images(tokens) if decode_images else [None] * len(sequences)
+        out: list[list[ReferenceSample]] = [[] for _ in prompts]
+        for i, ((r, forced), toks, image) in enumerate(zip(reasoning, tokens.cpu(), images)):
+            text = b.decode_text(r)
+            out[i // n].append(ReferenceSample(
+                prompt=prompts[i // n], prompt_ids=prompt_ids[i // n], reasoning_ids=r, boi_forced=forced,
+                reasoning_text=text, chain=parse_chain(text), image_tokens=toks, image=image))
+        return out
