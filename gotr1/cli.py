@@ -1,13 +1,13 @@
-"""`gotr1` command line: generate GoT samples (image + chain + layout overlay) from a preset or local weights."""
+"""`gotr1` command line: generate GoT samples, SFT, GRPO training (also under torchrun)."""
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
+from gotr1.config import GRPOConfig, SFTConfig, add_config_args, build_config
 from gotr1.model import PRESETS
 
 
@@ -15,58 +15,94 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--preset", choices=PRESETS, help="a built-in model (no weights needed)")
     group.add_argument("--model", metavar="DIR", help="a local Janus-Pro directory in Hugging Face format")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace, dtype: str = "float32"):
     import torch
 
     from gotr1.model import load_model
 
-    return load_model(args.preset, args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(args.preset, args.model, dtype=getattr(torch, dtype), device=device)
 
 
-def save_sample(out_dir: Path, stem: str, *, prompt: str, reasoning_text: str, chain, image) -> dict:
-    """Write `stem.png` (image), `stem_chain.txt` and `stem_layout.png` (boxes over and beside the image)."""
-    from gotr1.chain import layout_overlay
-
-    (out_dir / f"{stem}_chain.txt").write_text(reasoning_text + "\n")
-    record = {"prompt": prompt, "reasoning": reasoning_text,
-              "objects": [asdict(o) for o in chain.objects], "problems": chain.problems}
-    if image is not None:
-        image.save(out_dir / f"{stem}.png")
-        layout_overlay(image, chain.objects).save(out_dir / f"{stem}_layout.png")
-        record["image"] = f"{stem}.png"
-        record["layout"] = f"{stem}_layout.png"
-    return record
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from gotr1.reference import ReferenceGenerator
+def read_prompt_args(args: argparse.Namespace) -> list[str]:
+    from gotr1.data import read_prompts
 
     prompts = list(args.prompt)
     if args.prompts:
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        prompts += read_prompts(args.prompts)
     if not prompts:
-        raise SystemExit("error: give --prompt TEXT (repeatable) or --prompts FILE")
-    bundle = load_from_args(args)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gotr1.artifacts import save_groups
+    from gotr1.reference import ReferenceGenerator
+
+    prompts = read_prompt_args(args)
+    bundle = load_from_args(args, args.dtype)
     start = time.perf_counter()
     groups = ReferenceGenerator(bundle).generate(
         prompts, n=args.n, text_temperature=args.text_temperature, image_temperature=args.image_temperature,
         top_k=args.top_k, top_p=args.top_p, cfg_weight=args.cfg_weight,
         max_reasoning_tokens=args.max_reasoning_tokens, seed=args.seed, progress=True)
     elapsed = time.perf_counter() - start
-    with open(out_dir / "samples.jsonl", "w") as f:
-        for p, group in enumerate(groups):
-            for s, sample in enumerate(group):
-                record = save_sample(out_dir, f"p{p:03d}_s{s:02d}", prompt=sample.prompt,
-                                     reasoning_text=sample.reasoning_text, chain=sample.chain, image=sample.image)
-                f.write(json.dumps(record) + "\n")
-    total = sum(len(g) for g in groups)
-    print(f"wrote {total} samples (image, chain, layout) to {out_dir} in {elapsed:.2f} s")
+    total = save_groups(Path(args.out), groups)
+    print(f"wrote {total} samples (image, chain, layout) to {args.out} in {elapsed:.2f} s")
+    return 0
+
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the process group (NCCL on GPUs, gloo on CPUs)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gotr1.grpo import GRPOTrainer
+    from gotr1.rewards import make_judge
+
+    config = build_config(GRPOConfig, args, args.config)
+    prompts = read_prompt_args(args)
+    judge = make_judge(config.judge)  # fails now, not mid-training, when judge weights are missing
+    device = init_distributed()
+    if device is not None:
+        args.device = device
+    bundle = load_from_args(args, config.dtype)
+    trainer = GRPOTrainer(config, bundle, prompts, judge)
+    if args.resume:
+        trainer.resume(args.resume)
+    trainer.train()
+    if trainer.rank == 0:
+        print(f"done: {trainer.step} steps; metrics in {config.output_dir}/metrics.jsonl, "
+              f"curves in {config.output_dir}/reward_curves.png")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from gotr1.sft import SFTTrainer, read_sft_jsonl
+
+    config = build_config(SFTConfig, args, args.config)
+    bundle = load_from_args(args, config.dtype)
+    trainer = SFTTrainer(config, bundle, read_sft_jsonl(args.data, bundle))
+    if args.resume:
+        trainer.resume(args.resume)
+    start = time.perf_counter()
+    trainer.train()
+    out = trainer.export(args.export or Path(config.output_dir) / "final")
+    print(f"SFT done in {time.perf_counter() - start:.1f} s; model written to {out} (load it with --model {out})")
     return 0
 
 
@@ -76,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="plan (reasoning chain with boxes) then draw images")
     add_model_args(gen)
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.add_argument("--prompt", action="append", default=[], help="caption; repeat for several")
-    gen.add_argument("--prompts", metavar="FILE", help="a text file, one caption per line")
+    gen.add_argument("--prompts", metavar="FILE", help="a text file, one caption per line (or JSONL)")
     gen.add_argument("-n", type=int, default=1, help="samples per prompt")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="out", help="output directory")
@@ -88,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-weight", type=float, default=5.0)
     gen.add_argument("--max-reasoning-tokens", type=int, default=600)
     gen.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="GRPO on the four GoT-R1 rewards (torchrun for several processes)")
+    add_model_args(train)
+    train.add_argument("--prompt", action="append", default=[], help="training caption; repeatable")
+    train.add_argument("--prompts", metavar="FILE", help="one prompt per line, or JSONL with a 'prompt' key")
+    train.add_argument("--config", metavar="FILE", help="YAML with GRPOConfig fields (flags override it)")
+    train.add_argument("--resume", metavar="PATH", help="a checkpoint-N directory or a run directory")
+    add_config_args(train, GRPOConfig)
+    train.set_defaults(func=cmd_train)
+
+    sft = sub.add_parser("sft", help="supervised GoT training on (prompt, chain, image) triples")
+    add_model_args(sft)
+    sft.add_argument("--data", required=True, metavar="FILE", help='JSONL lines {"prompt", "chain", "image"}')
+    sft.add_argument("--config", metavar="FILE", help="YAML with SFTConfig fields (flags override it)")
+    sft.add_argument("--resume", metavar="PATH", help="a checkpoint-N directory or a run directory")
+    sft.add_argument("--export", metavar="DIR", help="where the merged model goes (default OUTPUT_DIR/final)")
+    add_config_args(sft, SFTConfig)
+    sft.set_defaults(func=cmd_sft)
     return parser
 
 

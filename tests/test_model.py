@@ -84,8 +84,9 @@ def test_loader_errors_name_the_problem(tiny, tmp_path):
 
 
 def test_transformers_does_not_take_our_kernels_for_the_kernel_hub():
-    import kernels  # ours: the top-level package of this repo
     from transformers.utils import import_utils
+
+    import kernels  # ours: the top-level package of this repo
 
     assert kernels.__file__.endswith("kernels/__init__.py")
     assert not import_utils.is_kernels_available()

@@ -1,0 +1,177 @@
+"""Supervised GoT training on (prompt, chain, image) triples: GoT-R1's stage before GRPO.
+
+Images become codebook ids through the model's own VQ encoder; the loss is cross-entropy on the chain's
+text tokens (ending with `<begin_of_image>`) plus the image tokens, through the same teacher-forced forward
+GRPO uses (`gotr1.policy`). LoRA or full fine-tuning; checkpoints in the GRPO format; the final model is
+exported merged, with its processor, so `--model DIR` loads it like any Janus checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from gotr1 import checkpoint as ckpt
+from gotr1.config import SFTConfig
+from gotr1.model import JanusBundle, save_bundle
+from gotr1.plot import plot_curves
+from gotr1.policy import image_head_parts, janus_of, make_batch, policy_hidden, token_logprobs
+from gotr1.training import add_lora, lr_scheduler
+
+
+@dataclass
+class SFTExample:
+    prompt: str
+    chain: str  # the reasoning text as the model should write it (prose + GoT tags), without <begin_of_image>
+    image_tokens: torch.Tensor  # [num_image_tokens] codebook ids
+
+
+@torch.no_grad()
+def encode_images(bundle: JanusBundle, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+    """RGB images of any size -> `[B, num_image_tokens]` codes of the model's VQ encoder (Janus: [-1, 1] input)."""
+    size = bundle.image_size
+    out = []
+    for i in range(0, len(images), batch_size):
+        arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+                        for im in images[i:i + batch_size]])
+        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+        codes = janus_of(bundle.model).model.vqmodel.encode(pixels.to(bundle.device, bundle.model.dtype)).image_tokens
+        out.append(codes.view(pixels.shape[0], -1).cpu())
+    return torch.cat(out)
+
+
+def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
+    """JSONL lines `{"prompt", "chain", "image"}` (image: a path relative to the file) -> encoded examples."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file {path} does not exist")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: invalid JSON: {e}") from e
+        missing = [k for k in ("prompt", "chain", "image") if not isinstance(r.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing string fields {missing}")
+        image = path.parent / r["image"]
+        if not image.is_file():
+            raise FileNotFoundError(f"{path}:{n}: image {image} does not exist")
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"SFT data file {path} holds no examples")
+    codes = encode_images(bundle, [Image.open(path.parent / r["image"]) for r in rows])
+    return [SFTExample(r["prompt"], r["chain"], c) for r, c in zip(rows, codes)]
+
+
+class SFTTrainer(ckpt.Checkpointed):
+    """Cross-entropy on chain text + image tokens; batches reshuffled each epoch with `seed + epoch`."""
+
+    def __init__(self, config: SFTConfig, bundle: JanusBundle, examples: Sequence[SFTExample]):
+        config.validate()
+        if not examples:
+            raise ValueError("no SFT examples")
+        n_img = bundle.num_image_tokens
+        bad = [i for i, e in enumerate(examples) if e.image_tokens.shape != (n_img,)]
+        if bad:
+            raise ValueError(f"examples {bad[:5]} do not have {n_img} image tokens")
+        self.config, self.bundle, self.examples = config, bundle, list(examples)
+        torch.manual_seed(config.seed)
+        add_lora(bundle, config)
+        self.params = [p for p in bundle.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = lr_scheduler(self.optimizer, config, config.max_steps)
+        self.prompt_ids = bundle.encode_prompts([e.prompt for e in examples], max_reasoning_tokens=0)
+        self.reasoning_ids = [bundle.tokenizer(e.chain, add_special_tokens=False)["input_ids"] + [bundle.boi_id]
+                              for e in examples]
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.output_dir = Path(config.output_dir)
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.config.seed + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[int]:
+        bs, order = self.config.per_device_train_batch_size, self._order()
+        if self.position >= len(order):
+            self.epoch, self.position = self.epoch + 1, 0
+            order = self._order()
+        idx = order[self.position:self.position + bs]
+        self.position += bs
+        return idx
+
+    def loss(self, idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        b = self.bundle
+        batch = make_batch([self.prompt_ids[i] for i in idx], [self.reasoning_ids[i] for i in idx],
+                           torch.stack([self.examples[i].image_tokens for i in idx]), pad_id=b.pad_id,
+                           device=b.device)
+        text_h, image_h = policy_hidden(b.model, batch)
+        _, vision_head = image_head_parts(b.model)
+        text_lp = token_logprobs(text_h, b.model.get_output_embeddings(), batch.reasoning_ids)
+        image_lp = token_logprobs(image_h, vision_head, batch.image_tokens)
+        text_ce = -(text_lp * batch.reasoning_mask).sum() / batch.reasoning_mask.sum()
+        image_ce = -image_lp.mean()
+        loss = self.config.text_loss_weight * text_ce + self.config.image_loss_weight * image_ce
+        return loss, {"loss": loss.item(), "loss/text": text_ce.item(), "loss/image": image_ce.item()}
+
+    def train(self, max_steps: int | None = None) -> list[dict[str, Any]]:
+        c = self.config
+        end = min(max_steps or c.max_steps, c.max_steps)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.bundle.model.train()
+        with open(self.output_dir / "metrics.jsonl", "a") as log, \
+                tqdm(total=end, initial=self.step, desc="sft") as bar:
+            while self.step < end:
+                start = time.perf_counter()
+                sums: dict[str, float] = {}
+                for _ in range(c.gradient_accumulation_steps):
+                    loss, m = self.loss(self.next_batch())
+                    (loss / c.gradient_accumulation_steps).backward()
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + v / c.gradient_accumulation_steps
+                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                sums.update(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                            time_step=time.perf_counter() - start)
+                self.history.append(sums)
+                if self.step % c.logging_steps == 0:
+                    log.write(json.dumps(sums) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss']:.3f}")
+                if self.step % c.save_steps == 0 or self.step == end:
+                    self.save()
+        self.bundle.model.eval()
+        plot_curves({k: [h[k] for h in self.history] for k in ("loss", "loss/text", "loss/image")},
+                    self.output_dir / "loss_curves.png", title="SFT loss per step")
+        return self.history
+
+    def data_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_data_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def export(self, path: str | Path) -> Path:
+        """The trained model, LoRA merged, with its processor: a plain Janus directory for `--model DIR`."""
+        model = self.bundle.model
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        self.bundle.model = merged
+        save_bundle(self.bundle, path)
+        return Path(path)

@@ -1,0 +1,52 @@
+import argparse
+
+import pytest
+
+from gotr1.config import GRPOConfig, SFTConfig, add_config_args, build_config
+
+
+def parse(cls, argv):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, cls)
+    return parser.parse_args(argv)
+
+
+def test_defaults_follow_got_r1_and_trl():
+    c = GRPOConfig()
+    assert (c.num_generations, c.learning_rate, c.lr_scheduler_type, c.lora_r, c.lora_alpha) == (16, 1e-5, "cosine",
+                                                                                                   32, 32)
+    assert (c.max_reasoning_tokens, c.cfg_weight, c.text_temperature, c.image_temperature) == (600, 5.0, 1.0, 1.0)
+    assert (c.epsilon, c.epsilon_high, c.loss_type, c.scale_rewards, c.beta) == (0.2, None, "dapo", "group", 0.0)
+    assert "vision" not in c.lora_target_modules and "language_model" in c.lora_target_modules
+
+
+def test_both_spellings_and_yaml_precedence(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("num_generations: 8\nbeta: 0.04\nreward_weights: [1, 2, 3, 4]\n")
+    args = parse(GRPOConfig, ["--num-generations", "4", "--epsilon_high", "0.28", "--use-lora", "false"])
+    c = build_config(GRPOConfig, args, str(yaml_file))
+    assert (c.num_generations, c.beta, c.epsilon_high, c.use_lora) == (4, 0.04, 0.28, False)
+    assert c.reward_weights == [1, 2, 3, 4]
+    args = parse(GRPOConfig, ["--num_generations", "6", "--epsilon-high", "none"])
+    c = build_config(GRPOConfig, args)
+    assert c.num_generations == 6 and c.epsilon_high is None
+
+
+def test_invalid_values_fail_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        build_config(GRPOConfig, parse(GRPOConfig, ["--loss-type", "ppo"]))
+    with pytest.raises(ValueError, match="num_generations must be >= 2.*top_p must be in"):
+        build_config(GRPOConfig, parse(GRPOConfig, ["--num-generations", "1", "--top-p", "1.5"]))
+    with pytest.raises(ValueError, match="divisible by gradient_accumulation_steps"):
+        build_config(GRPOConfig, parse(GRPOConfig, ["--prompts-per-step", "1", "--num-generations", "3",
+                                                    "--gradient-accumulation-steps", "2"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_generation: 8\n")
+    with pytest.raises(ValueError, match="unknown fields num_generation"):
+        build_config(GRPOConfig, parse(GRPOConfig, []), str(bad))
+    with pytest.raises(FileNotFoundError):
+        build_config(GRPOConfig, parse(GRPOConfig, []), str(tmp_path / "none.yaml"))
+    with pytest.raises(SystemExit):
+        parse(GRPOConfig, ["--use-lora", "maybe"])
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        build_config(SFTConfig, parse(SFTConfig, ["--per-device-train-batch-size", "0"]))

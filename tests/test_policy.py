@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from gotr1.model import build_preset
+from gotr1.policy import image_head_parts, make_batch, policy_hidden, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_preset("tiny", image_size=64)
+
+
+def test_teacher_forced_logprobs_equal_full_forward(tiny):
+    """Variable prompt/reasoning lengths in one right-padded batch == each sample's own HF forward."""
+    g = torch.Generator().manual_seed(0)
+    prompts = tiny.encode_prompts(["a red circle", "two blue squares left of a green star"], 8)
+    reasoning = [torch.randint(5, 500, (n,), generator=g).tolist() + [tiny.boi_id] for n in (7, 2)]
+    images = torch.randint(0, 1024, (2, tiny.num_image_tokens), generator=g)
+    batch = make_batch(prompts, reasoning, images, pad_id=tiny.pad_id)
+    with torch.no_grad():
+        text_h, img_h = policy_hidden(tiny.model, batch)
+        text_lp = token_logprobs(text_h, tiny.model.lm_head, batch.reasoning_ids, chunk=5)
+        _, vision_head = image_head_parts(tiny.model)
+        img_lp = token_logprobs(img_h, vision_head, images, temperature=0.7)
+        janus = tiny.model
+        for i, (p, r) in enumerate(zip(prompts, reasoning)):
+            ids = torch.tensor([p + r])
+            ref = janus(input_ids=ids).logits[0].log_softmax(-1)
+            expect = ref[len(p) - 1: len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            torch.testing.assert_close(text_lp[i, : len(r)], expect, rtol=1e-5, atol=1e-5)
+            emb = torch.cat([janus.get_input_embeddings()(ids),
+                             janus.prepare_embeddings_for_image_generation(images[i: i + 1, :-1])], 1)
+            h = janus.model.language_model(inputs_embeds=emb).last_hidden_state[0, len(p) + len(r) - 1:]
+            logits = janus.model.generation_head(h) / 0.7
+            expect = logits.log_softmax(-1).gather(-1, images[i][:, None]).squeeze(-1)
+            torch.testing.assert_close(img_lp[i], expect, rtol=1e-5, atol=1e-5)
+    assert batch.reasoning_mask.tolist() == [[1.0] * 8, [1.0] * 3 + [0.0] * 5]
+
+
+def test_make_batch_rejects_inconsistent_samples(tiny):
+    with pytest.raises(ValueError, match="same samples"):
+        make_batch([[1, 2]], [[3], [4]], torch.zeros(1, 16, dtype=torch.long), pad_id=0)
+    with pytest.raises(ValueError, match="at least its <begin_of_image>"):
+        make_batch([[1, 2]], [[]], torch.zeros(1, 16, dtype=torch.long), pad_id=0)
