@@ -230,23 +230,27 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     return _bundle(model, tokenizer, processor, name)
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """Fail early, with a message that says what is missing, on a directory that cannot hold a Janus model."""
+def check_model_dir(path: str | Path, model_type: str = "janus", what: str = "a Janus-Pro checkpoint",
+                    role: str = "model") -> Path:
+    """Fail early, with a message that says what is missing, on a directory that cannot hold the model.
+
+    Shared by the policy (`janus`) and the judge (`qwen2_5_vl`) loaders: existence, `config.json` of the right
+    `model_type`, every weight shard an index names, tokenizer files.
+    """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        raise FileNotFoundError(f"{role} directory {path} does not exist")
     if not path.is_dir():
-        raise NotADirectoryError(f"model path {path} is not a directory")
+        raise NotADirectoryError(f"{role} path {path} is not a directory")
     config = path / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        found = json.loads(config.read_text()).get("model_type")
     except json.JSONDecodeError as e:
         raise ValueError(f"{config} is not valid JSON: {e}") from e
-    if model_type != "janus":
-        raise ValueError(f"{path} holds a {model_type!r} model, expected 'janus' (a Janus-Pro checkpoint in "
-                         "Hugging Face format)")
+    if found != model_type:
+        raise ValueError(f"{path} holds a {found!r} model, expected {model_type!r} ({what} in Hugging Face format)")
     index = next((p for p in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json")
                   if p.is_file()), None)
     if index is not None:

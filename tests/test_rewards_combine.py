@@ -1,0 +1,91 @@
+import pytest
+import torch
+from PIL import Image
+
+from gotr1.chain import ChainObject, ParsedChain, format_chain
+from gotr1.rewards import COMPONENTS, Judge, RewardBreakdown, RewardSample, combine, reward_fn
+
+
+def _breakdown(**overrides) -> RewardBreakdown:
+    values = {"R_PI": [0.5, 1.0, 0.0], "R_sem": [0.2, 0.4, 1.0], "R_spa": [0.3, 0.1, 1.0], "R_RI": [0.8, 0.25, 1.0]}
+    values.update(overrides)
+    return RewardBreakdown(**{k: torch.tensor(v) for k, v in values.items()}, unparsable={"R_RI": 2})
+
+
+def test_as_matrix_column_order_is_components():
+    b = _breakdown()
+    assert COMPONENTS == ("R_PI", "R_sem", "R_spa", "R_RI")
+    m = b.as_matrix()
+    assert m.shape == (3, 4) and m.dtype == torch.float32
+    for j, name in enumerate(COMPONENTS):
+        assert torch.equal(m[:, j], getattr(b, name))
+    assert b.unparsable == {"R_PI": 0, "R_sem": 0, "R_spa": 0, "R_RI": 2}
+
+
+def test_product_and_sum_formulas_are_exact():
+    m = torch.tensor([[0.5, 0.25, 0.5, 0.75], [1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    assert combine(m).tolist() == [0.5 * (0.25 + 0.5) * 0.75, 0.0, 0.0]
+    assert combine(m, "sum").tolist() == [2.0, 2.0, 3.0]
+    assert combine(torch.ones(1, 4)).item() == 2.0  # the product's maximum
+    w = [2.0, 1.0, 3.0, 0.5]
+    assert combine(m, "product", w)[0].item() == pytest.approx(2 * 0.5 * (0.25 + 3 * 0.5) * 0.5 * 0.75)
+    assert combine(m, "sum", w)[0].item() == pytest.approx(2 * 0.5 + 0.25 + 3 * 0.5 + 0.5 * 0.75)
+
+
+def test_combine_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[B, 4\]"):
+        combine(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="unknown combination"):
+        combine(torch.ones(3, 4), "max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weights must hold 4"):
+        combine(torch.ones(3, 4), weights=[1, 2])
+
+
+def test_reward_fn_logs_every_component():
+    b = _breakdown()
+    totals, metrics = reward_fn(b)
+    assert torch.allclose(totals, combine(b.as_matrix()))
+    assert metrics["reward/R_PI"] == pytest.approx(0.5) and metrics["reward/R_RI"] == pytest.approx(2.05 / 3)
+    assert metrics["reward/unparsable/R_RI"] == 2 and metrics["reward/total"] == pytest.approx(float(totals.mean()))
+    assert set(metrics) == {f"reward/{c}" for c in COMPONENTS} | {f"reward/unparsable/{c}" for c in COMPONENTS} | {
+        "reward/total"}
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"R_PI": [0.5, 1.5, 0.0]}, "finite and in"),
+    ({"R_sem": [0.5, float("nan"), 0.0]}, "finite and in"),
+    ({"R_spa": [0.5, 0.5]}, "batch size"),
+    ({"R_RI": [[0.5, 0.5, 0.5]]}, "1-D"),
+])
+def test_breakdown_validates(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _breakdown(**bad)
+    with pytest.raises(ValueError, match="unknown components"):
+        RewardBreakdown(*(torch.zeros(2) for _ in COMPONENTS), unparsable={"R_XX": 1})
+
+
+def test_reward_sample_reasoning_text_strips_tags():
+    objs = [ChainObject("cat", (1, 2, 3, 4)), ChainObject("dog", (5, 6, 7, 8))]
+    text = format_chain(objs, ["A", "and", "end."])
+    s = RewardSample.from_text("a cat and a dog", text, Image.new("RGB", (8, 8)))
+    assert s.chain.objects == objs and s.reasoning_text() == "A cat (1,2),(3,4) and dog (5,6),(7,8) end."
+    bare = RewardSample("p", ParsedChain(objects=objs), Image.new("RGB", (8, 8)))
+    assert bare.reasoning_text() == "cat (1,2),(3,4) dog (5,6),(7,8)"
+
+
+class ExactJudge:
+    """The programmatic-judge shape: the protocol is one method."""
+
+    def score(self, samples):
+        n = len(samples)
+        return RewardBreakdown(torch.ones(n), torch.ones(n), torch.zeros(n),
+                               torch.tensor([float(len(s.chain.objects) > 0) for s in samples]))
+
+
+def test_programmatic_judges_implement_the_protocol():
+    judge = ExactJudge()
+    assert isinstance(judge, Judge)
+    samples = [RewardSample.from_text("p", format_chain([ChainObject("a", (0, 0, 9, 9))]), Image.new("RGB", (4, 4))),
+               RewardSample.from_text("p", "no boxes", Image.new("RGB", (4, 4)))]
+    totals, _ = reward_fn(judge.score(samples))
+    assert totals.tolist() == [1.0, 0.0]

@@ -1,0 +1,154 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gotr1.rewards.parsing import expected_score, parse_box, parse_score, scale_score
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("7", 7.0),
+    (" 8/10 ", 8.0),
+    ("Score: 9.", 9.0),
+    ("10", 10.0),
+    ('{"score": 6}', 6.0),
+    ('{"score": "4"}', 4.0),
+    ('{"reasoning": "the cat is left {of} the dog", "score": 3}', 3.0),
+    ('```json\n{"description": "x", "caption": "y", "reasoning": "z", "score": 8}\n```', 8.0),
+    ('Sure! Here is my rating: {"score": 5} because the dog is missing.', 5.0),
+    ('{"evaluation": {"score": 2}}', 2.0),
+    ('{"score": 7', 7.0),  # cut at max_new_tokens
+    ("{'score': 1}", 1.0),  # Python-style quotes
+    ('{"score": 7.5}', 7.5),
+])
+def test_parse_score_reads_the_judges_answer_shapes(text, expected):
+    assert parse_score(text, 0, 10) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "garbage", "I would say three", "7 out of 12 objects 3", '{"score": null}', '{"score": true}',
+    '{"score": "high"}', '{"score": 11}', '{"score": -1}', "NaN", '{"score": NaN}', '{"note": 5}', "[1, 2, 3]",
+    "{{{{", "]]]][[[[",
+])
+def test_parse_score_rejects_garbage_and_out_of_range(text):
+    assert parse_score(text, 0, 10) is None
+
+
+def test_parse_score_respects_the_scale():
+    assert parse_score('{"score": 0}', 0, 10) == 0.0
+    assert parse_score('{"score": 0}', 1, 10) is None  # R_spa is 1..10
+    assert parse_score('{"score": 1}', 1, 10) == 1.0
+
+
+@pytest.mark.parametrize("text, box", [
+    ('```json\n[\n\t{"bbox_2d": [135, 114, 316, 272], "label": "cat"}\n]\n```', (135, 114, 316, 272)),
+    ('{"bbox_2d": [1, 2, 3, 4]}', (1, 2, 3, 4)),
+    ('[{"label": "cat", "bbox": [10.5, 20, 30, 40]}, {"bbox_2d": [0, 0, 1, 1]}]', (10.5, 20, 30, 40)),
+    ("[5, 6, 7, 8]", (5, 6, 7, 8)),
+    ('The cat is at [40, 30, 10, 20] in the image.', (10, 20, 40, 30)),  # reversed corners: same rectangle
+    ('[{"bbox_2d": [11, 12, 13, 14], "label": "ca', (11, 12, 13, 14)),  # truncated answer
+    ("the box is (3,4),(50,60)", (3, 4, 50, 60)),
+    ('{"box": ["1", "2", "3", "4"]}', (1, 2, 3, 4)),
+])
+def test_parse_box_reads_qwen_grounding_answers(text, box):
+    assert parse_box(text) == tuple(float(v) for v in box)
+
+
+@pytest.mark.parametrize("text", [
+    "", "no cat here", '{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": [1, 2, 3, "x"]}', '{"bbox_2d": [1, 2, 3, true]}',
+    '[{"bbox_2d": [1, 2, 3', "[[[[[[", '{"label": "cat"}',
+])
+def test_parse_box_rejects_garbage(text):
+    assert parse_box(text) is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list('{}[]()":,.0123456789-+ scoreabx_2dlN\n\t\'')) | st.characters(),
+               max_size=80))
+def test_parsers_never_raise_and_stay_in_range(text):
+    score = parse_score(text, 1, 10)
+    assert score is None or (1 <= score <= 10 and math.isfinite(score))
+    box = parse_box(text)
+    assert box is None or (len(box) == 4 and box[0] <= box[2] and box[1] <= box[3]
+                           and all(math.isfinite(v) for v in box))
+
+
+def test_parsers_survive_deep_nesting():
+    assert parse_score("[" * 2000 + '{"score": 3}', 0, 10) == 3.0
+    assert parse_box("{" * 5000) is None
+
+
+def _brute_force_expectation(p_first: torch.Tensor, p_next: torch.Tensor, lo: int) -> float:
+    """Enumerate every valid answer lo..10 as token strings, weight by its probability, renormalise."""
+    weights = {}
+    for s in range(lo, 11):
+        digits = [int(c) for c in str(s)]
+        if len(digits) == 1:
+            # one-digit answers other than "1" end right away by assumption; "1" must be followed by a non-digit
+            weights[s] = p_first[s] * ((1 - p_next.sum()) if s == 1 else 1.0)
+        else:
+            weights[s] = p_first[1] * p_next[0]
+    # renormalise per first digit as the documented estimator does: P(first=d | valid first digit), and "1" split
+    # between 1 and 10 by the conditional odds of "0" vs a non-digit
+    total_first = sum(p_first[d] for d in range(lo, 10))
+    value = 0.0
+    for d in range(lo, 10):
+        q = p_first[d] / total_first
+        if d == 1:
+            w1, w10 = weights[1] / p_first[1], weights[10] / p_first[1]
+            value += q * (1 * w1 + 10 * w10) / (w1 + w10)
+        else:
+            value += q * d
+    return float(value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([0, 1]))
+def test_expected_score_matches_enumeration(seed, lo):
+    g = torch.Generator().manual_seed(seed)
+    vocab = 30  # digits are tokens 0..9 of this vocabulary, the rest are other tokens
+    logits = torch.randn(2, 2, vocab, generator=g, dtype=torch.float64) * 3
+    logp = logits.log_softmax(-1)[..., :10]
+    got = expected_score(logp[:, 0], logp[:, 1], lo)
+    for row in range(2):
+        want = _brute_force_expectation(logp[row, 0].exp(), logp[row, 1].exp(), lo)
+        assert got[row].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+        assert lo <= got[row].item() <= 10
+
+
+def test_expected_score_point_masses():
+    def onehot(*tokens_with_mass):
+        p = torch.full((12,), 1e-30, dtype=torch.float64)  # tokens 10, 11 are non-digits
+        for t, m in tokens_with_mass:
+            p[t] = m
+        return (p / p.sum()).log()[None, :10]
+
+    end = onehot((10, 1.0))  # after "1": a non-digit, i.e. the answer was "1"
+    zero = onehot((0, 1.0))  # after "1": "0", i.e. the answer was "10"
+    for d in (0, 2, 5, 9):
+        assert expected_score(onehot((d, 1.0)), end, 0).item() == pytest.approx(d)
+    assert expected_score(onehot((1, 1.0)), end, 0).item() == pytest.approx(1)
+    assert expected_score(onehot((1, 1.0)), zero, 0).item() == pytest.approx(10)
+    assert expected_score(onehot((1, 0.5), (8, 0.5)), onehot((0, 0.5), (10, 0.5)), 1).item() == pytest.approx(
+        0.5 * 8 + 0.5 * 5.5)
+    # "0" is not a valid first digit on a 1..10 scale: its mass is dropped
+    assert expected_score(onehot((0, 0.9), (6, 0.1)), end, 1).item() == pytest.approx(6)
+
+
+def test_expected_score_marks_non_finite_rows():
+    good = torch.log_softmax(torch.randn(1, 20), -1)[:, :10]
+    bad = good.clone()
+    bad[0, 3] = torch.nan
+    out = expected_score(torch.cat([good, bad, good]), torch.cat([good, good, torch.full_like(good, torch.inf)]), 0)
+    assert torch.isfinite(out[0]) and torch.isnan(out[1:]).all()
+    with pytest.raises(ValueError, match="start at 0 or 1"):
+        expected_score(good, good, 2)
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 10), (1, 10)])
+def test_scale_score_is_linear_onto_unit_interval(lo, hi):
+    for s in range(lo, hi + 1):
+        assert scale_score(s, lo, hi).item() == pytest.approx((s - lo) / (hi - lo))
+    assert scale_score(lo, lo, hi).item() == 0 and scale_score(hi, lo, hi).item() == 1
