@@ -226,8 +226,25 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
                 model = JanusForConditionalGeneration(config)
         finally:
             torch.set_default_dtype(default)
+    if name == "tiny":
+        _sharpen_image_head(model)
     processor = _processor(tokenizer, config.vision_config.image_size, config.vision_config.num_image_tokens)
     return _bundle(model, tokenizer, processor, name)
+
+
+TINY_HEAD_SCALE = 30.0
+
+
+@torch.no_grad()
+def _sharpen_image_head(model: JanusForConditionalGeneration) -> None:
+    """Give the tiny model's image head a trained model's dynamic range.
+
+    With transformers' 0.02 init a 64-wide model's image logits span about 0.01: the distribution is uniform,
+    and behind the final RMSNorm no adapter can move it, so nothing could learn. Scaled by `TINY_HEAD_SCALE`
+    they span a few nats, like a real checkpoint's. (The text head is tied to the input embeddings: scaling it
+    would make every token predict itself, so text stays near-uniform until trained.)
+    """
+    model.model.generation_head.vision_head.weight.mul_(TINY_HEAD_SCALE)
 
 
 def check_model_dir(path: str | Path, model_type: str = "janus", what: str = "a Janus-Pro checkpoint",

@@ -18,7 +18,7 @@ from gotr1.rewards import (
     build_tiny_qwen_judge,
     check_judge_dir,
     load_qwen_judge,
-    make_judge,
+    make_qwen_judge,
     save_judge,
 )
 from gotr1.rewards.batching import (
@@ -81,7 +81,7 @@ def test_7b_shape_preset_has_qwen25_vl_7b_dimensions():
     big = build_qwen_judge_preset("qwen2.5-vl-7b-shape", device="meta", dtype=torch.bfloat16)
     assert sum(p.numel() for p in big.model.parameters()) == 8_292_166_656
     assert big.config.image_size == 392 and big.image_tokens == 196  # Janus's 384 px -> 392 -> 14x14 tokens
-    assert make_judge("tiny-qwen").config.image_size == 56
+    assert make_qwen_judge("tiny-qwen").config.image_size == 56
 
 
 def test_bf16_judge_scores_in_range_and_batches_exactly():
@@ -289,14 +289,14 @@ def test_save_and_load_round_trip(judge, tmp_path):
     loaded = load_qwen_judge(tmp_path, judge.config)
     samples = _samples(2)
     assert torch.equal(loaded.score(samples).as_matrix(), judge.score(samples).as_matrix())
-    assert make_judge(str(tmp_path), judge.config).digit_ids == judge.digit_ids
+    assert make_qwen_judge(str(tmp_path), judge.config).digit_ids == judge.digit_ids
 
 
 def test_loader_errors_name_the_problem(judge, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_qwen_judge(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        make_judge("no-such-preset-or-dir")
+        make_qwen_judge("no-such-preset-or-dir")
     d = tmp_path / "judge"
     d.mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):

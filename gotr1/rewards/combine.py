@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from gotr1.rewards.protocol import COMPONENTS, RewardBreakdown
+from kernels.advantages import combine_rewards
 
 Combination = Literal["product", "sum"]
 COMBINATIONS = ("product", "sum")
@@ -32,12 +33,9 @@ def combine(components: torch.Tensor, combination: Combination = "product",
         if len(weights) != len(COMPONENTS):
             raise ValueError(f"weights must hold {len(COMPONENTS)} numbers {COMPONENTS}, got {list(weights)}")
         components = components * torch.as_tensor(weights, dtype=components.dtype, device=components.device)
-    pi, sem, spa, ri = components.unbind(-1)
-    if combination == "product":
-        return pi * (sem + spa) * ri
-    if combination == "sum":
-        return pi + sem + spa + ri
-    raise ValueError(f"unknown combination {combination!r}; choose one of {COMBINATIONS}")
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; choose one of {COMBINATIONS}")
+    return combine_rewards(components, combination)
 
 
 def reward_fn(breakdown: RewardBreakdown, combination: Combination = "product",

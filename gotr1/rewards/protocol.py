@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from gotr1.chain import GOT_TAGS, ParsedChain, format_object, parse_chain
+from kernels.advantages import REWARD_COLUMNS
 
-# Column order of `RewardBreakdown.as_matrix()`, which is what the advantage kernel takes as `[G*N, 4]`.
-COMPONENTS = ("R_PI", "R_sem", "R_spa", "R_RI")
+# Column order of `RewardBreakdown.as_matrix()`: the advantage kernel's `[G*N, 4]` input, defined there.
+COMPONENTS = REWARD_COLUMNS
 
 
 @dataclass(frozen=True)

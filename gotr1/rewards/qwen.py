@@ -505,9 +505,9 @@ def save_judge(judge: QwenVLJudge, path: str | Path) -> None:
     judge.processor.save_pretrained(path)
 
 
-def make_judge(spec: str, config: JudgeConfig | None = None, *, seed: int = 0,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> QwenVLJudge:
-    """`GRPOConfig.judge`: a preset name from `JUDGE_PRESETS` or a local model directory."""
+def make_qwen_judge(spec: str, config: JudgeConfig | None = None, *, seed: int = 0,
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> QwenVLJudge:
+    """A preset name from `JUDGE_PRESETS` or a local Qwen2.5-VL model directory."""
     if spec in JUDGE_PRESETS:
         return build_qwen_judge_preset(spec, seed=seed, config=config, device=device, dtype=dtype)
     return load_qwen_judge(spec, config, device=device, dtype=dtype)

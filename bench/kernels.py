@@ -1,0 +1,243 @@
+"""The Triton kernels of `kernels/` against their eager torch references: error, median time and peak memory.
+
+Each row is one kernel at one shape: `rel_err` = max |ours - eager| / max |eager| over every output (loss and both
+gradients for the GRPO loss), `time_ratio` = ours / eager and `mem_ratio` = ours / eager peak bytes allocated
+during the call (inputs excluded).
+- `--scale small`: CPU-friendly shapes in fp32. Under Triton's interpreter our times are the interpreter's, so
+  only errors and memory mean anything.
+- `--scale gpu`: the issue's shapes in bf16.
+  - GRPO loss: B=16 sequences of T=300+576 tokens, H in {2048, 4096}, V in {102400, 16384}; with and without
+    the weight gradient.
+  - Paged decode: batch 32 x 800 tokens, Janus-Pro 1B and 7B heads. `note` gives its K/V read bandwidth as a
+    fraction of the measured device copy bandwidth (read + write bytes of a 1 GiB `copy_`).
+  - Targets: loss `mem_ratio <= 1/8` at V=102400 and `time_ratio <= 0.7`; decode bandwidth >= 0.8 of copy.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from bench.common import median_time, peak_memory, synchronize, write_result
+from kernels.advantages import group_advantages, group_advantages_reference
+from kernels.grpo_loss import fused_grpo_loss, grpo_loss_reference
+from kernels.kv_cache import store_kvcache, store_kvcache_reference
+from kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
+)
+
+KERNELS = ("kv_store", "decode", "prefill", "advantages", "grpo_loss")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", choices=["small", "gpu"], default="small",
+                        help="small: CPU-friendly fp32 shapes; gpu: the issue's shapes in bf16")
+    parser.add_argument("--only", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default: 3 cpu, 10 cuda)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _rel_err(ours: Any, eager: Any) -> float:
+    """max |a - e| / max |e| over matching tensors (nested tuples/lists of tensors or None)."""
+    if isinstance(ours, torch.Tensor):
+        a, e = ours.detach().double(), eager.detach().double()
+        if a.numel() == 0:
+            return 0.0
+        return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+    if ours is None:
+        return 0.0
+    return max((_rel_err(a, e) for a, e in zip(ours, eager)), default=0.0)
+
+
+def _compare(name: str, config: str, dtype: torch.dtype, ours: Callable[[], Any], eager: Callable[[], Any],
+             device: str, repeats: int, inner: int = 1) -> dict[str, Any]:
+    """Times are per call; `inner` back-to-back calls per timed sample let a short GPU kernel's launches queue up,
+    so the time is the kernel's rather than Python's launch latency."""
+    t_ours, out_ours = median_time(partial(_calls, ours, inner), device=device, repeats=repeats)
+    t_eager, out_eager = median_time(partial(_calls, eager, inner), device=device, repeats=repeats)
+    mem_ours, mem_eager = peak_memory(ours, device=device), peak_memory(eager, device=device)
+    return {
+        "kernel": name, "config": config, "dtype": str(dtype).removeprefix("torch."),
+        "rel_err": _rel_err(out_ours, out_eager),
+        "ours_ms": t_ours / inner * 1e3, "eager_ms": t_eager / inner * 1e3, "time_ratio": t_ours / t_eager,
+        "ours_mib": mem_ours / 2**20, "eager_mib": mem_eager / 2**20,
+        "mem_ratio": mem_ours / mem_eager if mem_eager else float("nan"), "note": "",
+    }
+
+
+def _calls(fn: Callable[[], Any], n: int) -> Any:
+    for _ in range(n - 1):
+        fn()
+    return fn()
+
+
+def _paged_cache(bsz: int, ctx: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, device: str,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caches with every sequence's blocks scattered by a random permutation, and its block table."""
+    nblk = -(-ctx // block_size)
+    num_blocks = bsz * nblk + 8
+    k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(device, dtype)
+    v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(device, dtype)
+    table = torch.randperm(num_blocks, generator=gen)[:bsz * nblk].view(bsz, nblk).to(device, torch.int32)
+    ctx_lens = torch.full((bsz,), ctx, dtype=torch.int32, device=device)
+    return k_cache, v_cache, table, ctx_lens
+
+
+def _copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting the read and the write."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t, _ = median_time(lambda: dst.copy_(src), device=device, repeats=repeats)
+    return 2 * src.numel() / t
+
+
+def _bench_kv_store(args, device, dtype, gen, repeats) -> list[dict]:
+    shapes = [(5, 4, 32), (96, 4, 32)] if args.scale == "small" else [(32, 32, 128), (16 * 300, 32, 128)]
+    rows = []
+    for n, hkv, d in shapes:
+        block_size = 16
+        num_blocks = -(-2 * n // block_size)
+        key = torch.randn(n, hkv, d, generator=gen).to(device, dtype)
+        value = torch.randn(n, hkv, d, generator=gen).to(device, dtype)
+        slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(device)
+        slots[::7] = -1
+        caches = [torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=device) for _ in range(4)]
+        rows.append(_compare("kv_store", f"N={n} Hkv={hkv} D={d}", dtype,
+                             partial(_store, store_kvcache, key, value, *caches[:2], slots),
+                             partial(_store, store_kvcache_reference, key, value, *caches[2:], slots), device, repeats))
+    return rows
+
+
+def _store(fn, key, value, k_cache, v_cache, slots):
+    fn(key, value, k_cache, v_cache, slots)
+    return k_cache, v_cache
+
+
+def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
+    """On CUDA each row also gets `bw_fraction`: K/V bytes read per second over the copy bandwidth."""
+    # (batch, context, q heads, kv heads, head_dim, label)
+    if args.scale == "small":
+        shapes = [(4, 100, 4, 4, 32, "MHA"), (4, 100, 6, 2, 32, "GQA")]
+    else:
+        shapes = [(32, 800, 16, 16, 128, "Janus-1B"), (32, 800, 32, 32, 128, "Janus-7B")]
+    copy_bw = _copy_bandwidth(device, repeats) if device.startswith("cuda") else None
+    rows = []
+    for bsz, ctx, hq, hkv, d, label in shapes:
+        k_cache, v_cache, table, ctx_lens = _paged_cache(bsz, ctx, hkv, d, 16, dtype, device, gen)
+        q = torch.randn(bsz, hq, d, generator=gen).to(device, dtype)
+        inputs = (q, k_cache, v_cache, table, ctx_lens)
+        row = _compare("decode", f"{label} B={bsz} ctx={ctx} Hq={hq} Hkv={hkv}", dtype,
+                       partial(paged_decode_attention, *inputs, scale=d**-0.5),
+                       partial(paged_decode_attention_reference, *inputs, scale=d**-0.5), device, repeats,
+                       inner=20 if copy_bw is not None else 1)
+        if copy_bw is not None:
+            kv_bytes = 2 * bsz * ctx * hkv * d * k_cache.element_size()
+            bw = kv_bytes / (row["ours_ms"] * 1e-3)
+            row["note"] = f"{bw / 1e9:.0f} GB/s = {bw / copy_bw:.2f} of copy ({copy_bw / 1e9:.0f} GB/s)"
+            row["bw_fraction"] = bw / copy_bw
+        rows.append(row)
+    return rows
+
+
+def _bench_prefill(args, device, dtype, gen, repeats) -> list[dict]:
+    # (batch, cached prefix, new tokens, q heads, kv heads, head_dim)
+    if args.scale == "small":
+        shapes = [(2, 0, 48, 4, 2, 32), (2, 40, 9, 4, 2, 32)]
+    else:
+        shapes = [(16, 0, 300, 32, 32, 128), (16, 300, 64, 32, 32, 128)]
+    rows = []
+    for bsz, prefix, new, hq, hkv, d in shapes:
+        k_cache, v_cache, table, ctx_lens = _paged_cache(bsz, prefix + new, hkv, d, 16, dtype, device, gen)
+        q = torch.randn(bsz * new, hq, d, generator=gen).to(device, dtype)
+        cu = torch.arange(0, bsz * new + 1, new, dtype=torch.int32, device=device)
+        inputs = (q, k_cache, v_cache, table, cu, ctx_lens)
+        rows.append(_compare(
+            "prefill", f"B={bsz} prefix={prefix} new={new} Hq={hq} Hkv={hkv}", dtype,
+            partial(paged_prefill_attention, *inputs, scale=d**-0.5, max_seqlen_q=new),
+            partial(paged_prefill_attention_reference, *inputs, scale=d**-0.5), device, repeats))
+    return rows
+
+
+def _bench_advantages(args, device, dtype, gen, repeats) -> list[dict]:
+    groups, n, tokens = (4, 16, 64) if args.scale == "small" else (16, 16, 876)
+    rewards = torch.rand(groups * n, 4, generator=gen).to(device)
+    counts = torch.randint(tokens // 2, tokens + 1, (groups * n,), generator=gen).to(device)
+
+    def run_fn(fn, scale):
+        out = fn(rewards, n, scale_rewards=scale, token_counts=counts)
+        return out.advantages, out.token_advantages
+
+    return [_compare("advantages", f"G={groups} N={n} tokens<={tokens} scale={scale}", torch.float32,
+                     partial(run_fn, group_advantages, scale), partial(run_fn, group_advantages_reference, scale),
+                     device, repeats) for scale in ("group", "batch")]
+
+
+def _bench_grpo_loss(args, device, dtype, gen, repeats) -> list[dict]:
+    if args.scale == "small":
+        # chunk_size keeps about 8 chunks, so the memory ratio reflects the chunking as it would at scale.
+        shapes, bsz, seq = [(64, 2048), (128, 512)], 4, 40
+    else:
+        shapes, bsz, seq = [(2048, 102400), (4096, 102400), (2048, 16384), (4096, 16384)], 16, 300 + 576
+    rows = []
+    for hdim, vocab in shapes:
+        hidden = torch.randn(bsz, seq, hdim, generator=gen).to(device, dtype)
+        weight = (torch.randn(vocab, hdim, generator=gen) / hdim**0.5).to(device, dtype)
+        target = torch.randint(0, vocab, (bsz, seq), generator=gen).to(device)
+        lengths = torch.randint(seq // 2, seq + 1, (bsz,), generator=gen)
+        mask = (torch.arange(seq)[None] < lengths[:, None]).to(device)
+        old = (-10 + torch.randn(bsz, seq, generator=gen)).to(device)
+        ref = (-10 + torch.randn(bsz, seq, generator=gen)).to(device)
+        adv = torch.randn(bsz, generator=gen).to(device)
+        inputs = (target, old, ref, adv, mask)
+        chunk = -(-bsz * seq // 8) if args.scale == "small" else None
+        for weight_grad in (False, True):
+            ours = partial(_loss_step, fused_grpo_loss, hidden, weight, inputs, weight_grad, chunk_size=chunk)
+            eager = partial(_loss_step, grpo_loss_reference, hidden, weight, inputs, weight_grad)
+            config = f"B={bsz} T={seq} H={hdim} V={vocab} grad={'h+W' if weight_grad else 'h'}"
+            rows.append(_compare("grpo_loss", config, dtype, ours, eager, device, repeats))
+    return rows
+
+
+def _loss_step(fn, hidden, weight, inputs, weight_grad, **kw):
+    """One forward and backward of a GRPO loss (TRL defaults but beta=0.04, DAPO's epsilon_high)."""
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_(weight_grad)
+    loss, _ = fn(h, w, *inputs, beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", **kw)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = args.device
+    dtype = torch.float32 if args.scale == "small" else torch.bfloat16
+    repeats = args.repeats or (10 if device.startswith("cuda") else 3)
+    gen = torch.Generator().manual_seed(args.seed)
+    benches = {"kv_store": _bench_kv_store, "decode": _bench_decode, "prefill": _bench_prefill,
+               "advantages": _bench_advantages, "grpo_loss": _bench_grpo_loss}
+    wanted = [k.strip() for k in args.only.split(",") if k.strip()]
+    unknown = set(wanted) - set(benches)
+    if unknown:
+        raise SystemExit(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
+    rows = []
+    for name in wanted:
+        rows += benches[name](args, device, dtype, gen, repeats)
+        synchronize(device)
+    metrics: dict[str, Any] = {"scale": args.scale, "dtype": str(dtype).removeprefix("torch."),
+                               "max_rel_err": max((r["rel_err"] for r in rows), default=float("nan"))}
+    loss_big = [r for r in rows if r["kernel"] == "grpo_loss" and "V=102400" in r["config"]]
+    decode = [r for r in rows if r["kernel"] == "decode"]
+    if loss_big:
+        metrics["loss_mem_ratio_v102400_max"] = max(r["mem_ratio"] for r in loss_big)
+        metrics["loss_time_ratio_v102400_max"] = max(r["time_ratio"] for r in loss_big)
+        metrics["loss_targets_met"] = (metrics["loss_mem_ratio_v102400_max"] <= 1 / 8
+                                       and metrics["loss_time_ratio_v102400_max"] <= 0.7)
+    if decode and "bw_fraction" in decode[0]:
+        metrics["decode_bw_fraction_min"] = min(r["bw_fraction"] for r in decode)
+        metrics["decode_target_met"] = metrics["decode_bw_fraction_min"] >= 0.8
+    return write_result("kernels", args, metrics, rows)

@@ -1,0 +1,146 @@
+"""GoT rollouts: the engine against the transformers reference generator, same weights, same settings.
+
+Each group is one prompt with N samples: exactly R reasoning tokens (min = max, so both sides do identical work),
+the forced `<begin_of_image>`, then all image tokens with CFG. Both sides sample (temperatures 1); `hf_match`
+comes from a separate small greedy run whose tokens must be equal on both sides (it also warms both up).
+
+Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
+contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
+largest); and the bandwidth floor of one decode step: the bytes a step must read (decoder weights + the step's
+head + every row's KV context) over the device's measured copy bandwidth, averaged over the text and image
+steps of a rollout, against the engine's measured mean step time (meaningful on GPU; CPU steps are dominated
+by per-operator overhead at the tiny preset).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import median_time, print_table, write_result
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from gotr1.model import load_model
+from gotr1.reference import ReferenceGenerator
+
+PROMPTS = ("a red cat sitting on a wooden table next to a blue cup", "two green apples and a yellow banana",
+           "a small dog in front of a large house", "three purple stars above a white circle")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny", help="model preset (tiny, janus-pro-1b-shape, ...)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--groups", type=int, default=1, help="prompts per rollout")
+    parser.add_argument("--n", type=int, default=16, help="samples per prompt (group size)")
+    parser.add_argument("--reasoning-tokens", type=int, default=300, help="reasoning tokens per sample")
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="timed engine rollouts (median)")
+    parser.add_argument("--hf-repeats", type=int, default=1, help="timed reference rollouts (median)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second a plain device copy moves (read + write), the yardstick for memory-bound steps."""
+    numel = (256 if device.startswith("cuda") else 64) * 2**20 // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = median_time(lambda: dst.copy_(src), device=device, warmup=2, repeats=10)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def bandwidth_floor(bundle, *, rows: int, prompt_len: int, reasoning: int, bandwidth: float) -> dict[str, float]:
+    """Bytes one decode step must read, text and image phase (contexts at their mid-point), and the time floor."""
+    janus = bundle.model
+    lm = janus.model.language_model
+    tc = janus.config.text_config
+    elem = lm.embed_tokens.weight.element_size()
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * elem
+    stack = _param_bytes(lm.layers) + _param_bytes(lm.norm)
+    image_tokens = bundle.num_image_tokens
+    text_bytes = stack + _param_bytes(janus.lm_head) + rows * (prompt_len + reasoning / 2) * kv_per_token
+    image_bytes = (stack + _param_bytes(janus.model.generation_head) + _param_bytes(janus.model.generation_aligner)
+                   + 2 * rows * (prompt_len + reasoning + 1 + image_tokens / 2) * kv_per_token)
+    text_steps, image_steps = reasoning + 1, image_tokens
+    mean_bytes = (text_steps * text_bytes + image_steps * image_bytes) / (text_steps + image_steps)
+    return {"step_bytes_text": text_bytes, "step_bytes_image": image_bytes, "step_bytes_mean": mean_bytes,
+            "floor_ms_per_step": mean_bytes / bandwidth * 1e3, "kv_bytes_per_token": kv_per_token}
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    bundle = load_model(args.preset, dtype=dtype, device=args.device, seed=args.seed)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.groups)]
+    # Half the free GPU memory for the KV pool: the reference generator runs in the same process afterwards.
+    config = EngineConfig(block_size=args.block_size, attention_backend=args.attention_backend,
+                          enforce_eager=args.enforce_eager or not args.device.startswith("cuda"),
+                          gpu_memory_utilization=0.5)
+    engine = LLMEngine(bundle, config)
+    reference = ReferenceGenerator(bundle)
+
+    # Greedy agreement on a short run (also the warm-up of both sides: kernels, CUDA graphs, allocator).
+    greedy = dict(n=2, text_temperature=0.0, image_temperature=0.0, cfg_weight=args.cfg, max_reasoning_tokens=8,
+                  decode_images=False)
+    ours = engine.generate(prompts[:2], SamplingParams(**greedy), use_tqdm=False)
+    ref = reference.generate(prompts[:2], **greedy)
+    hf_match = all(s.reasoning_ids == r.reasoning_ids and torch.equal(s.image_tokens.cpu(), r.image_tokens.cpu())
+                   for g, rg in zip(ours, ref) for s, r in zip(g.samples, rg))
+
+    r = args.reasoning_tokens
+    settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
+                    decode_images=False, seed=args.seed)
+    engine.peak_used_blocks, engine.num_steps = 0, 0
+    t_engine, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
+                                device=args.device, warmup=0, repeats=args.repeats)
+    steps = engine.num_steps / args.repeats
+    assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
+    t_hf, _ = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
+                          repeats=args.hf_repeats)
+
+    prompt_len = max(len(ids) for ids in bundle.encode_prompts(prompts, r))
+    tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
+    floor = bandwidth_floor(bundle, rows=args.n * args.groups, prompt_len=prompt_len, reasoning=r,
+                            bandwidth=copy_bandwidth(args.device))
+    engine_ms_per_step = t_engine / steps * 1e3
+    rows_hf = 2 * args.n * args.groups
+    metrics = {
+        "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "groups": args.groups, "n": args.n,
+        "reasoning_tokens": r, "image_tokens": bundle.num_image_tokens, "cfg_weight": args.cfg,
+        "attention_backend": engine.runner.backend.name, "cuda_graphs": engine.runner.use_cuda_graphs,
+        "hf_match": hf_match,
+        "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
+        "engine_groups_per_s": args.groups / t_engine, "hf_groups_per_s": args.groups / t_hf,
+        "engine_tokens_per_s": args.groups * tokens_per_group / t_engine,
+        "hf_tokens_per_s": args.groups * tokens_per_group / t_hf,
+        "kv_bytes_engine": engine.kv_bytes_used_peak,
+        "kv_bytes_contiguous": rows_hf * (prompt_len + r + 1 + bundle.num_image_tokens) * floor["kv_bytes_per_token"],
+        "engine_steps": steps, "engine_ms_per_step": engine_ms_per_step,
+        "floor_ms_per_step": floor["floor_ms_per_step"],
+        "floor_fraction": floor["floor_ms_per_step"] / engine_ms_per_step,
+        "step_bytes_mean": floor["step_bytes_mean"], "preemptions": engine.scheduler.num_preemptions,
+    }
+    metrics["kv_ratio"] = metrics["kv_bytes_engine"] / metrics["kv_bytes_contiguous"]
+    rows = [
+        {"side": "engine", "seconds": t_engine, "groups_per_s": metrics["engine_groups_per_s"],
+         "tokens_per_s": metrics["engine_tokens_per_s"], "kv_mib": metrics["kv_bytes_engine"] / 2**20,
+         "ms_per_step": engine_ms_per_step, "speedup": metrics["speedup_vs_hf"], "hf_match": hf_match},
+        {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
+         "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
+         "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},
+    ]
+    print_table("rollout: KV memory and the decode-step bandwidth floor", [{
+        k: metrics[k] for k in ("kv_bytes_engine", "kv_bytes_contiguous", "kv_ratio", "engine_steps",
+                                "engine_ms_per_step", "floor_ms_per_step", "floor_fraction", "preemptions")}])
+    return write_result("rollout", args, metrics, rows)

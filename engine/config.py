@@ -1,0 +1,55 @@
+"""Engine configuration (nano-vllm's `Config`, with the memory budget and attention backend made explicit)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine sizes its KV pool and batches.
+
+    The KV pool is one preallocated tensor of `num_kv_blocks` blocks of `block_size` tokens. Give the block count
+    directly, or `kv_cache_memory_bytes`; with neither, a GPU gets `gpu_memory_utilization` of its free memory
+    (after a warm-up forward measures activations) and a CPU gets `cpu_kv_cache_bytes`.
+    `max_num_seqs` bounds the rows of one step (an image-phase sample is two rows: conditional + unconditional);
+    `max_num_batched_tokens` bounds the tokens of one prefill step (a single prefill larger than that runs alone).
+    `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
+    else the torch reference. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 512 * 2**20
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 16384
+    max_model_len: int | None = None
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            raise ValueError("give num_kv_blocks or kv_cache_memory_bytes, not both")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise ValueError(f"num_kv_blocks must be a positive int, got {self.num_kv_blocks!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.max_num_seqs < 2:
+            raise ValueError(f"max_num_seqs must be >= 2 (an image-phase sample is a cond/uncond pair), got "
+                             f"{self.max_num_seqs!r}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
+                             f"{self.attention_backend!r}")
+        if not self.cuda_graph_batch_sizes or any(b < 1 for b in self.cuda_graph_batch_sizes):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive sizes, got {self.cuda_graph_batch_sizes!r}")
+        self.cuda_graph_batch_sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))

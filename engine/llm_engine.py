@@ -1,0 +1,154 @@
+"""`LLMEngine`: GoT rollouts (reasoning, then CFG image tokens) with continuous batching over a paged KV cache.
+
+nano-vllm's loop — `schedule -> run -> sample -> postprocess` — with Janus's two phases in one batch. The model
+is the policy itself: the engine keeps no copy of any weight, so the rollout after an optimizer step samples
+from the updated policy. Update weights between rollouts (when `has_unfinished()` is False): the shared
+unconditional prefix KV is recomputed for each rollout, not for each weight change in the middle of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.outputs import GroupOutput, SampleOutput
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Group, Sample, Sequence, sample_key
+from gotr1.chain import parse_chain
+from gotr1.model import JanusBundle
+
+
+class LLMEngine:
+    def __init__(self, model: JanusBundle, config: EngineConfig | None = None):
+        """`model`: a `JanusBundle` whose `.model` is Janus or a peft model wrapping it (LoRA applied inline)."""
+        if not isinstance(model, JanusBundle):
+            raise TypeError(f"LLMEngine needs a JanusBundle (model + tokenizer + special ids), got "
+                            f"{type(model).__name__}; wrap a model with gotr1.model.JanusBundle")
+        self.bundle = model
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(model.model, self.config)
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.config, self.block_manager, bos_id=model.bos_id, pad_id=model.pad_id,
+                                   boi_id=model.boi_id)
+        self.sampler = Sampler(model.boi_id, self.runner.device)
+        self.num_image_tokens = model.num_image_tokens
+        self._request_ids = itertools.count()
+        self.peak_used_blocks = 0  # statistics: KV blocks held at the busiest step, steps run
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt: str, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one prompt (its `params.n` samples); returns its request id."""
+        params = params or SamplingParams()
+        prompt_ids = self.bundle.encode_prompts([prompt], params.max_reasoning_tokens)[0]
+        return self._add(prompt, prompt_ids, params, request_id)
+
+    def _add(self, prompt: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> str:
+        if not self.scheduler.has_unfinished():
+            self.runner.bind(self.bundle.model)  # the model may have been wrapped or merged since
+        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        group = Group(request_id=request_id, prompt=prompt, prompt_ids=prompt_ids, params=params, seed=seed,
+                      num_image_tokens=self.num_image_tokens)
+        if group.max_len > self.runner.max_model_len:
+            raise ValueError(f"request {request_id!r} needs up to {group.max_len} positions, the engine's "
+                             f"max_model_len is {self.runner.max_model_len}")
+        group.samples = [Sample(group=group, index=i, key=sample_key(seed, i), cond=Sequence(list(prompt_ids)))
+                         for i in range(params.n)]
+        self.scheduler.add(group)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop an unfinished request and free its KV blocks."""
+        self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------------------------------------ stepping
+    def step(self) -> list[GroupOutput]:
+        """One forward (a prefill or a decode step); returns the requests that finished with it."""
+        batch = self.scheduler.schedule()
+        self.num_steps += 1
+        self.peak_used_blocks = max(self.peak_used_blocks, self.block_manager.num_used_blocks)
+        text_logits, cond_logits, uncond_logits = self.runner.run(batch)
+        text_tokens, text_lps = [], []
+        image_tokens, image_lps, mixed_lps = [], [], []
+        if text_logits is not None:
+            text_tokens, text_lps = self.sampler.sample_text(text_logits, batch.text_samples)
+        if cond_logits is not None:
+            image_tokens, image_lps, mixed_lps = self.sampler.sample_image(cond_logits, uncond_logits,
+                                                                           batch.image_samples)
+        finished = self.scheduler.postprocess(batch, text_tokens, text_lps, image_tokens, image_lps, mixed_lps)
+        return [self._output(g) for g in finished]
+
+    def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[GroupOutput]:
+        """GoT samples for every prompt, in prompt order. The model runs in eval mode meanwhile (LoRA dropout
+        off); each module's train/eval mode is restored afterwards."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        params = params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(prompts)} prompts")
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine; finish or abort the requests added with "
+                               "add_request() first")
+        # Encode everything first: a bad prompt fails before any request is queued.
+        encoded = [self.bundle.encode_prompts([p], sp.max_reasoning_tokens)[0] for p, sp in zip(prompts, params_list)]
+        outputs: dict[str, GroupOutput] = {}
+        ids = []
+        with _eval_mode(self.bundle.model):
+            try:
+                for prompt, prompt_ids, sp in zip(prompts, encoded, params_list):
+                    ids.append(self._add(prompt, prompt_ids, sp, None))
+                with tqdm(total=len(ids), desc="rollout", disable=not use_tqdm) as bar:
+                    while self.scheduler.has_unfinished():
+                        for out in self.step():
+                            outputs[out.request_id] = out
+                            bar.update(1)
+            finally:
+                for rid in ids:
+                    if rid in self.scheduler.groups:
+                        self.scheduler.abort(rid)
+        return [outputs[rid] for rid in ids]
+
+    # ------------------------------------------------------------------------------------------------ outputs
+    def _output(self, group: Group) -> GroupOutput:
+        b = self.bundle
+        tokens = torch.tensor([s.image_token_ids for s in group.samples], dtype=torch.int64)
+        images = b.decode_images(tokens) if group.params.decode_images else [None] * len(group.samples)
+        samples = []
+        for s, toks, image in zip(group.samples, tokens, images):
+            text = b.decode_text(s.reasoning_ids)
+            samples.append(SampleOutput(
+                prompt_ids=list(group.prompt_ids), reasoning_ids=s.reasoning_ids, boi_forced=s.boi_forced,
+                reasoning_text=text, chain=parse_chain(text), image_tokens=toks, image=image,
+                text_logprobs=torch.tensor(s.text_logprobs, dtype=torch.float32),
+                image_logprobs=torch.tensor(s.image_logprobs, dtype=torch.float32),
+                image_mixed_logprobs=torch.tensor(s.image_mixed_logprobs, dtype=torch.float32)))
+        return GroupOutput(request_id=group.request_id, prompt=group.prompt, samples=samples)
+
+    @property
+    def kv_bytes_used_peak(self) -> int:
+        return self.peak_used_blocks * self.runner.block_bytes
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -1,0 +1,264 @@
+"""Runs Janus's language model over a scheduled batch, on the model's own modules, through the paged KV cache.
+
+Nothing is copied out of the model: every step calls the model's modules (`input_layernorm`, `q/k/v/o_proj`,
+`mlp`, ...), so a peft-wrapped projection applies its LoRA inline and an optimizer step is seen by the next
+forward. What Janus adds over a Llama: a row's input embedding depends on the token's modality (text:
+`embed_tokens`; image: generation embeddings + aligner), and its output head on the row's phase (text:
+`lm_head` over the text vocabulary; image: `generation_head` over the codebook). Heads run on each row's last
+position only. RoPE cos/sin come from the model's own rotary module, tabulated once for every position.
+
+On CUDA with a graph-safe backend, decode steps replay CUDA graphs of the whole layer stack captured per
+batch-size bucket (padding rows store to slot -1 and attend to nothing); embeddings, heads and sampling stay
+outside the graph. Graphs are recaptured when the model's modules or adapter state change.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import JanusForConditionalGeneration
+from transformers.models.llama.modeling_llama import rotate_half
+
+from engine.attention import AttentionMetadata, select_backend
+from engine.config import EngineConfig
+from engine.scheduler import ScheduledBatch
+
+
+def unwrap(model: torch.nn.Module) -> JanusForConditionalGeneration:
+    """The Janus model under a peft wrapper (LoRA layers stay injected in it), or the model itself."""
+    janus = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(janus, JanusForConditionalGeneration):
+        raise TypeError(f"the engine runs JanusForConditionalGeneration (optionally peft-wrapped), got "
+                        f"{type(janus).__name__}")
+    return janus
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig):
+        self.config = config
+        self.block_size = config.block_size
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._module_key: tuple = ()
+        self.bind(model)
+        tc = self.janus.config.text_config
+        self.num_layers = tc.num_hidden_layers
+        self.num_kv_heads = tc.num_key_value_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.hidden_size = tc.hidden_size
+        self.scale = self.layers[0].self_attn.scaling
+        weight = self.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.max_model_len = min(config.max_model_len or tc.max_position_embeddings, tc.max_position_embeddings)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.dtype)
+        self.block_bytes = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * \
+            weight.element_size()
+        self.num_kv_blocks = self._num_kv_blocks()
+        # [K/V, layer, block, slot, kv head, head dim]: each layer's K and V are flash-attn's paged NHD layout.
+        self.kv_cache = torch.empty((2, self.num_layers, self.num_kv_blocks, self.block_size, self.num_kv_heads,
+                                     self.head_dim), dtype=self.dtype, device=self.device)
+        self.cos, self.sin = self._rope_tables()
+        self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                                and self.backend.graph_safe)
+        self.graph_sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs]
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def bind(self, model: torch.nn.Module) -> None:
+        """Resolve the modules to call (again): cheap, done before each rollout so that a model wrapped, merged
+        or re-adapted since the last one is run as it is now. CUDA graphs are dropped when anything changed."""
+        janus = unwrap(model)
+        lm = janus.model.language_model
+        self.janus = janus
+        self.layers = list(lm.layers)
+        self.final_norm = lm.norm
+        self.embed_tokens = lm.embed_tokens
+        self.lm_head = janus.lm_head
+        self.generation_head = janus.model.generation_head
+        self.rotary_emb = lm.rotary_emb
+        if self.rotary_emb.rope_type in ("dynamic", "longrope"):
+            raise NotImplementedError(f"rope_type {self.rotary_emb.rope_type!r} depends on the sequence length; "
+                                      "the engine tabulates RoPE once")
+        adapters = tuple((id(m), bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
+                          tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
+        key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters)
+        if key != self._module_key:
+            self.graphs.clear()
+            self._module_key = key
+
+    def _num_kv_blocks(self) -> int:
+        c = self.config
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        if c.kv_cache_memory_bytes is not None:
+            budget = c.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            tc = self.janus.config.text_config
+            # Activations of the largest prefill (fp32 upper bound) and the logits of a full decode step.
+            activations = c.max_num_batched_tokens * (8 * tc.hidden_size + 3 * tc.intermediate_size) * 4
+            logits = c.max_num_seqs * (tc.vocab_size + self.janus.config.vq_config.num_embeddings) * 4 * 3
+            budget = int(free * c.gpu_memory_utilization) - activations - logits
+        else:
+            budget = c.cpu_kv_cache_bytes
+        blocks = budget // self.block_bytes
+        if blocks < 1:
+            raise ValueError(f"the KV-cache budget of {budget} bytes holds no block of {self.block_bytes} bytes")
+        return int(blocks)
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(self.max_model_len, device=self.device)[None]
+        cos, sin = self.rotary_emb(torch.empty(1, dtype=self.dtype, device=self.device), positions)
+        return cos[0], sin[0]
+
+    # ------------------------------------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Forward the batch; returns (text logits per `text_rows`, conditional and unconditional image logits
+        per pair), in the model's dtype."""
+        if batch.copies:
+            self._copy_blocks(batch.copies)
+        ids, positions, image_mask, meta, last = self._prepare(batch)
+        h = self._embed(ids, image_mask)
+        if self.use_cuda_graphs and not meta.is_prefill and len(batch.seqs) <= self.graph_sizes[-1]:
+            h = self._replay(h, positions, meta)
+        else:
+            h = self._layers(h, positions, meta)
+        if last is not None:
+            h = h.index_select(0, last)
+        text = cond = uncond = None
+        if batch.text_rows:
+            text = self.lm_head(self.final_norm(self._rows(h, batch.text_rows)))
+        if batch.image_samples:
+            logits = self.generation_head(self.final_norm(self._rows(h, batch.cond_rows + batch.uncond_rows)))
+            cond, uncond = logits.split(len(batch.image_samples))
+        return text, cond, uncond
+
+    def _rows(self, h: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        if len(rows) == h.shape[0] and rows == list(range(len(rows))):
+            return h
+        return h.index_select(0, torch.tensor(rows, device=h.device))
+
+    def _prepare(self, batch: ScheduledBatch):
+        """Step metadata from the rows, built in Python and sent as two tensors (int64 per token, int32 per row:
+        context lengths + padded block tables): per-step host overhead is what bounds small models."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        image: list[bool] = []
+        context_lens: list[int] = []
+        for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
+            table, end = seq.block_table, start + q
+            if q == 1:
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                image.append(start >= seq.image_start)
+            else:
+                ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+                image += [p >= seq.image_start for p in range(start, end)]
+            context_lens.append(end)
+        num_rows, num_tokens = len(batch.seqs), len(ids)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        per_row = list(context_lens)
+        for seq in batch.seqs:
+            per_row += seq.block_table
+            per_row += [0] * (width - len(seq.block_table))
+        dev = self.device
+        per_row = torch.tensor(per_row, dtype=torch.int32, device=dev)
+        per_token = torch.tensor(ids + positions + slots, dtype=torch.int64, device=dev)
+        meta = AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=per_token[2 * num_tokens:],
+                                 context_lens=per_row[:num_rows],
+                                 block_tables=per_row[num_rows:].view(num_rows, width))
+        last = None
+        if batch.is_prefill:
+            cu_q, cu_k = [0], [0]
+            for q, c in zip(batch.query_lens, context_lens):
+                cu_q.append(cu_q[-1] + q)
+                cu_k.append(cu_k[-1] + c)
+            cu = torch.tensor(cu_q + cu_k, dtype=torch.int32, device=dev)
+            meta.cu_seqlens_q, meta.cu_seqlens_k = cu[:num_rows + 1], cu[num_rows + 1:]
+            meta.max_seqlen_q, meta.max_seqlen_k = max(batch.query_lens), max(context_lens)
+            last = meta.cu_seqlens_q[1:].long() - 1
+        image_mask = None
+        if any(image):
+            image_mask = True if all(image) else torch.tensor(image, device=dev)
+        return per_token[:num_tokens], per_token[num_tokens:2 * num_tokens], image_mask, meta, last
+
+    def _embed(self, ids: torch.Tensor, image_mask: torch.Tensor | bool | None) -> torch.Tensor:
+        """Text tokens through `embed_tokens`, image tokens through the generation embeddings + aligner."""
+        if image_mask is None:
+            return self.embed_tokens(ids)
+        if image_mask is True:
+            return self.janus.prepare_embeddings_for_image_generation(ids)
+        h = torch.empty((ids.shape[0], self.hidden_size), dtype=self.dtype, device=self.device)
+        h[~image_mask] = self.embed_tokens(ids[~image_mask])
+        h[image_mask] = self.janus.prepare_embeddings_for_image_generation(ids[image_mask])
+        return h
+
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The decoder stack on packed tokens `h [Ntok, hidden]` (the final norm is left to the heads)."""
+        n, d = h.shape[0], self.head_dim
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n, -1, d)
+            k = attn.k_proj(x).view(n, -1, d)
+            v = attn.v_proj(x).view(n, -1, d)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            o = self.backend.forward(q, k, v, k_cache[i], v_cache[i], meta, self.scale)
+            h = h + attn.o_proj(o.reshape(n, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: whole blocks, every layer, K and V. One gather unless a copy reads another's target."""
+        src, dst = zip(*copies)
+        if set(src) & set(dst):
+            for s, t in copies:
+                self.kv_cache[:, :, t] = self.kv_cache[:, :, s]
+            return
+        index = torch.tensor(src, device=self.device)
+        self.kv_cache[:, :, torch.tensor(dst, device=self.device)] = self.kv_cache[:, :, index]
+
+    # ------------------------------------------------------------------------------------------------ CUDA graphs
+    def _capture(self) -> None:
+        """One graph per batch-size bucket, largest first, sharing one memory pool (nano-vllm's recipe)."""
+        max_bs = self.graph_sizes[-1]
+        dev = self.device
+        self._g_hidden = torch.zeros((max_bs, self.hidden_size), dtype=self.dtype, device=dev)
+        self._g_positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self._g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
+        self._g_context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self._g_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        pool = None
+        for size in reversed(self.graph_sizes):
+            meta = AttentionMetadata(False, self._g_slots[:size], self._g_context_lens[:size],
+                                     self._g_tables[:size])
+            self._layers(self._g_hidden[:size], self._g_positions[:size], meta)  # warm-up: kernels compiled
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                out = self._layers(self._g_hidden[:size], self._g_positions[:size], meta)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[size] = (graph, out)
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not self.graphs:
+            self._capture()
+        n = h.shape[0]
+        size = next(b for b in self.graph_sizes if b >= n)
+        graph, out = self.graphs[size]
+        self._g_hidden[:n] = h
+        self._g_positions[:n] = positions
+        self._g_slots.fill_(-1)
+        self._g_slots[:n] = meta.slot_mapping
+        self._g_context_lens.zero_()
+        self._g_context_lens[:n] = meta.context_lens
+        self._g_tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,65 @@
+"""The engine's side of sampling: per-row settings as tensors, the GoT rules on `<begin_of_image>`, and one
+`kernels.cfg_sampling.cfg_sample` call for the text rows and one for the image pairs of a step.
+
+Settings are checked once, by `SamplingParams`, so the kernel's per-step value checks (a device sync) are off.
+Random numbers are counter-based: row r draws from (its sample's key, the position of the token it samples),
+so a sample's tokens are the same whatever else shares its batch, and after preemption and recompute.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.sequence import Sample
+from kernels.cfg_sampling import cfg_sample
+
+
+class Sampler:
+    def __init__(self, boi_id: int, device: torch.device):
+        self.boi_id = boi_id
+        self.device = device
+
+    def _settings(self, samples: list[Sample], image: bool) -> dict[str, torch.Tensor]:
+        """The rows' settings as tensors, built with two host-to-device copies (one float, one int)."""
+        floats, ints = [], []
+        for s in samples:
+            p = s.group.params
+            floats.append((p.cfg_weight if image else 1.0, p.image_temperature if image else p.text_temperature,
+                           p.top_p))
+            ints.append((p.top_k, s.key, len(s.cond)))
+        cfg_weight, temperature, top_p = torch.tensor(floats, dtype=torch.float32, device=self.device).T
+        top_k, seeds, counters = torch.tensor(ints, dtype=torch.int64, device=self.device).T
+        return dict(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+                    counters=counters)
+
+    def sample_text(self, logits: torch.Tensor, samples: list[Sample]) -> tuple[list[int], list[float]]:
+        """One reasoning token per row. `<begin_of_image>` is banned below `min_reasoning_tokens` and forced at
+        `max_reasoning_tokens`; the log-prob reported for those rows is still the policy's own,
+        `log_softmax(logits / T)[token]`, the quantity a teacher-forced forward gives the GRPO loss."""
+        settings = self._settings(samples, image=False)
+        banned = [i for i, s in enumerate(samples) if s.suppress_boi]
+        forced = [i for i, s in enumerate(samples) if s.force_boi]
+        raw = logits
+        if banned:
+            logits = logits.clone()
+            logits[banned, self.boi_id] = float("-inf")
+        out = cfg_sample(logits, None, validate=False, **settings)
+        tokens, logprobs = out.tokens, out.logprobs
+        if banned or forced:
+            dev = raw.device
+            if forced:
+                tokens = tokens.index_fill(0, torch.tensor(forced, device=dev), self.boi_id)
+            rows = torch.tensor(banned + forced, device=dev)
+            t = settings["temperature"].index_select(0, rows)
+            t = torch.where(t == 0, 1.0, t)[:, None]
+            policy = torch.log_softmax(raw.index_select(0, rows).float() / t, dim=-1)
+            logprobs = logprobs.index_copy(0, rows, policy.gather(1, tokens.index_select(0, rows)[:, None])[:, 0])
+        tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one device sync
+        return [int(t) for t in tokens], logprobs
+
+    def sample_image(self, cond: torch.Tensor, uncond: torch.Tensor,
+                     samples: list[Sample]) -> tuple[list[int], list[float], list[float]]:
+        """One image token per CFG pair, sampled from `u + w (c - u)`; log-probs on both cond and mixed logits."""
+        out = cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True))
+        tokens, logprobs, mixed = torch.stack([out.tokens.double(), out.logprobs.double(),
+                                               out.mixed_logprobs.double()]).tolist()  # one device sync
+        return [int(t) for t in tokens], logprobs, mixed

@@ -1,0 +1,340 @@
+"""Continuous batching over groups, samples and CFG pairs (nano-vllm's scheduler, prefill-first, with
+recompute preemption), plus the one unconditional prefix every CFG row shares.
+
+The unconditional CFG row of a conditional row `[BOS, prompt..., reasoning..., BOI]` of length L is
+`[BOS, PAD x (L-2), BOI]` (GoT-R1's `infer.py`; DeepSeek's `tokens[1:-1] = pad`). transformers' Janus
+`generate(generation_mode="image")` blanks every token that is neither BOS nor BOI instead, which is the same
+sequence unless the reasoning itself contains a BOS token. The KV of `[BOS, PAD, ...]` at any position is the
+same for every row of every request, so it is computed once (`uncond_prefix`, grown on demand) and forked:
+each unconditional row shares the prefix's blocks up to position L-2 and copies only the partial block its
+BOI is written into.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sequence import Group, Sample, SampleStatus, Sequence
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One forward: the rows with their new tokens, the block copies to apply first, and what each row's last
+    hidden state is for (a text token of `text_samples[i]`, or half of the CFG pair of `image_samples[i]`)."""
+
+    is_prefill: bool
+    seqs: list[Sequence] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # position of each row's first new token
+    query_lens: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    text_rows: list[int] = field(default_factory=list)
+    text_samples: list[Sample] = field(default_factory=list)
+    cond_rows: list[int] = field(default_factory=list)
+    uncond_rows: list[int] = field(default_factory=list)
+    image_samples: list[Sample] = field(default_factory=list)
+    prefilled_groups: list[Group] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    def add_row(self, seq: Sequence, copies: list[tuple[int, int]]) -> int:
+        """Schedule all of `seq`'s uncached tokens (their slots are already allocated); returns the row index."""
+        self.seqs.append(seq)
+        self.starts.append(seq.num_cached_tokens)
+        self.query_lens.append(len(seq) - seq.num_cached_tokens)
+        self.copies.extend(copies)
+        seq.num_cached_tokens = len(seq)  # the forward that follows computes them
+        return len(self.seqs) - 1
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, *, bos_id: int, pad_id: int,
+                 boi_id: int):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.bos_id, self.pad_id, self.boi_id = bos_id, pad_id, boi_id
+        self.waiting: deque[Group | Sample] = deque()
+        self.running: list[Sample] = []
+        self.groups: dict[str, Group] = {}
+        self.uncond_prefix: Sequence | None = None
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def blocks_to_finish_alone(self, group: Group) -> int:
+        """KV blocks one sample of `group` needs with nothing else in the pool: its conditional row, the shared
+        unconditional prefix and its unconditional row, each at their longest."""
+        bm = self.block_manager
+        prefix_len = len(group.prompt_ids) + group.params.max_reasoning_tokens
+        return 2 * bm.blocks_for(group.max_len) + bm.blocks_for(prefix_len)
+
+    def add(self, group: Group) -> None:
+        if group.request_id in self.groups:
+            raise ValueError(f"request id {group.request_id!r} is already in use")
+        need = self.blocks_to_finish_alone(group)
+        if need > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request {group.request_id!r} can never fit the KV cache: one sample needs up to {need} blocks "
+                f"of {self.block_manager.block_size} tokens (prompt {len(group.prompt_ids)} + reasoning "
+                f"{group.params.max_reasoning_tokens} + 1 + {group.num_image_tokens} image tokens, conditional and "
+                f"unconditional rows), the pool has {self.block_manager.num_blocks}; raise num_kv_blocks / "
+                f"kv_cache_memory_bytes or lower max_reasoning_tokens")
+        self.groups[group.request_id] = group
+        self.waiting.append(group)
+
+    def abort(self, request_id: str) -> Group:
+        """Forget a request, whatever state it is in, and free its blocks."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        self.waiting = deque(w for w in self.waiting if w is not group and getattr(w, "group", None) is not group)
+        self.running = [s for s in self.running if s.group is not group]
+        for s in group.samples:
+            self._free_rows(s)
+            s.status = SampleStatus.FINISHED
+        if group.prompt_seq is not None:
+            self.block_manager.free(group.prompt_seq)
+            group.prompt_seq = None
+        self._drop_prefix_if_idle()
+        return group
+
+    def has_unfinished(self) -> bool:
+        return bool(self.groups)
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    def schedule(self) -> ScheduledBatch:
+        """Prefill work first (prefix growth, preempted samples, new groups), else one decode step."""
+        self._attach_uncond_rows()
+        batch = self._schedule_prefill()
+        if batch.seqs:
+            return batch
+        batch = self._schedule_decode()
+        if not batch.seqs and self.groups:
+            raise RuntimeError("scheduler made no progress with unfinished requests (a bug: please report)")
+        return batch
+
+    def _attach_uncond_rows(self) -> None:
+        """Give each sample that just sampled BOI its unconditional row, forked from the shared prefix."""
+        ready = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
+        for s in self.running:
+            if s.in_image_phase and s.uncond is None and s.cond.image_start - 1 <= ready:
+                s.uncond = self._fork_uncond(s)
+
+    def _fork_uncond(self, s: Sample) -> Sequence:
+        length = s.cond.image_start  # the conditional row's text part, BOI included
+        uncond = Sequence([self.bos_id] + [self.pad_id] * (length - 2) + s.cond.token_ids[length - 1:],
+                          image_start=length)
+        uncond.block_table = self.block_manager.fork(self.uncond_prefix.block_table, length - 1)
+        uncond.num_cached_tokens = length - 1
+        return uncond
+
+    def _prefix_target(self) -> int:
+        """How long the shared prefix must grow: each sample that waits for it asks for its request's longest
+        possible need, so a group's samples reaching BOI at different lengths extend it once, not n times."""
+        have = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
+        waiting_for_it = [s for s in self.running if s.in_image_phase and s.uncond is None]
+        if self.waiting and isinstance(self.waiting[0], Sample) and self.waiting[0].in_image_phase:
+            waiting_for_it.append(self.waiting[0])
+        target = 0
+        for s in waiting_for_it:
+            if s.cond.image_start - 1 > have:
+                target = max(target, len(s.group.prompt_ids) + s.group.params.max_reasoning_tokens)
+        return target
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        bm = self.block_manager
+        batch = ScheduledBatch(is_prefill=True)
+        ready = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
+        target = self._prefix_target()
+        if target:
+            prefix = self.uncond_prefix
+            if prefix is None:
+                prefix = self.uncond_prefix = Sequence([self.bos_id])
+            prefix.token_ids.extend([self.pad_id] * (target - len(prefix)))
+            if not self._make_room(bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens,
+                                                    target - prefix.num_cached_tokens)):
+                raise RuntimeError("the shared unconditional prefix does not fit an otherwise empty KV cache "
+                                   "(a bug: requests are checked to fit when added)")
+            batch.add_row(prefix, bm.append(prefix, target - prefix.num_cached_tokens))
+        rows = 2 * len(self.running)
+        while self.waiting:
+            item = self.waiting[0]
+            plan = self._admission(item, ready)
+            if plan is None:
+                break
+            peak_rows, tokens, blocks = plan
+            alone = not self.running and not batch.seqs
+            if not alone and (batch.num_tokens + tokens > self.max_num_batched_tokens
+                              or rows + peak_rows > self.max_num_seqs
+                              or blocks + rows + peak_rows > bm.num_free_blocks):
+                break
+            if alone and blocks > bm.num_free_blocks:
+                if self.uncond_prefix is None:
+                    raise RuntimeError("a request that fits an empty KV cache could not be admitted (a bug)")
+                self._drop_prefix()  # the only other holder of blocks; it is recomputed when needed
+                ready = 0
+                continue
+            self.waiting.popleft()
+            self._admit(item, batch)
+            rows += peak_rows
+        return batch
+
+    def _admission(self, item: Group | Sample, prefix_ready: int) -> tuple[int, int, int] | None:
+        """(peak rows, prefill tokens, free blocks) that admitting `item` takes; None while it needs a prefix
+        that is not computed yet."""
+        bm = self.block_manager
+        if isinstance(item, Group):
+            return 2 * len(item.samples), len(item.prompt_ids), bm.blocks_for(len(item.prompt_ids))
+        cond = item.cond
+        if not item.in_image_phase:
+            return 2, len(cond), bm.blocks_for(len(cond))
+        shared = cond.image_start - 1
+        if shared > prefix_ready:
+            return None
+        uncond_blocks = bm.blocks_for(len(cond)) - shared // bm.block_size  # the partial shared block is copied
+        return 2, 2 * len(cond) - shared, bm.blocks_for(len(cond)) + uncond_blocks
+
+    def _admit(self, item: Group | Sample, batch: ScheduledBatch) -> None:
+        bm = self.block_manager
+        if isinstance(item, Group):
+            seq = item.prompt_seq = Sequence(list(item.prompt_ids))
+            row = batch.add_row(seq, bm.append(seq, len(seq)))
+            batch.prefilled_groups.append(item)
+            for s in item.samples:
+                s.status = SampleStatus.RUNNING
+                batch.text_rows.append(row)
+                batch.text_samples.append(s)
+            self.running.extend(item.samples)
+            return
+        item.status = SampleStatus.RUNNING
+        self.running.append(item)
+        row = batch.add_row(item.cond, bm.append(item.cond, len(item.cond)))
+        if not item.in_image_phase:
+            batch.text_rows.append(row)
+            batch.text_samples.append(item)
+            return
+        item.uncond = self._fork_uncond(item)
+        copies = bm.append(item.uncond, len(item.uncond) - item.uncond.num_cached_tokens)
+        batch.cond_rows.append(row)
+        batch.uncond_rows.append(batch.add_row(item.uncond, copies))
+        batch.image_samples.append(item)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        bm = self.block_manager
+        batch = ScheduledBatch(is_prefill=False)
+        scheduled: set[int] = set()  # ids of samples in this step: never preempted by a later one
+        rows = i = 0
+        while i < len(self.running):
+            s = self.running[i]
+            if s.in_image_phase and s.uncond is None:  # waits for the prefix (grown by the next prefill step)
+                i += 1
+                continue
+            pair = s.uncond is not None
+            if rows + 1 + pair > self.max_num_seqs:
+                break
+            need = bm.blocks_needed(s.cond.block_table, s.cond.num_cached_tokens, 1)
+            if pair:
+                need += bm.blocks_needed(s.uncond.block_table, s.uncond.num_cached_tokens, 1)
+            scheduled.add(id(s))
+            if not self._make_room(need, scheduled):
+                scheduled.discard(id(s))
+                if batch.seqs:  # only scheduled samples are left: they hold the blocks, it resumes later
+                    self._preempt(s)
+                    break
+                if self.uncond_prefix is None:
+                    raise RuntimeError("a sample alone in the KV cache ran out of blocks (a bug: requests are "
+                                       "checked to fit when added)")
+                self._drop_prefix()
+                i = self.running.index(s)
+                continue
+            i = self.running.index(s) + 1  # preemption may have removed samples before it (waiting for the prefix)
+            row = batch.add_row(s.cond, bm.append(s.cond, 1))
+            if pair:
+                batch.cond_rows.append(row)
+                batch.uncond_rows.append(batch.add_row(s.uncond, bm.append(s.uncond, 1)))
+                batch.image_samples.append(s)
+            else:
+                batch.text_rows.append(row)
+                batch.text_samples.append(s)
+            rows += 1 + pair
+        return batch
+
+    def _make_room(self, need: int, protected: set[int] = frozenset()) -> bool:
+        """Preempt the most recently admitted samples outside `protected` (ids) until `need` blocks are free."""
+        bm = self.block_manager
+        while need > bm.num_free_blocks:
+            victim = next((s for s in reversed(self.running) if id(s) not in protected), None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _preempt(self, s: Sample) -> None:
+        """Recompute preemption: drop the sample's KV (both rows); it keeps its tokens and resumes first."""
+        self.running.remove(s)
+        self._free_rows(s)
+        s.status = SampleStatus.WAITING
+        self.waiting.appendleft(s)
+        self.num_preemptions += 1
+
+    def _free_rows(self, s: Sample) -> None:
+        if s.cond.block_table:
+            self.block_manager.free(s.cond)
+        if s.uncond is not None:
+            self.block_manager.free(s.uncond)
+            s.uncond = None
+
+    def _drop_prefix(self) -> None:
+        if self.uncond_prefix is not None:
+            self.block_manager.free(self.uncond_prefix)
+            self.uncond_prefix = None
+
+    def _drop_prefix_if_idle(self) -> None:
+        """With no request left, the prefix goes too: the pool drains to zero, and the next rollout recomputes
+        it with whatever weights the model has by then."""
+        if not self.groups:
+            self._drop_prefix()
+
+    # ------------------------------------------------------------------------------------------------ results
+    def postprocess(self, batch: ScheduledBatch, text_tokens: list[int], text_logprobs: list[float],
+                    image_tokens: list[int], image_logprobs: list[float],
+                    image_mixed_logprobs: list[float]) -> list[Group]:
+        """Append the sampled tokens; returns the groups that finished with this step."""
+        bm = self.block_manager
+        for group in batch.prefilled_groups:  # the samples fork the prompt's KV, computed once
+            prompt = group.prompt_seq
+            for s in group.samples:
+                s.cond.block_table = bm.fork(prompt.block_table, len(prompt))
+                s.cond.num_cached_tokens = len(prompt)
+            bm.free(prompt)
+            group.prompt_seq = None
+        for s, tok, lp in zip(batch.text_samples, text_tokens, text_logprobs, strict=True):
+            forced = s.force_boi
+            s.cond.token_ids.append(tok)
+            s.text_logprobs.append(lp)
+            if tok == self.boi_id:
+                s.cond.image_start = len(s.cond)
+                s.boi_forced = forced
+        finished: list[Group] = []
+        done = False
+        for s, tok, lp, mlp in zip(batch.image_samples, image_tokens, image_logprobs, image_mixed_logprobs,
+                                   strict=True):
+            s.cond.token_ids.append(tok)
+            s.uncond.token_ids.append(tok)
+            s.image_logprobs.append(lp)
+            s.image_mixed_logprobs.append(mlp)
+            if s.num_image_tokens == s.group.num_image_tokens:
+                self._free_rows(s)
+                s.status = SampleStatus.FINISHED
+                done = True
+                s.group.num_finished += 1
+                if s.group.finished:
+                    del self.groups[s.group.request_id]
+                    finished.append(s.group)
+        if done:
+            self.running = [s for s in self.running if s.status is SampleStatus.RUNNING]
+            self._drop_prefix_if_idle()
+        return finished

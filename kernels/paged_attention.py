@@ -1,0 +1,419 @@
+"""Attention over a paged KV cache: decode (one new token per sequence) and prefill/extend (new tokens over a prefix).
+
+Cache layout is flash-attn's paged NHD, `[num_blocks, block_size, num_kv_heads, head_dim]`, addressed through a
+per-sequence block table; `num_q_heads` is a multiple of `num_kv_heads` (MHA or grouped-query attention).
+
+Decode is flash-decoding: stage 1 runs one program per (sequence, kv head, context split). Each program keeps the whole
+query group of that kv head in its tile, so K/V are read once per kv head. It walks its share of the context in
+tiles gathered through the block table, with an online softmax in fp32. When there are several splits it writes a
+normalised partial output plus its log-sum-exp, and stage 2 merges the splits. With MHA the group is one row, so the
+scores are a broadcast-multiply-sum on CUDA cores instead of a 1-row `tl.dot`. Decode is memory-bound, so upcasting
+the tiles to fp32 costs nothing that matters.
+
+Prefill/extend runs one program per (query tile, q head, sequence) with a causal mask on absolute positions. The new
+tokens' K/V are already in the cache, so a shared cached prefix and the new tokens are read the same way.
+
+Everything is computed in fp32: tiles are upcast at load, `tl.dot` runs as TF32 for 16-bit inputs (exact for bf16
+and fp16 values, which TF32 represents exactly) and as IEEE fp32 for fp32 inputs. The softmax is in base 2 with the
+scale folded into q.
+
+The torch references are also the engine's CPU attention backend: vectorised gathers, masked fp32 softmax.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch references (also the CPU backend)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if q.dim() != 3 or q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"q must be [rows, num_q_heads, head_dim={k_cache.shape[-1]}], got {tuple(q.shape)}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"num_q_heads={q.shape[1]} is not a multiple of num_kv_heads={k_cache.shape[2]}")
+    if block_tables.dim() != 2 or context_lens.dim() != 1 or block_tables.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"block_tables must be [B, max_blocks] and context_lens [B], got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor) -> None:
+    _check_cache(q, k_cache, v_cache, block_tables, context_lens)
+    if q.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"decode takes one query row per sequence: q has {q.shape[0]} rows, context_lens "
+                         f"{context_lens.shape[0]}")
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    max_ctx: int) -> torch.Tensor:
+    """`[B, max_ctx, Hkv, D]` copy of each sequence's cached rows, zero past its context."""
+    num_blocks, block_size = cache.shape[:2]
+    nblk = -(-max_ctx // block_size)
+    if nblk > block_tables.shape[1]:
+        raise ValueError(f"a context of {max_ctx} tokens needs {nblk} blocks, the block table holds "
+                         f"{block_tables.shape[1]}")
+    table = block_tables[:, :nblk].long()
+    used = torch.arange(nblk, device=table.device) * block_size < context_lens[:, None]
+    bad = used & ((table < 0) | (table >= num_blocks))
+    if bad.any():
+        b, j = bad.nonzero()[0].tolist()
+        raise IndexError(f"block_tables[{b}, {j}] = {int(table[b, j])} is not a block of the cache "
+                         f"({num_blocks} blocks) but lies inside context_lens[{b}] = {int(context_lens[b])}")
+    table = torch.where(used, table, 0)
+    # index_select, not tensor indexing: the latter is ~1000x slower on CPU with a multi-threaded torch.
+    rows = cache.index_select(0, table.reshape(-1)).view(table.shape[0], nblk * block_size, *cache.shape[2:])
+    # Slots past a context may hold anything (NaN from an uninitialised cache); 0 keeps them out of p @ V.
+    past = torch.arange(nblk * block_size, device=rows.device) >= context_lens[:, None]
+    return rows.masked_fill_(past[:, :, None, None], 0)[:, :max_ctx]
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q `[B, M, Hq, D]`, k/v `[B, L, Hkv, D]`, allowed `[B, M, L]` -> `[B, M, Hq, D]` fp32; a row with nothing
+    to attend gives 0."""
+    bsz, m, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.float().view(bsz, m, hkv, hq // hkv, d)
+    scores = torch.einsum("bmhgd,blhd->bhgml", qg, k.float()) * scale
+    allowed = allowed[:, None, None]
+    has_any = allowed.any(-1, keepdim=True)
+    # A row with nothing to attend gets a dummy finite softmax, then zero weight (NaNs in the data still show).
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_any, 0.0)
+    probs = torch.softmax(scores, dim=-1) * has_any
+    out = torch.einsum("bhgml,blhd->bmhgd", probs, v.float())
+    return out.reshape(bsz, m, hq, d)
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
+                                     num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention, torch: q `[B, Hq, D]` attends the first `context_lens[b]` cached tokens of its sequence.
+
+    `num_splits` is accepted for signature parity and ignored. A row with context 0 (CUDA-graph padding) gives 0.
+    """
+    del num_splits
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    max_ctx = max(int(context_lens.max()), 1)
+    k = _gather_context(k_cache, block_tables, context_lens, max_ctx)
+    v = _gather_context(v_cache, block_tables, context_lens, max_ctx)
+    allowed = (torch.arange(max_ctx, device=q.device) < context_lens[:, None])[:, None]
+    return _masked_attention(q[:, None], k, v, allowed, scale)[:, 0].to(q.dtype)
+
+
+def _check_prefill(q: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Validate the packed layout; returns the per-sequence query lengths (host sync: prefill is not graphed)."""
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] != context_lens.shape[0] + 1:
+        raise ValueError(f"cu_seqlens_q must be [B+1] with B={context_lens.shape[0]}, got {tuple(cu_seqlens_q.shape)}")
+    if cu_seqlens_q.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens_q must be int32 or int64, got {cu_seqlens_q.dtype}")
+    q_lens = cu_seqlens_q.diff()
+    first, last = cu_seqlens_q[0].item(), cu_seqlens_q[-1].item()
+    if first != 0 or last != q.shape[0] or bool((q_lens < 0).any()):
+        raise ValueError(f"cu_seqlens_q must rise from 0 to Ntok={q.shape[0]}, got {cu_seqlens_q.tolist()}")
+    short = (context_lens < q_lens).nonzero()
+    if short.numel():
+        b = int(short[0])
+        raise ValueError(f"sequence {b} has {int(q_lens[b])} new tokens but context_lens[{b}] = "
+                         f"{int(context_lens[b])}: the new tokens' K/V must already be in the cache")
+    return q_lens
+
+
+def paged_prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                      block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                      context_lens: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """Causal prefill/extend, torch: the `q_len_b` packed new tokens of sequence b are its last positions of
+    `context_lens[b]`, and the token at absolute position p attends cached positions 0..p."""
+    _check_cache(q, k_cache, v_cache, block_tables, context_lens)
+    q_lens = _check_prefill(q, cu_seqlens_q, context_lens)
+    out = torch.empty_like(q)
+    if q.shape[0] == 0:
+        return out
+    bsz = context_lens.shape[0]
+    max_q, max_ctx = int(q_lens.max()), max(int(context_lens.max()), 1)
+    k = _gather_context(k_cache, block_tables, context_lens, max_ctx)
+    v = _gather_context(v_cache, block_tables, context_lens, max_ctx)
+    # Pad the packed queries to [B, max_q]; row i of sequence b sits at absolute position ctx_b - q_len_b + i.
+    rows = torch.arange(max_q, device=q.device)
+    row_valid = rows < q_lens[:, None]
+    token = (cu_seqlens_q[:-1, None] + rows).clamp(max=max(q.shape[0] - 1, 0))
+    qp = q.index_select(0, token.reshape(-1)).view(bsz, max_q, *q.shape[1:])
+    pos_q = (context_lens - q_lens)[:, None] + rows
+    allowed = torch.arange(max_ctx, device=q.device) <= pos_q[:, :, None]
+    allowed &= row_valid[:, :, None]
+    res = _masked_attention(qp, k, v, allowed, scale).to(q.dtype).flatten(0, 1)
+    keep = row_valid.reshape(-1).nonzero().squeeze(1)
+    out.index_copy_(0, token.reshape(-1).index_select(0, keep), res.index_select(0, keep))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _kv_row_offsets(table_row_ptr, pos, valid, BLOCK_SIZE: tl.constexpr, stride_block, stride_slot):
+    """Element offsets (int64) of the cache rows holding absolute positions `pos` of one sequence."""
+    block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return block * stride_block + (pos % BLOCK_SIZE).to(tl.int64) * stride_slot
+
+
+@triton.jit
+def _softmax_step(scores, m_i, l_i, acc):
+    """One online-softmax step in base 2: returns (probabilities, new max, new sum, rescaled acc).
+
+    `scores` may hold -inf (masked); a row that has seen only -inf keeps max -inf and contributes nothing."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    qk_scale, max_ctx,
+    stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh,
+    GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.minimum(tl.load(ctx_ptr + b).to(tl.int32), max_ctx)  # never read past the block table
+    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    head = kv_head * GROUP + g
+    g_valid = g < GROUP
+    d_valid = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32) * qk_scale
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row = table_ptr + b * stride_tb
+    head_off = kv_head.to(tl.int64) * stride_kh
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
+        kv_mask = valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:  # MHA: q is one row, [1, BLOCK_D]
+            scores = tl.sum(q * k, 1)[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
+        if USE_DOT:
+            acc += tl.dot(p, v, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(tl.trans(p) * v, 0)[None, :]
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty range (context 0) gives 0, not NaN
+    o_mask = g_valid[:, None] & d_valid[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + (b * NUM_Q_HEADS + head[:, None]) * HEAD_DIM + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        part = (b * NUM_Q_HEADS + head) * NUM_SPLITS + split
+        tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=o_mask)
+        tl.store(mid_lse_ptr + part, lse, mask=g_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits of one (sequence, q head): softmax-weighted sum of the partial outputs by their LSE."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_valid = s < NUM_SPLITS
+    lse = tl.load(mid_lse_ptr + row * NUM_SPLITS + s, mask=s_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    parts = tl.load(mid_o_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+                    mask=s_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, cu_q_ptr, ctx_ptr, out_ptr,
+    qk_scale,
+    stride_qn, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh,
+    GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    m_tile = tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(cu_q_ptr + b).to(tl.int64)
+    q_len = (tl.load(cu_q_ptr + b + 1) - q_start).to(tl.int32)
+    if m_tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + b).to(tl.int32)
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    pos_q = ctx - q_len + rows
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+    q_off = (q_start + rows.to(tl.int64))[:, None] * stride_qn + head * stride_qh + d[None, :]
+    q_mask = row_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_ptr + q_off, mask=q_mask, other=0.0).to(tl.float32) * qk_scale
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = table_ptr + b * stride_tb
+    head_off = (head // GROUP).to(tl.int64) * stride_kh
+    kv_end = tl.minimum(ctx, ctx - q_len + (m_tile + 1) * BLOCK_M)  # causal: the tile's last row sees this far
+    for start_n in range(0, kv_end, BLOCK_N):
+        pos = start_n + tl.arange(0, BLOCK_N)
+        valid = pos < kv_end
+        kv_rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
+        kv_mask = valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        allowed = valid[None, :] & (pos[None, :] <= pos_q[:, None]) & row_valid[:, None]
+        scores = tl.where(allowed, scores, float("-inf"))
+        p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
+        acc += tl.dot(p, v, input_precision=DOT_PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_off = (q_start + rows.to(tl.int64))[:, None] * (NUM_Q_HEADS * HEAD_DIM) + head * HEAD_DIM + d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _dot_precision(q: torch.Tensor, cache: torch.Tensor) -> str:
+    """TF32 is exact on bf16/fp16 values (upcast at load); fp32 operands need IEEE to stay within 1e-5."""
+    return "ieee" if torch.float32 in (q.dtype, cache.dtype) else "tf32"
+
+
+def _check_kernel_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous along head_dim")
+
+
+def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
+    """Split the context until the grid covers the GPU about twice (flash-decoding); the interpreter wants 1."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-2 * sms // max(programs, 1)), tiles, 16))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention: q `[B, Hq, D]`, one new token per sequence, attends its first `context_lens[b]` cached
+    tokens (the current token included) through `block_tables [B, max_blocks]`. Returns `[B, Hq, D]` in q's dtype.
+
+    `num_splits` splits each context for flash-decoding (default: enough programs to fill the GPU). It is fixed by
+    host-side shapes, never by `context_lens`, so the call is CUDA-graph safe. A context 0 row gives 0.
+    Contexts beyond the block table are clipped to it (no sync to check them); the reference raises instead.
+    """
+    _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    _check_kernel_inputs(q, k_cache, v_cache)
+    bsz, num_q_heads, head_dim = q.shape
+    out = torch.empty((bsz, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if bsz == 0:
+        return out
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    max_ctx = block_tables.shape[1] * block_size
+    block_n = 64
+    if num_splits is None:
+        num_splits = _default_num_splits(q.device, bsz * num_kv_heads, triton.cdiv(max_ctx, block_n))
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    use_dot = group > 1
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if num_splits > 1:
+        mid_o = torch.empty((bsz, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # unused: stage 1 writes the final output
+    _decode_kernel[(bsz, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, mid_o, mid_lse,
+        scale * _LOG2E, max_ctx,
+        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1, BLOCK_N=block_n, BLOCK_D=block_d,
+        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(bsz * num_q_heads,)](
+            mid_o, mid_lse, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, *,
+                            scale: float, max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Causal prefill/extend over the paged cache: q `[Ntok, Hq, D]` packs the new tokens of B sequences
+    (`cu_seqlens_q [B+1]`); sequence b's new tokens are the last `q_len_b` of its `context_lens[b]` positions, and
+    their K/V are already stored. Covers prefill from scratch (q_len == context) and extension of a cached prefix.
+
+    Validates the layout on the host (one sync; prefill is not graph-captured). `max_seqlen_q`, when the caller
+    knows it, only sizes the grid.
+    """
+    _check_cache(q, k_cache, v_cache, block_tables, context_lens)
+    _check_kernel_inputs(q, k_cache, v_cache)
+    q_lens = _check_prefill(q, cu_seqlens_q, context_lens)
+    ntok, num_q_heads, head_dim = q.shape
+    out = torch.empty((ntok, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if ntok == 0:
+        return out
+    if int(context_lens.max()) > block_tables.shape[1] * k_cache.shape[1]:
+        raise ValueError(f"a context of {int(context_lens.max())} tokens does not fit the block table "
+                         f"({block_tables.shape[1]} blocks of {k_cache.shape[1]})")
+    if max_seqlen_q is None:
+        max_seqlen_q = int(q_lens.max())
+    block_m = block_n = 32 if head_dim > 64 else 64
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, context_lens.shape[0])
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=num_q_heads // k_cache.shape[2], NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), DOT_PRECISION=_dot_precision(q, k_cache),
+        num_warps=4, num_stages=2,
+    )
+    return out
+

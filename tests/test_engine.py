@@ -1,0 +1,299 @@
+"""Oracle tests of the rollout engine against transformers on the tiny preset (fp32, CPU).
+
+Most tests use the 64 px variant (16 image tokens); one runs the real 576-token geometry.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+from gotr1.model import build_preset
+from gotr1.reference import ReferenceGenerator
+
+PROMPTS = ["a red cat on a blue table", "two green squares"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_preset("tiny", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4))
+
+
+def uncond_ids(bundle, ids):
+    """transformers' rule (every token that is neither BOS nor BOI becomes PAD)."""
+    return [t if t in (bundle.bos_id, bundle.boi_id) else bundle.pad_id for t in ids]
+
+
+def teacher_forced(bundle, prompt_ids, reasoning_ids, image_tokens, *, text_t, image_t, cfg):
+    """Log-probs of a finished sample by plain full forwards (transformers-janus-cpu.md §3.5)."""
+    model = bundle.model
+    with torch.no_grad():
+        ids = torch.tensor([prompt_ids + reasoning_ids])
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].float()
+        text = (logits / (text_t or 1.0)).log_softmax(-1).gather(-1, torch.tensor(reasoning_ids)[:, None])[:, 0]
+        img = image_tokens[None]
+
+        def image_logits(row):
+            emb = torch.cat([model.get_input_embeddings()(torch.tensor([row])),
+                             model.prepare_embeddings_for_image_generation(img[:, :-1])], 1)
+            h = model.model.language_model(inputs_embeds=emb).last_hidden_state[0, len(row) - 1:]
+            return model.model.generation_head(h).float()
+
+        c = image_logits(ids[0].tolist())
+        u = image_logits(uncond_ids(bundle, ids[0].tolist()))
+        t = image_t or 1.0
+        cond_lp = (c / t).log_softmax(-1).gather(-1, image_tokens[:, None])[:, 0]
+        mixed_lp = ((u + cfg * (c - u)) / t).log_softmax(-1).gather(-1, image_tokens[:, None])[:, 0]
+    return text, cond_lp, mixed_lp
+
+
+def test_runner_logits_match_transformers_forward(tiny, engine):
+    """Packed varlen prefill, then decode steps, through the paged cache: text logits == HF's full forward."""
+    runner, bm = engine.runner, engine.block_manager
+    g = torch.Generator().manual_seed(0)
+    rows = [tiny.encode_prompts([p], 8)[0] for p in PROMPTS]
+    rows[1] += torch.randint(10, 500, (3,), generator=g).tolist()
+    seqs = [Sequence(list(r)) for r in rows]
+    try:
+        for step in range(4):
+            batch = ScheduledBatch(is_prefill=step == 0)
+            for s in seqs:
+                copies = bm.append(s, len(s) - s.num_cached_tokens)
+                batch.text_rows.append(batch.add_row(s, copies))
+            logits, _, _ = runner.run(batch)
+            with torch.no_grad():
+                expect = torch.stack([tiny.model(input_ids=torch.tensor([s.token_ids])).logits[0, -1] for s in seqs])
+            torch.testing.assert_close(logits, expect, rtol=0, atol=1e-4)
+            for s, row in zip(seqs, logits):
+                s.token_ids.append(int(row.argmax()))
+    finally:
+        for s in seqs:
+            bm.free(s)
+    assert bm.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("min_r,max_r", [(0, 10), (6, 6)])
+def test_greedy_equals_reference_generator(tiny, engine, min_r, max_r):
+    """Greedy reasoning and greedy CFG image tokens == transformers' generate (text, then image mode)."""
+    params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=max_r,
+                            min_reasoning_tokens=min_r, decode_images=False)
+    ours = engine.generate(PROMPTS, params, use_tqdm=False)
+    ref = ReferenceGenerator(tiny).generate(PROMPTS, n=2, text_temperature=0, image_temperature=0,
+                                            max_reasoning_tokens=max_r, min_reasoning_tokens=min_r,
+                                            decode_images=False)
+    for group, ref_group, prompt in zip(ours, ref, PROMPTS):
+        assert group.prompt == prompt and len(group.samples) == 2
+        for s, r in zip(group.samples, ref_group):
+            assert tiny.bos_id not in s.reasoning_ids  # else transformers' unconditional row differs (docstring)
+            assert s.reasoning_ids == r.reasoning_ids and s.boi_forced == r.boi_forced
+            assert s.image_tokens.tolist() == r.image_tokens.tolist()
+            assert s.prompt_ids == r.prompt_ids and s.reasoning_text == r.reasoning_text
+            assert s.image is None and s.image_tokens.shape == (16,)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_logprobs_equal_teacher_forced_forward(tiny, engine):
+    """Sampling with temperature, top-k, top-p and a min-length ban on BOI: the returned log-probs are the
+    policy's, as a teacher-forced forward of the same sequence computes them."""
+    params = SamplingParams(n=3, text_temperature=0.8, image_temperature=1.3, top_k=50, top_p=0.9, cfg_weight=3.0,
+                            max_reasoning_tokens=9, min_reasoning_tokens=3, seed=7, decode_images=True)
+    forced = dataclasses.replace(params, n=1, max_reasoning_tokens=5, min_reasoning_tokens=5)  # BOI banned, forced
+    groups = engine.generate(PROMPTS, [params, forced], use_tqdm=False)
+    assert groups[1].samples[0].boi_forced and len(groups[1].samples[0].reasoning_ids) == 6
+    for s in groups[0].samples + groups[1].samples:
+        assert 4 <= len(s.reasoning_ids) <= 10 and s.reasoning_ids[-1] == tiny.boi_id
+        assert s.image.size == (64, 64)
+        text, cond, mixed = teacher_forced(tiny, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0.8,
+                                           image_t=1.3, cfg=3.0)
+        torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
+        torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
+        torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=1e-4)
+
+
+def test_seeded_rollouts_reproduce_and_differ_by_seed(engine):
+    params = SamplingParams(n=2, max_reasoning_tokens=6, seed=11, decode_images=False)
+    a = engine.generate(PROMPTS, params, use_tqdm=False)
+    b = engine.generate(PROMPTS, params, use_tqdm=False)
+    c = engine.generate(PROMPTS, dataclasses.replace(params, seed=12), use_tqdm=False)
+    key = [[(s.reasoning_ids, s.image_tokens.tolist()) for s in g.samples] for g in (a + b + c)]
+    assert key[:2] == key[2:4] and key[:2] != key[4:]
+    assert key[0][0] != key[0][1]  # the samples of a group differ
+
+
+def test_image_phase_from_reasoning_kv_equals_reprefill(tiny):
+    """Without preemption the image phase continues from the reasoning KV; a pool so small that samples are
+    preempted forces their prompt + chain (+ image tokens so far) to be prefilled again. Same tokens, same
+    log-probs, with sampling on."""
+    params = SamplingParams(n=4, max_reasoning_tokens=8, min_reasoning_tokens=2, seed=3, decode_images=False)
+    roomy = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4))
+    tight = LLMEngine(tiny, EngineConfig(num_kv_blocks=48, block_size=4))
+    a = roomy.generate(PROMPTS, params, use_tqdm=False)
+    b = tight.generate(PROMPTS, params, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0 and roomy.scheduler.num_preemptions == 0
+    assert tight.peak_used_blocks <= 48
+    for ga, gb in zip(a, b):
+        for sa, sb in zip(ga.samples, gb.samples):
+            assert sa.reasoning_ids == sb.reasoning_ids
+            assert sa.image_tokens.tolist() == sb.image_tokens.tolist()
+            for x, y in ((sa.text_logprobs, sb.text_logprobs), (sa.image_logprobs, sb.image_logprobs),
+                         (sa.image_mixed_logprobs, sb.image_mixed_logprobs)):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
+def test_mixed_text_image_batches_equal_each_sample_alone(tiny, engine, monkeypatch):
+    """Two requests with different settings decode together (text rows and CFG pairs in the same steps);
+    every sample equals itself run alone (same request seed and sample index)."""
+    params = [SamplingParams(n=3, max_reasoning_tokens=2, image_temperature=0.9, seed=5, decode_images=False),
+              SamplingParams(n=2, max_reasoning_tokens=12, min_reasoning_tokens=8, text_temperature=1.2, top_k=20,
+                             cfg_weight=4.0, seed=9, decode_images=False)]
+    kinds = []
+    run = engine.runner.run
+
+    def spy(batch):
+        kinds.append((bool(batch.text_samples), bool(batch.image_samples), batch.is_prefill))
+        return run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", spy)
+    together = engine.generate(PROMPTS, params, use_tqdm=False)
+    assert (True, True, False) in kinds  # some decode step held text rows and image pairs at once
+    for prompt, p, group in zip(PROMPTS, params, together):
+        for i, s in enumerate(group.samples):
+            rid = engine._add(prompt, s.prompt_ids, p, None)
+            g = engine.scheduler.groups[rid]
+            g.samples = g.samples[i:i + 1]  # sample i of this request, and nothing else
+            outs = []
+            while engine.has_unfinished():
+                outs += engine.step()
+            [alone] = outs[0].samples
+            assert alone.reasoning_ids == s.reasoning_ids
+            assert alone.image_tokens.tolist() == s.image_tokens.tolist()
+            torch.testing.assert_close(alone.image_mixed_logprobs, s.image_mixed_logprobs, rtol=0, atol=1e-5)
+            torch.testing.assert_close(alone.text_logprobs, s.text_logprobs, rtol=0, atol=1e-5)
+
+
+def test_prompt_kv_is_computed_once_and_uncond_prefix_is_shared(tiny):
+    bs = 4
+    eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=bs))
+    params = SamplingParams(n=4, max_reasoning_tokens=5, min_reasoning_tokens=5, seed=0, decode_images=False)
+    rids = [eng.add_request(p, params) for p in PROMPTS]
+    bm = eng.block_manager
+    lens = [len(g.prompt_ids) for g in eng.scheduler.groups.values()]
+    eng.step()  # one prefill step: each prompt once
+    assert bm.num_used_blocks == sum(math.ceil(n / bs) for n in lens)
+    eng.step()  # first decode: 4 samples per prompt fork the prompt blocks, copy only a partial last block
+    copies = sum(3 if n % bs else 0 for n in lens)
+    fresh = sum(4 if n % bs == 0 else 0 for n in lens)
+    assert bm.num_used_blocks == sum(math.ceil(n / bs) for n in lens) + copies + fresh
+    done = []
+    saw_pairs = False
+    while eng.has_unfinished():
+        pairs = [s for s in eng.scheduler.running if s.uncond is not None]
+        if len(pairs) == 8:
+            saw_pairs = True
+            prefix = eng.scheduler.uncond_prefix.block_table
+            for s in pairs:  # every unconditional row of both prompts reads the one prefix
+                full = (s.cond.image_start - 1) // bs
+                assert full >= 1 and s.uncond.block_table[:full] == prefix[:full]
+        done += eng.step()
+    assert saw_pairs and sorted(o.request_id for o in done) == sorted(rids)
+    assert bm.num_used_blocks == 0 and eng.scheduler.uncond_prefix is None
+    assert eng.peak_used_blocks < 2 * 8 * math.ceil((max(lens) + 6 + 16) / bs)  # well below unshared rows
+
+
+def test_lora_weight_updates_reach_the_next_rollout():
+    """The engine runs the policy's own (peft-wrapped) modules: changing LoRA weights in place changes the next
+    greedy rollout, which then equals transformers' generate on the same adapted model."""
+    peft = pytest.importorskip("peft")
+    bundle = build_preset("tiny", image_size=64, seed=1)
+    pm = peft.get_peft_model(bundle.model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
+    policy = dataclasses.replace(bundle, model=pm)
+    eng = LLMEngine(policy, EngineConfig(num_kv_blocks=300, block_size=8))
+    params = SamplingParams(n=1, text_temperature=0, image_temperature=0, max_reasoning_tokens=6,
+                            decode_images=False)
+
+    def rollout():
+        [g] = eng.generate(PROMPTS[:1], params, use_tqdm=False)
+        return g.samples[0].reasoning_ids, g.samples[0].image_tokens.tolist()
+
+    before = rollout()
+    lora = [p for name, p in pm.named_parameters() if "lora_B" in name]
+    g = torch.Generator().manual_seed(0)
+    for p in lora:
+        p.grad = torch.randn(p.shape, generator=g)
+    torch.optim.SGD(lora, lr=0.5).step()  # an optimizer step, in place on the policy's parameters
+    pm.train()  # the engine puts the model in eval mode for the rollout and restores it after
+    after = rollout()
+    assert pm.training and after != before
+    [[ref]] = ReferenceGenerator(policy).generate(PROMPTS[:1], n=1, text_temperature=0, image_temperature=0,
+                                                  max_reasoning_tokens=6, decode_images=False)
+    assert after == (ref.reasoning_ids, ref.image_tokens.tolist())
+    pm.merge_adapter()  # LoRA merged into the base weights in place
+    assert rollout() == after
+    pm.unmerge_adapter()
+    policy.model = pm.merge_and_unload()  # new modules: the engine rebinds before its next rollout
+    assert rollout() == after
+
+
+def test_triton_backend_equals_torch_backend(tiny):
+    """Our Triton paged kernels (interpreted on CPU) behind the same engine give the same rollout."""
+    params = SamplingParams(n=2, max_reasoning_tokens=3, seed=1, decode_images=False)
+    outs = [LLMEngine(tiny, EngineConfig(num_kv_blocks=100, block_size=16, attention_backend=backend))
+            .generate(PROMPTS[1:], params, use_tqdm=False)[0] for backend in ("torch", "triton")]
+    for a, b in zip(outs[0].samples, outs[1].samples):
+        assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
+        torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-4)
+
+
+def test_576_image_tokens_greedy_equals_reference():
+    bundle = build_preset("tiny")
+    assert bundle.num_image_tokens == 576
+    params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=4,
+                            decode_images=True)
+    [group] = LLMEngine(bundle, EngineConfig(num_kv_blocks=300)).generate(PROMPTS[:1], params, use_tqdm=False)
+    [ref] = ReferenceGenerator(bundle).generate(PROMPTS[:1], n=1, text_temperature=0, image_temperature=0,
+                                                max_reasoning_tokens=4, decode_images=False)
+    for s in group.samples:
+        assert s.reasoning_ids == ref[0].reasoning_ids
+        assert s.image_tokens.tolist() == ref[0].image_tokens.tolist()
+        assert s.image.size == (384, 384) and s.image_logprobs.shape == (576,)
+
+
+def test_engine_errors_are_clear(tiny, engine):
+    with pytest.raises(ValueError, match="can never fit"):
+        LLMEngine(tiny, EngineConfig(num_kv_blocks=20, block_size=4)).generate(
+            PROMPTS, SamplingParams(n=1, max_reasoning_tokens=50), use_tqdm=False)
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        engine.generate(PROMPTS[:1], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(TypeError, match="list of strings"):
+        engine.generate("a cat", use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([" "], use_tqdm=False)
+    with pytest.raises(ValueError, match="min_reasoning_tokens"):
+        SamplingParams(max_reasoning_tokens=3, min_reasoning_tokens=4)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        LLMEngine(tiny, EngineConfig(num_kv_blocks=10, attention_backend="flash_attn"))
+    with pytest.raises(TypeError, match="JanusBundle"):
+        LLMEngine(tiny.model)
+    assert not engine.has_unfinished()
+
+
+def test_abort_frees_blocks(engine):
+    rid = engine.add_request(PROMPTS[0], SamplingParams(n=4, max_reasoning_tokens=8, decode_images=False))
+    for _ in range(3):
+        engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    engine.abort(rid)
+    assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
+    with pytest.raises(KeyError):
+        engine.abort(rid)

@@ -1,0 +1,270 @@
+"""Fused GRPO loss against the eager reference (loss, metrics, both gradients by torch autograd), and the reference
+against TRL's `_compute_loss` written out on full logits."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_paged_attention import DEVICE, gpu_rounding, max_rel_err, norm_rel_err, poison  # noqa: F401  (fixtures)
+
+from kernels.grpo_loss import LOSS_TYPES, fused_grpo_loss, grpo_loss_reference
+
+KW = dict(beta=0.04, epsilon=0.2, epsilon_high=0.28, temperature=0.7)
+
+
+def loss_case(b=3, t=7, h=24, v=37, seed=0, log_ratio_scale=0.3, dtype=torch.float32, temperature=KW["temperature"]):
+    """Random inputs; the last sequence is fully masked, the first keeps a single token. old log-probs are the
+    current ones shifted by N(0, log_ratio_scale), so ratios straddle the clip range. ref log-probs stay at least 0.2
+    away: the k3 gradient 1 - exp(ref - logp) cancels as they meet and would then amplify the last-ulp differences
+    of any two fp32 log-softmax implementations past 1e-5. For the same reason the logits have std 0.5: a
+    probability within ~1e-3 of 1 makes the gradient of its log-softmax, 1 - p, ill-conditioned in fp32 (torch's as
+    much as ours)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = 0.5 * torch.randn(v, h, generator=g) / h**0.5
+    target = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.75
+    if b > 1:
+        mask[-1] = False
+        mask[0] = False
+        mask[0, t // 2] = True
+    logp = torch.log_softmax(hidden @ weight.T / temperature, -1).gather(-1, target[..., None])[..., 0]
+    old = logp + log_ratio_scale * torch.randn(b, t, generator=g)
+    shift = torch.randn(b, t, generator=g)
+    ref = logp + shift.sign() * (0.2 + log_ratio_scale * shift.abs())
+    adv = torch.randn(b, generator=g)
+    return (hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), *(x.to(DEVICE) for x in (target, old, ref, adv, mask)))
+
+
+def run(fn, hidden, weight, *args, weight_grad=True, grad_scale=1.7, **kw):
+    """Loss, metrics, and the gradients of grad_scale * loss w.r.t. fresh leaf copies of hidden and weight."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_(weight_grad)
+    loss, metrics = fn(h, w, *args, **kw)
+    (grad_scale * loss).backward()
+    return loss.detach(), metrics, h.grad, w.grad
+
+
+def loss_err(loss, expected, adv) -> float:
+    """Error of a loss relative to max(|expected|, max |A|). The loss is a weighted mean of per-token terms of size
+    about |A| * ratio that may cancel to nearly 0, so a bare relative error is ill-conditioned there."""
+    return abs(float(loss) - float(expected)) / max(abs(float(expected)), float(adv.abs().max()), 1e-30)
+
+
+def assert_metrics_close(a, b, tol):
+    for name in ("kl", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "ratio_mean"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert abs(float(x) - float(y)) <= tol * max(1.0, abs(float(y))), (name, float(x), float(y))
+
+
+def trl_oracle(hidden, weight, target, old, ref, adv, mask, loss_type, beta, epsilon, epsilon_high, temperature,
+               max_completion_length=None, num_items_in_batch=None):
+    """TRL GRPOTrainer._compute_loss on full logits (logp via cross-entropy), masks multiplied in as TRL does."""
+    logits = (hidden.double() @ weight.double().T) / temperature
+    logp = -F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
+    m = mask.double()
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+    per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None])
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (per_token.size(0) * (max_completion_length or target.shape[1]))
+    else:
+        loss = (per_token * m).sum() / (num_items_in_batch or m.sum())
+    low = ((coef_1 < 1 - epsilon) & (adv[:, None] < 0)).double()
+    high = ((coef_1 > 1 + epsilon_high) & (adv[:, None] > 0)).double()
+    metrics = {"kl": (kl * m).sum() / m.sum(), "clip_ratio_low": (low * m).sum() / m.sum(),
+               "clip_ratio_high": (high * m).sum() / m.sum(), "ratio_mean": (coef_1 * m).sum() / m.sum()}
+    return loss, metrics
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_reference_matches_trl(loss_type):
+    hidden, weight, target, old, ref, adv, mask = loss_case(6, 9, log_ratio_scale=0.5)
+    extra = {"dr_grpo": dict(max_completion_length=11), "dapo": dict(num_items_in_batch=13.0)}.get(loss_type, {})
+    loss, metrics = grpo_loss_reference(hidden, weight, target, old, ref, adv, mask, loss_type=loss_type, **KW,
+                                        **extra)
+    expected, expected_metrics = trl_oracle(hidden, weight, target, old.double(), ref.double(), adv.double(),
+                                            mask, loss_type, **KW, **extra)
+    assert abs(float(loss) - float(expected)) < 1e-5 * abs(float(expected))
+    for name, value in expected_metrics.items():
+        assert abs(float(getattr(metrics, name)) - float(value)) < 1e-5, name
+    assert 0 < float(metrics.clip_ratio_low) and 0 < float(metrics.clip_ratio_high)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 24, 37), (1, 1, 8, 5), (4, 5, 16, 130)])
+@pytest.mark.usefixtures("poison")
+def test_fused_matches_reference_fp32(shape, loss_type):
+    b, t, h, v = shape
+    hidden, weight, target, old, ref, adv, mask = loss_case(b, t, h, v, seed=b * t)
+    args = (target, old, ref, adv, mask)
+    f_loss, f_metrics, f_dh, f_dw = run(fused_grpo_loss, hidden, weight, *args, loss_type=loss_type, chunk_size=4,
+                                        **KW)
+    r_loss, r_metrics, r_dh, r_dw = run(grpo_loss_reference, hidden, weight, *args, loss_type=loss_type, **KW)
+    assert loss_err(f_loss, r_loss, adv) < 1e-5
+    assert max_rel_err(f_dh, r_dh) < 1e-5
+    assert max_rel_err(f_dw, r_dw) < 1e-5
+    assert_metrics_close(f_metrics, r_metrics, 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.usefixtures("poison", "gpu_rounding")
+def test_fused_bf16(loss_type, seed):
+    """bf16 in, bf16 gradients out: the loss within 1e-2 of the eager bf16 reference (a near-cancelling scalar, so
+    judged against the same input rounding), the gradients within 1e-2 (norm-wise) of the fp32 reference."""
+    hidden, weight, target, old, ref, adv, mask = loss_case(4, 9, 32, 300, dtype=torch.bfloat16, seed=seed)
+    args = (target, old, ref, adv, mask)
+    f_loss, f_metrics, f_dh, f_dw = run(fused_grpo_loss, hidden, weight, *args, loss_type=loss_type, chunk_size=8,
+                                        **KW)
+    assert f_dh.dtype == f_dw.dtype == torch.bfloat16
+    e_loss, e_metrics, _, _ = run(grpo_loss_reference, hidden, weight, *args, loss_type=loss_type, **KW)
+    _, _, r_dh, r_dw = run(grpo_loss_reference, hidden.float(), weight.float(), *args, loss_type=loss_type, **KW)
+    assert loss_err(f_loss, e_loss, adv) < 1e-2
+    assert_metrics_close(f_metrics, e_metrics, 1e-2)
+    assert norm_rel_err(f_dh, r_dh) < 1e-2
+    assert norm_rel_err(f_dw, r_dw) < 1e-2
+
+
+@pytest.mark.usefixtures("poison")
+def test_ratios_far_outside_the_clip_range():
+    """With |log ratio| ~ 3, most tokens are clipped: clipped tokens get no policy gradient, only the KL's."""
+    hidden, weight, target, old, ref, adv, mask = loss_case(4, 6, 16, 40, log_ratio_scale=3.0)
+    args = (target, old, ref, adv, mask)
+    f = run(fused_grpo_loss, hidden, weight, *args, loss_type="bnpo", **KW)
+    r = run(grpo_loss_reference, hidden, weight, *args, loss_type="bnpo", **KW)
+    assert float(r[1].clip_ratio_region) > 0.3
+    assert loss_err(f[0], r[0], adv) < 1e-5
+    assert max_rel_err(f[2], r[2]) < 1e-5 and max_rel_err(f[3], r[3]) < 1e-5
+    assert_metrics_close(f[1], r[1], 1e-5)
+
+
+def test_all_equal_rewards_leave_only_the_kl_term():
+    hidden, weight, target, old, ref, _, mask = loss_case()
+    zero_adv = torch.zeros(3, device=DEVICE)
+    loss, metrics = fused_grpo_loss(hidden, weight, target, old, ref, zero_adv, mask, loss_type="bnpo", **KW)
+    assert abs(float(loss) - KW["beta"] * float(metrics.kl)) < 1e-6
+    no_kl, _ = fused_grpo_loss(hidden, weight, target, old, None, zero_adv, mask, loss_type="bnpo",
+                               **{**KW, "beta": 0.0})
+    assert float(no_kl) == 0.0
+
+
+@pytest.mark.usefixtures("poison")
+def test_fully_masked_batch_gives_zero_not_nan():
+    hidden, weight, target, old, ref, adv, _ = loss_case()
+    mask = torch.zeros(3, 7, dtype=torch.bool, device=DEVICE)
+    for fn in (fused_grpo_loss, grpo_loss_reference):
+        for loss_type in LOSS_TYPES:
+            loss, metrics, dh, dw = run(fn, hidden, weight, target, old, ref, adv, mask, loss_type=loss_type, **KW)
+            assert float(loss) == 0.0 and float(metrics.clip_ratio_region) == 0.0
+            assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.usefixtures("poison")
+def test_junk_at_masked_positions_is_ignored():
+    """TRL pads with anything: -100 targets, inf/NaN log-probs. None of it may reach the loss or the gradients."""
+    hidden, weight, target, old, ref, adv, mask = loss_case()
+    clean = [run(fn, hidden, weight, target, old, ref, adv, mask, loss_type="grpo", **KW)
+             for fn in (fused_grpo_loss, grpo_loss_reference)]
+    target, old, ref = target.clone(), old.clone(), ref.clone()
+    target[~mask], old[~mask], ref[~mask] = -100, float("nan"), float("-inf")
+    for fn, (c_loss, _, c_dh, c_dw) in zip((fused_grpo_loss, grpo_loss_reference), clean):
+        loss, _, dh, dw = run(fn, hidden, weight, target, old, ref, adv, mask, loss_type="grpo", **KW)
+        assert torch.equal(loss, c_loss) and torch.equal(dh, c_dh) and torch.equal(dw, c_dw)
+
+
+@pytest.mark.usefixtures("poison")
+def test_old_logp_none_and_no_weight_grad():
+    """old_logp=None is TRL's single-iteration case (ratio 1); a frozen head gets no gradient."""
+    hidden, weight, target, _, ref, adv, mask = loss_case()
+    f = run(fused_grpo_loss, hidden, weight, target, None, ref, adv, mask, loss_type="dapo", weight_grad=False, **KW)
+    r = run(grpo_loss_reference, hidden, weight, target, None, ref, adv, mask, loss_type="dapo", weight_grad=False,
+            **KW)
+    assert f[3] is None and r[3] is None
+    assert float(f[1].ratio_mean) == 1.0 and float(f[1].clip_ratio_region) == 0.0
+    assert loss_err(f[0], r[0], adv) < 1e-5 and max_rel_err(f[2], r[2]) < 1e-5
+
+
+def test_no_grad_and_chunk_size_invariance():
+    hidden, weight, target, old, ref, adv, mask = loss_case(3, 7, 24, 37)
+    with torch.no_grad():
+        ref_loss, _ = grpo_loss_reference(hidden, weight, target, old, ref, adv, mask, **KW)
+        losses = [fused_grpo_loss(hidden, weight, target, old, ref, adv, mask, chunk_size=c, **KW)[0]
+                  for c in (1, 3, None)]
+    for loss in losses:
+        assert loss_err(loss, ref_loss, adv) < 1e-5
+
+
+def test_bad_inputs_raise():
+    hidden, weight, target, old, ref, adv, mask = loss_case()
+    bad_target = target.clone()
+    bad_target[mask] = 37
+    with pytest.raises(ValueError, match=r"target ids of unmasked tokens must lie in \[0, 37\)"):
+        fused_grpo_loss(hidden, weight, bad_target, old, ref, adv, mask, **KW)
+    with pytest.raises(ValueError, match="beta != 0 needs ref_logp"):
+        fused_grpo_loss(hidden, weight, target, old, None, adv, mask, **KW)
+    with pytest.raises(ValueError, match="loss_type"):
+        fused_grpo_loss(hidden, weight, target, old, ref, adv, mask, loss_type="sapo", **{**KW, "beta": 0.0})
+    with pytest.raises(ValueError, match="advantages must be"):
+        fused_grpo_loss(hidden, weight, target, old, ref, adv[:2], mask, **KW)
+    with pytest.raises(TypeError, match="share a dtype"):
+        fused_grpo_loss(hidden, weight.double(), target, old, ref, adv, mask, **KW)
+
+
+@settings(max_examples=8, deadline=None)
+@given(b=st.integers(1, 3), t=st.integers(1, 6), h=st.integers(1, 20), v=st.integers(2, 50),
+       chunk=st.integers(1, 8), loss_type=st.sampled_from(LOSS_TYPES), temperature=st.floats(0.5, 1.5),
+       seed=st.integers(0, 2**16))
+def test_random_shapes(b, t, h, v, chunk, loss_type, temperature, seed):
+    hidden, weight, target, old, ref, adv, mask = loss_case(b, t, h, v, seed=seed, temperature=temperature)
+    kw = {**KW, "temperature": temperature, "loss_type": loss_type}
+    f = run(fused_grpo_loss, hidden, weight, target, old, ref, adv, mask, chunk_size=chunk, **kw)
+    r = run(grpo_loss_reference, hidden, weight, target, old, ref, adv, mask, **kw)
+    assert loss_err(f[0], r[0], adv) < 1e-5
+    assert max_rel_err(f[2], r[2]) < 1e-5 and max_rel_err(f[3], r[3]) < 1e-5
+
+
+def test_bench_reference_forward_backward(benchmark):
+    hidden, weight, target, old, ref, adv, mask = loss_case(4, 64, 64, 1024)
+    benchmark(run, grpo_loss_reference, hidden, weight, target, old, ref, adv, mask, **KW)
+
+
+def test_bias_and_its_gradient_match_reference():
+    hidden, weight, target, old, ref, adv, mask = loss_case(seed=5)
+    bias = torch.randn(weight.shape[0], device=DEVICE)
+    grads = []
+    for fn in (fused_grpo_loss, grpo_loss_reference):
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        b = bias.detach().clone().requires_grad_()
+        loss, metrics = fn(h, w, target, old, ref, adv, mask, bias=b, loss_type="grpo", **KW)
+        (1.3 * loss).backward()
+        grads.append((loss.detach(), h.grad, w.grad, b.grad, metrics.logp))
+    (lf, hf, wf, bf, pf), (lr, hr, wr, br, pr) = grads
+    assert loss_err(lf, lr, adv) < 1e-5
+    for x, y in ((hf, hr), (wf, wr), (bf, br)):
+        assert max_rel_err(x, y) < 1e-5
+    torch.testing.assert_close(pf, pr, rtol=1e-5, atol=1e-6)
+    assert bool((pf[~mask] == 0).all())
+
+
+def test_token_weights_reduce_two_heads_as_one_sequence():
+    """Splitting each sequence's tokens over two calls with per-sequence weights 1/(B * n_b) gives exactly the
+    'grpo' loss of one call over all tokens: what the GoT objective does for text + image heads."""
+    hidden, weight, target, old, ref, adv, mask = loss_case(b=4, t=10, seed=7)
+    full, _ = grpo_loss_reference(hidden, weight, target, old, ref, adv, mask, loss_type="grpo", **KW)
+    n = mask.sum(-1, keepdim=True).clamp(min=1).float()
+    w = mask.float() / (mask.shape[0] * n)
+    cut = 4
+    parts = [fused_grpo_loss(hidden[:, s].contiguous(), weight, target[:, s], old[:, s], ref[:, s], adv,
+                             mask[:, s], token_weights=w[:, s], **KW)[0]
+             for s in (slice(0, cut), slice(cut, None))]
+    assert loss_err(parts[0] + parts[1], full, adv) < 1e-5

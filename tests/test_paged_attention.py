@@ -1,0 +1,298 @@
+"""Paged decode and prefill/extend attention: the torch reference against per-sequence SDPA (the outside oracle),
+the Triton kernels against the reference.
+
+Cache slots that no sequence may read (free blocks, tails of last blocks) hold NaN, so a kernel that reads past a
+context or through a wrong table entry fails. Outputs are poisoned through the `poison` fixture. The shared test
+helpers (`poison`, `gpu_rounding`, `max_rel_err`, `norm_rel_err`) live here, once; the other kernel tests import them.
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_prefill_attention,
+    paged_prefill_attention_reference,
+)
+
+POISON_INT = -(2**31) + 7
+# Data is built on the CPU (seeded generators), then moved here: the kernels compile for real when a GPU is present.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make every `torch.empty`/`torch.empty_like` during the test return NaN (or a sentinel int), so an output
+    element a kernel forgets to write fails the comparison instead of passing on leftover memory."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(POISON_INT)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+@pytest.fixture
+def gpu_rounding(monkeypatch):
+    """Triton's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even (LLVM fptrunc); round like
+    the GPU (and torch) so that a bf16 band means the same on CPU and GPU. A no-op when compiling for real."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def rtne(data, src, dst, mode):
+        if mode is None and src == tl.float32 and dst == tl.bfloat16:
+            bits = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint32).astype(np.uint64)
+            out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            out[np.isnan(np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.float32))] = 0x7FC0
+            return out.reshape(data.shape)
+        return convert(data, src, dst, mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", rtne)
+
+
+def norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in fp64: the robust measure for bf16 results (fla's `assert_close`)."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e| in fp64; NaN anywhere gives NaN, which fails every `<` assertion."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    if torch.isnan(a).any() or torch.isnan(e).any():
+        return float("nan")
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(DEVICE)
+
+
+def paged_case(ctx_lens, *, hkv, d, block_size, dtype=torch.float32, shared_prefix_blocks=0, seed=0,
+               table_dtype=torch.int32, table_fill=-1):
+    """Random paged caches and block tables for sequences of `ctx_lens` tokens. The first `shared_prefix_blocks`
+    blocks of every sequence are the same physical blocks (a cached shared prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    nblks = [-(-c // block_size) for c in ctx_lens]
+    num_blocks = sum(nblks) + 3
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    table = torch.full((len(ctx_lens), max(nblks, default=0) + 1), table_fill, dtype=table_dtype)
+    k_cache = torch.full((num_blocks, block_size, hkv, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    filled = set()
+    for b, c in enumerate(ctx_lens):
+        for j in range(nblks[b]):
+            table[b, j] = perm[j] if j < shared_prefix_blocks else perm.pop()
+            blk, n = int(table[b, j]), min(block_size, c - j * block_size)
+            if blk not in filled:
+                filled.add(blk)
+                k_cache[blk, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
+                v_cache[blk, :n] = torch.randn(n, hkv, d, generator=g).to(dtype)
+    return (k_cache.to(DEVICE), v_cache.to(DEVICE), table.to(DEVICE),
+            torch.tensor(ctx_lens, dtype=table_dtype, device=DEVICE))
+
+
+def sequence_kv(cache, table, b, ctx):
+    """Contiguous `[ctx, Hkv, D]` K or V of sequence b, read block by block (the oracle's own gather)."""
+    bs = cache.shape[1]
+    return torch.cat([cache[int(table[b, j])] for j in range(-(-ctx // bs))])[:ctx] if ctx else cache[0, :0]
+
+
+def sdpa_oracle(q, k_cache, v_cache, table, cu_q, ctx_lens, scale):
+    """Causal attention per sequence with torch's SDPA on gathered, head-repeated K/V, in fp32 on the CPU."""
+    q, k_cache, v_cache, table = q.cpu(), k_cache.cpu(), v_cache.cpu(), table.cpu()
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    group = q.shape[1] // k_cache.shape[2]
+    for b, ctx in enumerate(ctx_lens.tolist()):
+        s, e = int(cu_q[b]), int(cu_q[b + 1])
+        if e == s:
+            continue
+        k = sequence_kv(k_cache, table, b, ctx).float().repeat_interleave(group, 1).transpose(0, 1)
+        v = sequence_kv(v_cache, table, b, ctx).float().repeat_interleave(group, 1).transpose(0, 1)
+        pos_q = ctx - (e - s) + torch.arange(e - s)
+        mask = torch.arange(ctx)[None] <= pos_q[:, None]
+        out[s:e] = F.scaled_dot_product_attention(q[s:e].float().transpose(0, 1), k, v, attn_mask=mask,
+                                                  scale=scale).transpose(0, 1)
+    return out
+
+
+def decode_oracle(q, k_cache, v_cache, table, ctx_lens, scale):
+    ctx_lens = ctx_lens.cpu()
+    out = sdpa_oracle(q, k_cache, v_cache, table, torch.arange(q.shape[0] + 1), ctx_lens.clamp(min=1), scale)
+    return out.masked_fill(ctx_lens[:, None, None] == 0, 0.0)
+
+
+def packed_queries(q_lens, hq, d, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.randn(int(cu[-1]), hq, d, generator=g).to(DEVICE, dtype), cu.to(DEVICE)
+
+
+# (num_q_heads, num_kv_heads, head_dim, block_size): MHA, GQA with odd group and head_dim, MQA, a real head_dim.
+CONFIGS = [(4, 4, 16, 16), (6, 2, 24, 4), (3, 3, 24, 4), (5, 1, 8, 4), (4, 2, 128, 16)]
+CTX = [1, 5, 17, 40]
+
+
+@pytest.mark.parametrize("hq,hkv,d,bs", CONFIGS[:3])
+def test_references_match_sdpa(hq, hkv, d, bs):
+    k_cache, v_cache, table, ctx = paged_case(CTX, hkv=hkv, d=d, block_size=bs)
+    scale = 1 / math.sqrt(d)
+    q = randn(len(CTX), hq, d)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=scale)
+    assert max_rel_err(ref, decode_oracle(q, k_cache, v_cache, table, ctx, scale)) < 1e-5
+    qp, cu = packed_queries([1, 5, 9, 40], hq, d)
+    ref = paged_prefill_attention_reference(qp, k_cache, v_cache, table, cu, ctx, scale=scale)
+    assert max_rel_err(ref, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, scale)) < 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("hq,hkv,d,bs", CONFIGS)
+@pytest.mark.usefixtures("poison")
+def test_decode_fp32(hq, hkv, d, bs, num_splits):
+    k_cache, v_cache, table, ctx = paged_case(CTX, hkv=hkv, d=d, block_size=bs)
+    q = randn(len(CTX), hq, d)
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=0.3)
+    assert out.dtype == q.dtype
+    assert max_rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("hq,hkv,d,bs", [CONFIGS[0], CONFIGS[1]])
+@pytest.mark.usefixtures("poison")
+def test_decode_bf16(hq, hkv, d, bs, num_splits):
+    k_cache, v_cache, table, ctx = paged_case(CTX, hkv=hkv, d=d, block_size=bs, dtype=torch.bfloat16)
+    q = randn(len(CTX), hq, d).bfloat16()
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits)
+    assert out.dtype == torch.bfloat16
+    assert max_rel_err(out, decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)) < 1e-2
+
+
+@pytest.mark.usefixtures("poison")
+def test_decode_padding_rows_and_int64_tables():
+    """Context 0 (CUDA-graph padding rows) gives 0; int64 tables padded with 0 rather than -1 work too."""
+    k_cache, v_cache, table, ctx = paged_case([0, 7, 0, 33], hkv=2, d=16, block_size=4,
+                                              table_dtype=torch.int64, table_fill=0)
+    q = randn(4, 4, 16)
+    for splits in (1, 4):
+        out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.25, num_splits=splits)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=0.25)
+        assert torch.equal(out[[0, 2]], torch.zeros(2, 4, 16, device=DEVICE))
+        assert torch.equal(ref[[0, 2]], out[[0, 2]])
+        assert max_rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.usefixtures("poison")
+def test_decode_long_context_many_splits():
+    k_cache, v_cache, table, ctx = paged_case([300, 129], hkv=1, d=16, block_size=16)
+    q = randn(2, 2, 16)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=0.25)
+    for splits in (2, 5, 7):  # 7 splits of 300 tokens leave empty splits for the 129-token row
+        out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.25, num_splits=splits)
+        assert max_rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("hq,hkv,d,bs", CONFIGS)
+@pytest.mark.usefixtures("poison")
+def test_prefill_fp32(hq, hkv, d, bs):
+    """Prefill from scratch (q_len == context), extension of a prefix, an empty and a one-token sequence."""
+    k_cache, v_cache, table, ctx = paged_case([12, 40, 6, 1], hkv=hkv, d=d, block_size=bs)
+    qp, cu = packed_queries([12, 23, 0, 1], hq, d)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3)
+    ref = paged_prefill_attention_reference(qp, k_cache, v_cache, table, cu, ctx, scale=0.3)
+    assert max_rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.usefixtures("poison")
+def test_prefill_extends_shared_prefix():
+    """Four samples share 3 cached prompt blocks, then each extends with its own tokens (prefix caching)."""
+    k_cache, v_cache, table, ctx = paged_case([14, 17, 12, 30], hkv=2, d=24, block_size=4, shared_prefix_blocks=3)
+    assert (table[:, :3] == table[0, :3]).all()
+    qp, cu = packed_queries([2, 5, 0, 18], 4, 24)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.2)
+    oracle = sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.2)
+    assert max_rel_err(out, oracle) < 1e-5
+
+
+@pytest.mark.usefixtures("poison")
+def test_prefill_bf16():
+    k_cache, v_cache, table, ctx = paged_case([12, 40], hkv=2, d=24, block_size=4, dtype=torch.bfloat16)
+    qp, cu = packed_queries([12, 23], 6, 24, dtype=torch.bfloat16)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3)
+    assert out.dtype == torch.bfloat16
+    assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)) < 1e-2
+
+
+def test_prefill_of_one_token_equals_decode():
+    k_cache, v_cache, table, ctx = paged_case(CTX, hkv=2, d=24, block_size=4)
+    q = randn(len(CTX), 6, 24)
+    cu = torch.arange(len(CTX) + 1, dtype=torch.int32, device=DEVICE)
+    pre = paged_prefill_attention(q, k_cache, v_cache, table, cu, ctx, scale=0.3)
+    dec = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=2)
+    assert max_rel_err(pre, dec) < 1e-5
+
+
+def test_bad_inputs_raise():
+    k_cache, v_cache, table, ctx = paged_case([5, 9], hkv=2, d=8, block_size=4)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_decode_attention(randn(2, 3, 8), k_cache, v_cache, table, ctx, scale=1.0)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(randn(2, 2, 8), k_cache, v_cache, table, ctx, scale=1.0, num_splits=0)
+    bad_table = table.clone()
+    bad_table[1, 1] = -1
+    with pytest.raises(IndexError, match=r"block_tables\[1, 1\] = -1"):
+        paged_decode_attention_reference(randn(2, 2, 8), k_cache, v_cache, bad_table, ctx, scale=1.0)
+    qp, cu = packed_queries([5, 10], 2, 8)
+    for fn in (paged_prefill_attention, paged_prefill_attention_reference):
+        with pytest.raises(ValueError, match="already be in the cache"):
+            fn(qp, k_cache, v_cache, table, cu, ctx, scale=1.0)
+        with pytest.raises(ValueError, match="cu_seqlens_q must rise"):
+            fn(qp, k_cache, v_cache, table, cu.flip(0), ctx, scale=1.0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), hkv=st.integers(1, 3), group=st.integers(1, 3), d=st.integers(1, 40),
+       bs=st.sampled_from([1, 4, 16]), splits=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_random_shapes(data, hkv, group, d, bs, splits, seed):
+    ctx_lens = data.draw(st.lists(st.integers(1, 50), min_size=1, max_size=3))
+    q_lens = [data.draw(st.integers(0, c)) for c in ctx_lens]
+    k_cache, v_cache, table, ctx = paged_case(ctx_lens, hkv=hkv, d=d, block_size=bs, seed=seed)
+    scale = 1 / math.sqrt(d)
+    q = randn(len(ctx_lens), hkv * group, d)
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=scale, num_splits=splits)
+    assert max_rel_err(out, decode_oracle(q, k_cache, v_cache, table, ctx, scale)) < 1e-5
+    qp, cu = packed_queries(q_lens, hkv * group, d, seed=seed)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=scale)
+    assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, scale)) < 1e-5
+
+
+def test_bench_decode_reference(benchmark):
+    k_cache, v_cache, table, ctx = paged_case([200] * 8, hkv=4, d=64, block_size=16)
+    q = randn(8, 8, 64)
+    benchmark(paged_decode_attention_reference, q, k_cache, v_cache, table, ctx, scale=0.125)
+
+
+def test_bench_prefill_reference(benchmark):
+    k_cache, v_cache, table, ctx = paged_case([200] * 4, hkv=4, d=64, block_size=16)
+    qp, cu = packed_queries([64] * 4, 8, 64)
+    benchmark(paged_prefill_attention_reference, qp, k_cache, v_cache, table, cu, ctx, scale=0.125)

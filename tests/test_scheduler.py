@@ -1,0 +1,212 @@
+"""Scheduler properties with a fake model: every request finishes with the same tokens however tight the KV
+pool (preemption by recompute never drops or corrupts anything), refs drain to zero, rows only ever read the KV
+their own tokens produced, and prompt / unconditional-prefix blocks are shared as designed."""
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Group, Sample, Sequence, sample_key
+
+PAD, BOS, BOI = 0, 1, 2
+
+
+class FakeModel:
+    """Stands in for runner + sampler. The 'KV' of position p of a row is its token prefix up to p, written
+    through the block tables into a simulated cache and read back for the whole context every step; tokens
+    are a deterministic function of the sample and its own history, so they must not depend on scheduling."""
+
+    def __init__(self, bm: BlockManager):
+        self.bm = bm
+        self.slots = [[None] * bm.block_size for _ in range(bm.num_blocks)]
+        self.steps = []
+
+    def step(self, sched: Scheduler):
+        batch = sched.schedule()
+        self.steps.append(batch)
+        bs = self.bm.block_size
+        for src, dst in batch.copies:
+            self.slots[dst] = list(self.slots[src])
+        for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
+            assert q >= 1 and (batch.is_prefill or q == 1)
+            for p in range(start, start + q):
+                block = seq.block_table[p // bs]
+                assert self.bm.ref_counts[block] == 1, "a shared block was written"
+                self.slots[block][p % bs] = tuple(seq.token_ids[:p + 1])
+        for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
+            ctx = [self.slots[seq.block_table[p // bs]][p % bs] for p in range(start + q)]
+            assert ctx == [tuple(seq.token_ids[:p + 1]) for p in range(start + q)], "a row read foreign KV"
+        text = []
+        for s in batch.text_samples:
+            rng = random.Random(hash((s.key, tuple(s.cond.token_ids))))
+            tok = BOI if rng.random() < 0.3 else rng.randrange(10, 40)
+            if s.force_boi:
+                tok = BOI
+            elif s.suppress_boi and tok == BOI:
+                tok = 10
+            text.append(tok)
+        image = []
+        for s in batch.image_samples:
+            u = s.uncond
+            length = s.cond.image_start
+            assert u.token_ids == [BOS] + [PAD] * (length - 2) + s.cond.token_ids[length - 1:]
+            image.append(random.Random(hash((s.key, tuple(s.cond.token_ids)))).randrange(64))
+        lps = [-float(len(s.cond)) for s in batch.text_samples]
+        ilps = [-float(len(s.cond)) for s in batch.image_samples]
+        return sched.postprocess(batch, text, lps, image, ilps, [x - 1 for x in ilps])
+
+
+def make_group(rid, prompt_len, n, max_r, min_r, num_image_tokens, seed):
+    rng = random.Random(seed)
+    prompt = [BOS] + [rng.randrange(10, 40) for _ in range(prompt_len - 1)]
+    params = SamplingParams(n=n, max_reasoning_tokens=max_r, min_reasoning_tokens=min_r, seed=seed)
+    g = Group(request_id=rid, prompt=f"p{rid}", prompt_ids=prompt, params=params, seed=seed,
+              num_image_tokens=num_image_tokens)
+    g.samples = [Sample(group=g, index=i, key=sample_key(seed, i), cond=Sequence(list(prompt))) for i in range(n)]
+    return g
+
+
+def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_tokens=4096, num_image_tokens=4,
+        arrivals=None):
+    config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens)
+    bm = BlockManager(num_blocks, block_size)
+    sched = Scheduler(config, bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    model = FakeModel(bm)
+    arrivals = arrivals or [0] * len(specs)
+    pending = sorted(range(len(specs)), key=lambda i: arrivals[i])
+    done, step = {}, 0
+    while pending or sched.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            sched.add(make_group(str(i), *specs[i], num_image_tokens=num_image_tokens, seed=i))
+        if sched.has_unfinished():
+            for g in model.step(sched):
+                done[g.request_id] = g
+        step += 1
+        assert step < 20_000, "scheduler does not make progress"
+    assert bm.ref_counts == [0] * num_blocks and bm.num_free_blocks == num_blocks
+    assert sched.uncond_prefix is None and not sched.running and not sched.waiting
+    results = {rid: [(s.reasoning_ids, s.image_token_ids, s.boi_forced, s.text_logprobs, s.image_logprobs)
+                     for s in g.samples] for rid, g in done.items()}
+    return results, sched, model
+
+
+group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6)).flatmap(
+    lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), st.integers(0, t[2])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(specs=st.lists(group_spec, min_size=1, max_size=4), block_size=st.sampled_from([1, 2, 3, 4, 8]),
+       num_image_tokens=st.integers(1, 6), spare=st.integers(0, 12), max_num_seqs=st.integers(2, 12),
+       max_num_batched_tokens=st.integers(1, 40), arrivals=st.lists(st.integers(0, 12), min_size=4, max_size=4),
+       data=st.data())
+def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_image_tokens, spare, max_num_seqs,
+                                                     max_num_batched_tokens, arrivals, data):
+    roomy, _, _ = run(specs, num_blocks=4096, block_size=block_size, num_image_tokens=num_image_tokens)
+    bm = BlockManager(1, block_size)
+    sched = Scheduler(EngineConfig(block_size=block_size), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    least = max(sched.blocks_to_finish_alone(make_group("x", *s, num_image_tokens=num_image_tokens, seed=0))
+                for s in specs)
+    tight, sched, _ = run(specs, num_blocks=least + spare, block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, num_image_tokens=num_image_tokens,
+                          arrivals=arrivals[:len(specs)])
+    assert tight == roomy
+    for rid, samples in tight.items():
+        n, max_r, min_r = specs[int(rid)][1:]
+        assert len(samples) == n
+        for reasoning, image, forced, text_lps, image_lps in samples:
+            assert reasoning[-1] == BOI and BOI not in reasoning[:-1]
+            assert min_r + 1 <= len(reasoning) <= max_r + 1 and forced == (len(reasoning) == max_r + 1)
+            assert len(image) == len(image_lps) == num_image_tokens and len(text_lps) == len(reasoning)
+
+
+def test_preemption_happens_and_resumes_exactly():
+    specs = [(9, 4, 6, 3), (5, 3, 5, 0), (7, 4, 6, 6)]
+    roomy, _, _ = run(specs, num_blocks=1000, block_size=2)
+    tight, sched, _ = run(specs, num_blocks=30, block_size=2, arrivals=[0, 1, 3])
+    assert sched.num_preemptions > 0
+    assert tight == roomy
+
+
+def test_prompt_blocks_are_computed_once_per_group():
+    """Prefill allocates the prompt's blocks once; the first decode step of n samples copies only the partial
+    last prompt block (n - 1 copies: the last sample writes it in place) and shares the full ones."""
+    bm = BlockManager(100, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=100), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    model = FakeModel(bm)
+    sched.add(make_group("g", 10, 4, 6, 6, num_image_tokens=3, seed=0))  # prompt: 2 full blocks + 2 tokens
+    model.step(sched)
+    assert model.steps[-1].is_prefill and model.steps[-1].num_tokens == 10
+    assert bm.num_used_blocks == 3
+    samples = sched.groups["g"].samples
+    assert all(s.cond.block_table == samples[0].cond.block_table for s in samples)
+    assert [bm.ref_counts[b] for b in samples[0].cond.block_table] == [4, 4, 4]
+    model.step(sched)
+    assert not model.steps[-1].is_prefill and len(model.steps[-1].copies) == 3
+    assert bm.num_used_blocks == 3 + 3
+    assert len({tuple(s.cond.block_table[:2]) for s in samples}) == 1
+    assert len({s.cond.block_table[2] for s in samples}) == 4
+
+
+def test_uncond_prefix_is_computed_once_and_shared_by_every_group():
+    bm = BlockManager(400, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    model = FakeModel(bm)
+    sched.add(make_group("a", 9, 3, 5, 5, num_image_tokens=8, seed=1))  # every cond row: 9 + 5 + 1 = 15 tokens
+    sched.add(make_group("b", 6, 4, 3, 0, num_image_tokens=8, seed=2))  # shorter rows, reach BOI earlier
+    growth, checked = [], False
+    while sched.has_unfinished():
+        model.step(sched)
+        batch = model.steps[-1]
+        growth += [(start, q) for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens)
+                   if seq is sched.uncond_prefix]
+        pairs = [s for s in sched.running if s.uncond is not None]
+        if len(pairs) == 7:  # all samples of both groups in the image phase at once
+            prefix = sched.uncond_prefix.block_table
+            for s in pairs:
+                full = (s.cond.image_start - 1) // 4
+                assert s.uncond.block_table[:full] == prefix[:full]
+            # each unconditional row owns only the blocks past the shared prefix (at most 3 of its 4 here)
+            uncond_own = {b for s in pairs for b in s.uncond.block_table} - set(prefix)
+            assert len(uncond_own) <= 7 * 3
+            assert all(bm.ref_counts[b] >= 2 for b in prefix[:2])
+            checked = True
+    assert checked
+    # computed once per length: first to group b's longest need (6 + 3), then on to group a's (9 + 5)
+    assert growth == [(0, 9), (9, 5)]
+    assert bm.num_used_blocks == 0
+
+
+def test_request_that_can_never_fit_is_refused_clearly():
+    bm = BlockManager(10, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=10), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    with pytest.raises(ValueError, match="can never fit the KV cache"):
+        sched.add(make_group("big", 20, 1, 10, 0, num_image_tokens=16, seed=0))
+    sched.add(make_group("ok", 3, 1, 2, 0, num_image_tokens=3, seed=0))
+    with pytest.raises(ValueError, match="already in use"):
+        sched.add(make_group("ok", 3, 1, 2, 0, num_image_tokens=3, seed=0))
+
+
+def test_abort_frees_everything_at_any_point():
+    for abort_at in range(0, 12):
+        bm = BlockManager(200, 2)
+        sched = Scheduler(EngineConfig(block_size=2, num_kv_blocks=200), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+        model = FakeModel(bm)
+        sched.add(make_group("a", 5, 3, 4, 0, num_image_tokens=4, seed=1))
+        sched.add(make_group("b", 7, 2, 4, 2, num_image_tokens=4, seed=2))
+        for _ in range(abort_at):
+            if sched.has_unfinished():
+                model.step(sched)
+        if "a" in sched.groups:
+            sched.abort("a")
+        with pytest.raises(KeyError):
+            sched.abort("a")
+        while sched.has_unfinished():
+            model.step(sched)
+        assert bm.num_used_blocks == 0 and bm.ref_counts == [0] * 200
