@@ -113,7 +113,9 @@ def write_result(name: str, args: Any, metrics: dict[str, Any], rows: list[dict[
         "metrics": metrics,
         "rows": rows or [],
     }
-    print_table(f"{name} on {result['env']['device_name']}", rows or [metrics])
+    title = f"{name} on {result['env']['device_name']}"
+    print_table(title, [{"metric": k, "value": v} for k, v in metrics.items()])
+    print_table(f"{title}: per case", rows or [])
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

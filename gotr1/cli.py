@@ -40,15 +40,22 @@ def read_prompt_args(args: argparse.Namespace) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from gotr1.artifacts import save_groups
-    from gotr1.reference import ReferenceGenerator
 
     prompts = read_prompt_args(args)
     bundle = load_from_args(args, args.dtype)
+    settings = {"text_temperature": args.text_temperature, "image_temperature": args.image_temperature,
+                "top_k": args.top_k, "top_p": args.top_p, "cfg_weight": args.cfg_weight,
+                "max_reasoning_tokens": args.max_reasoning_tokens}
     start = time.perf_counter()
-    groups = ReferenceGenerator(bundle).generate(
-        prompts, n=args.n, text_temperature=args.text_temperature, image_temperature=args.image_temperature,
-        top_k=args.top_k, top_p=args.top_p, cfg_weight=args.cfg_weight,
-        max_reasoning_tokens=args.max_reasoning_tokens, seed=args.seed, progress=True)
+    if args.backend == "reference":
+        from gotr1.reference import ReferenceGenerator
+
+        groups = ReferenceGenerator(bundle).generate(prompts, n=args.n, seed=args.seed, progress=True, **settings)
+    else:
+        from engine import LLMEngine, SamplingParams
+
+        params = [SamplingParams(n=args.n, seed=args.seed + i, **settings) for i in range(len(prompts))]
+        groups = LLMEngine(bundle).generate(prompts, params)
     elapsed = time.perf_counter() - start
     total = save_groups(Path(args.out), groups)
     print(f"wrote {total} samples (image, chain, layout) to {args.out} in {elapsed:.2f} s")
@@ -124,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--cfg-weight", type=float, default=5.0)
     gen.add_argument("--max-reasoning-tokens", type=int, default=600)
+    gen.add_argument("--backend", choices=["engine", "reference"], default="engine",
+                     help="our rollout engine, or transformers' generate (the reference)")
     gen.set_defaults(func=cmd_generate)
 
     train = sub.add_parser("train", help="GRPO on the four GoT-R1 rewards (torchrun for several processes)")

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gotr1 import checkpoint as ckpt
+from gotr1.artifacts import save_groups
 from gotr1.config import GRPOConfig
 from gotr1.data import PromptStream
 from gotr1.model import JanusBundle
@@ -136,6 +137,7 @@ class GRPOTrainer(ckpt.Checkpointed):
         share = c.prompts_per_step // self.world
         prompts = global_prompts[self.rank * share:(self.rank + 1) * share]
         groups = self.rollout(prompts, self.rank * share)
+        self._last_groups = groups
         t1 = time.perf_counter()
         matrix = self.rewards(groups)
         t2 = time.perf_counter()
@@ -258,6 +260,8 @@ class GRPOTrainer(ckpt.Checkpointed):
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", step_s=f"{metrics['time/step']:.2f}")
                 if self.on_step is not None:
                     self.on_step(metrics)
+                if c.sample_steps and self.step % c.sample_steps == 0 and self.rank == 0:
+                    save_groups(self.output_dir / "samples" / f"step-{self.step}", self._last_groups[:1])
                 if self.step % c.save_steps == 0 or self.step == end:
                     self.save()
         finally:

@@ -203,6 +203,20 @@ def _dlogits_kernel(logits_ptr, target_ptr, lse_ptr, grad_ptr, stride_row, V, in
         tl.store(base + idx, d.to(logits_ptr.dtype.element_ty), mask=valid)
 
 
+def _logp_rows_torch(logits, target, lse_out, logp_out, inv_temp: float) -> None:
+    """`_logp_kernel` in torch ops, for CPUs (where Triton only interprets): same outputs, fp32."""
+    x = logits.float() * inv_temp
+    lse_out.copy_(torch.logsumexp(x, -1))
+    logp_out.copy_(x.gather(1, target[:, None].long()).squeeze(1) - lse_out)
+
+
+def _dlogits_rows_torch(logits, target, lse, grad, inv_temp: float) -> None:
+    """`_dlogits_kernel` in torch ops: logits <- g * (onehot - softmax(logits / T)) / T, in place."""
+    d = torch.exp(logits.float() * inv_temp - lse[:, None]).neg_()
+    d.scatter_add_(1, target[:, None].long(), torch.ones_like(lse)[:, None])
+    logits.copy_(d.mul_((grad.float() * inv_temp)[:, None]))
+
+
 def _launch_config(vocab: int) -> dict:
     block_v = min(4096, triton.next_power_of_2(vocab))
     return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
@@ -231,7 +245,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target_ids, old_logp, ref_logp, advantages, token_weights, active, beta,
-                eps_low, eps_high, temperature, chunk_rows, need_hidden_grad, need_weight_grad, need_bias_grad):
+                eps_low, eps_high, temperature, chunk_rows, need_hidden_grad, need_weight_grad, need_bias_grad,
+                use_triton):
         bsz, seq, hdim = hidden.shape
         vocab = weight.shape[0]
         h = hidden.reshape(bsz * seq, hdim)
@@ -255,7 +270,10 @@ class _FusedGRPOLoss(torch.autograd.Function):
             logits = h_c @ weight.T if bias is None else torch.addmm(bias, h_c, weight.T)
             lse = torch.empty(rows, dtype=torch.float32, device=h.device)
             logp = torch.empty(rows, dtype=torch.float32, device=h.device)
-            _logp_kernel[(rows,)](logits, tgt, lse, logp, logits.stride(0), vocab, inv_temp, **cfg)
+            if use_triton:
+                _logp_kernel[(rows,)](logits, tgt, lse, logp, logits.stride(0), vocab, inv_temp, **cfg)
+            else:
+                _logp_rows_torch(logits, tgt, lse, logp, inv_temp)
             with torch.enable_grad():
                 lp = logp.detach().requires_grad_()
                 l_tok, _, _ = _per_token_loss(lp, old, ref, adv_tok.index_select(0, idx), beta, eps_low, eps_high)
@@ -266,7 +284,10 @@ class _FusedGRPOLoss(torch.autograd.Function):
             logp_all.index_copy_(0, idx, logp)
             if g is None:
                 continue
-            _dlogits_kernel[(rows,)](logits, tgt, lse, g.contiguous(), logits.stride(0), vocab, inv_temp, **cfg)
+            if use_triton:
+                _dlogits_kernel[(rows,)](logits, tgt, lse, g.contiguous(), logits.stride(0), vocab, inv_temp, **cfg)
+            else:
+                _dlogits_rows_torch(logits, tgt, lse, g, inv_temp)
             if grad_h is not None:
                 grad_h.index_copy_(0, idx, logits @ weight)
             if grad_w is not None:
@@ -287,7 +308,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         dh = None if grad_h is None else (grad_h * scale).view(ctx.hidden_shape)
         dw = None if grad_w is None else grad_w * scale
         db = None if grad_b is None else (grad_b * scale).to(ctx.bias_dtype)
-        return (dh, dw, db) + (None,) * 14
+        return (dh, dw, db) + (None,) * 15
 
 
 def fused_grpo_loss(
@@ -296,6 +317,7 @@ def fused_grpo_loss(
     epsilon_high: float | None = None, loss_type: LossType = "dapo", temperature: float = 1.0,
     max_completion_length: int | None = None, num_items_in_batch: float | None = None,
     bias: torch.Tensor | None = None, token_weights: torch.Tensor | None = None, chunk_size: int | None = None,
+    backend: Literal["auto", "triton", "torch"] = "auto",
 ) -> tuple[torch.Tensor, GRPOLossMetrics]:
     """GRPO loss from hidden `[B, T, H]` and head weight `[V, H]` without materialising the logits.
 
@@ -304,6 +326,8 @@ def fused_grpo_loss(
     `bias` `[V]` is added to the logits (Janus's generation head has one). `token_weights` `[B, T]`, when given,
     replace the `loss_type` reduction: loss = sum over unmasked tokens of w * l, so that a caller can reduce one
     sequence spread over two heads (text and image) as a whole. `metrics.logp` holds the per-token log-probs.
+    `backend`: the two per-row passes over the vocabulary run as Triton kernels (`auto` on CUDA) or as the same
+    chunked algorithm in torch ops (`auto` on CPU, where Triton would only interpret).
     `chunk_size` is the number of active tokens per chunk (default: about 2^27 logits).
     One host sync finds the active tokens and checks their target ids.
     """
@@ -326,6 +350,7 @@ def fused_grpo_loss(
         hidden, weight, bias, target_ids, old_logp, ref_logp, advantages, weights, active, beta, epsilon, eps_high,
         temperature, chunk_rows, grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
+        hidden.is_cuda if backend == "auto" else backend == "triton",
     )
     with torch.no_grad():
         old = None if old_logp is None else torch.where(m, old_logp.float(), 0.0)

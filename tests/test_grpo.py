@@ -26,12 +26,15 @@ def make_trainer(tmp_path, judge=None, **kw) -> GRPOTrainer:
 
 
 def test_mean_reward_rises_on_an_exact_reward(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=12, num_generations=8, learning_rate=1e-2, save_steps=100)
+    trainer = make_trainer(tmp_path, max_steps=12, num_generations=8, learning_rate=1e-2, save_steps=100,
+                           sample_steps=6)
     history = trainer.train()
     rewards = [h["reward/mean"] for h in history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.4, rewards  # the reward is 2 x the share of image tokens below 512, 1.0 at random
     assert (tmp_path / "reward_curves.png").is_file()
+    for step in (6, 12):  # every sample_steps: the first group's images, chains and layout overlays
+        assert len(list((tmp_path / "samples" / f"step-{step}").glob("p000_s*_layout.png"))) == 8
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 12
     for key in ("reward/R_PI_mean", "reward/R_PI_std", "advantage/std", "loss", "grad_norm", "kl",

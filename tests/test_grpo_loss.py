@@ -1,5 +1,7 @@
 """Fused GRPO loss against the eager reference (loss, metrics, both gradients by torch autograd), and the reference
 against TRL's `_compute_loss` written out on full logits."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,15 +101,16 @@ def test_reference_matches_trl(loss_type):
     assert 0 < float(metrics.clip_ratio_low) and 0 < float(metrics.clip_ratio_high)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("shape", [(3, 7, 24, 37), (1, 1, 8, 5), (4, 5, 16, 130)])
 @pytest.mark.usefixtures("poison")
-def test_fused_matches_reference_fp32(shape, loss_type):
+def test_fused_matches_reference_fp32(shape, loss_type, backend):
     b, t, h, v = shape
     hidden, weight, target, old, ref, adv, mask = loss_case(b, t, h, v, seed=b * t)
     args = (target, old, ref, adv, mask)
     f_loss, f_metrics, f_dh, f_dw = run(fused_grpo_loss, hidden, weight, *args, loss_type=loss_type, chunk_size=4,
-                                        **KW)
+                                        backend=backend, **KW)
     r_loss, r_metrics, r_dh, r_dw = run(grpo_loss_reference, hidden, weight, *args, loss_type=loss_type, **KW)
     assert loss_err(f_loss, r_loss, adv) < 1e-5
     assert max_rel_err(f_dh, r_dh) < 1e-5
@@ -118,13 +121,14 @@ def test_fused_matches_reference_fp32(shape, loss_type):
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 @pytest.mark.usefixtures("poison", "gpu_rounding")
-def test_fused_bf16(loss_type, seed):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_bf16(loss_type, seed, backend):
     """bf16 in, bf16 gradients out: the loss within 1e-2 of the eager bf16 reference (a near-cancelling scalar, so
     judged against the same input rounding), the gradients within 1e-2 (norm-wise) of the fp32 reference."""
     hidden, weight, target, old, ref, adv, mask = loss_case(4, 9, 32, 300, dtype=torch.bfloat16, seed=seed)
     args = (target, old, ref, adv, mask)
     f_loss, f_metrics, f_dh, f_dw = run(fused_grpo_loss, hidden, weight, *args, loss_type=loss_type, chunk_size=8,
-                                        **KW)
+                                        backend=backend, **KW)
     assert f_dh.dtype == f_dw.dtype == torch.bfloat16
     e_loss, e_metrics, _, _ = run(grpo_loss_reference, hidden, weight, *args, loss_type=loss_type, **KW)
     _, _, r_dh, r_dw = run(grpo_loss_reference, hidden.float(), weight.float(), *args, loss_type=loss_type, **KW)
@@ -226,7 +230,7 @@ def test_bad_inputs_raise():
 def test_random_shapes(b, t, h, v, chunk, loss_type, temperature, seed):
     hidden, weight, target, old, ref, adv, mask = loss_case(b, t, h, v, seed=seed, temperature=temperature)
     kw = {**KW, "temperature": temperature, "loss_type": loss_type}
-    f = run(fused_grpo_loss, hidden, weight, target, old, ref, adv, mask, chunk_size=chunk, **kw)
+    f = run(fused_grpo_loss, hidden, weight, target, old, ref, adv, mask, chunk_size=chunk, backend="triton", **kw)
     r = run(grpo_loss_reference, hidden, weight, target, old, ref, adv, mask, **kw)
     assert loss_err(f[0], r[0], adv) < 1e-5
     assert max_rel_err(f[2], r[2]) < 1e-5 and max_rel_err(f[3], r[3]) < 1e-5
@@ -237,11 +241,13 @@ def test_bench_reference_forward_backward(benchmark):
     benchmark(run, grpo_loss_reference, hidden, weight, target, old, ref, adv, mask, **KW)
 
 
-def test_bias_and_its_gradient_match_reference():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.usefixtures("poison")
+def test_bias_and_its_gradient_match_reference(backend):
     hidden, weight, target, old, ref, adv, mask = loss_case(seed=5)
     bias = torch.randn(weight.shape[0], device=DEVICE)
     grads = []
-    for fn in (fused_grpo_loss, grpo_loss_reference):
+    for fn in (partial(fused_grpo_loss, backend=backend), grpo_loss_reference):
         h = hidden.detach().clone().requires_grad_()
         w = weight.detach().clone().requires_grad_()
         b = bias.detach().clone().requires_grad_()
