@@ -8,3 +8,10 @@ if not torch.cuda.is_available():
 
 # Tiny models: one intra-op thread beats two (thread hand-off costs more than the math at these sizes).
 torch.set_num_threads(1)
+
+# Property tests draw the same examples on every run (CI must not flake on a newly drawn edge case); the
+# examples still vary across tests and parameters.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("gotr1", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.load_profile("gotr1")
