@@ -1,8 +1,10 @@
 """GoT rollouts: the engine against the transformers reference generator, same weights, same settings.
 
 Each group is one prompt with N samples: exactly R reasoning tokens (min = max, so both sides do identical work),
-the forced `<begin_of_image>`, then all image tokens with CFG. Both sides sample (temperatures 1); `hf_match`
-comes from a separate small greedy run whose tokens must be equal on both sides (it also warms both up).
+the forced `<begin_of_image>`, then all image tokens with CFG. Both sides sample (temperatures 1, no top-k/top-p,
+GoT-R1's recipe) with the same torch thread count; `hf_match` comes from a separate small greedy run whose tokens
+must be equal on both sides (it also warms both up). The timed rollouts alternate engine / transformers, so load
+from other processes on a shared machine hits both alike; each side's figure is its median.
 
 Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
 contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
@@ -14,6 +16,7 @@ by per-operator overhead at the tiny preset).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -39,9 +42,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="timed engine rollouts (median)")
-    parser.add_argument("--hf-repeats", type=int, default=1, help="timed reference rollouts (median)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both sides (default: 1 on cpu, where it is the faster choice "
+                             "for both at the tiny preset; torch's default on cuda)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -78,8 +82,9 @@ def bandwidth_floor(bundle, *, rows: int, prompt_len: int, reasoning: int, bandw
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (None if args.device.startswith("cuda") else 1)
+    if threads:
+        torch.set_num_threads(threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     bundle = load_model(args.preset, dtype=dtype, device=args.device, seed=args.seed)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.groups)]
@@ -89,6 +94,9 @@ def run(args: argparse.Namespace) -> dict:
                           gpu_memory_utilization=0.5)
     engine = LLMEngine(bundle, config)
     reference = ReferenceGenerator(bundle)
+    # transformers fills a top_k left unset with the model's generation config, else its global default of 50;
+    # the reference leaves it unset for top_k=0. 0 in the model's config keeps top-k off on that side too.
+    bundle.model.generation_config.top_k = 0
 
     # Greedy agreement on a short run (also the warm-up of both sides: kernels, CUDA graphs, allocator).
     greedy = dict(n=2, text_temperature=0.0, image_temperature=0.0, cfg_weight=args.cfg, max_reasoning_tokens=8,
@@ -102,12 +110,16 @@ def run(args: argparse.Namespace) -> dict:
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
     engine.peak_used_blocks, engine.num_steps = 0, 0
-    t_engine, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
-                                device=args.device, warmup=0, repeats=args.repeats)
+    engine_times, hf_times = [], []
+    for _ in range(args.repeats):
+        t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
+                             device=args.device, warmup=0, repeats=1)
+        engine_times.append(t)
+        assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
+        hf_times.append(median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
+                                    repeats=1)[0])
+    t_engine, t_hf = statistics.median(engine_times), statistics.median(hf_times)
     steps = engine.num_steps / args.repeats
-    assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
-    t_hf, _ = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
-                          repeats=args.hf_repeats)
 
     prompt_len = max(len(ids) for ids in bundle.encode_prompts(prompts, r))
     tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
@@ -119,12 +131,15 @@ def run(args: argparse.Namespace) -> dict:
         "preset": args.preset, "dtype": str(dtype).removeprefix("torch."), "groups": args.groups, "n": args.n,
         "reasoning_tokens": r, "image_tokens": bundle.num_image_tokens, "cfg_weight": args.cfg,
         "attention_backend": engine.runner.backend.name, "cuda_graphs": engine.runner.use_cuda_graphs,
-        "hf_match": hf_match,
+        "threads": torch.get_num_threads(), "hf_match": hf_match,
         "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
+        "engine_s_runs": engine_times, "hf_s_runs": hf_times,
         "engine_groups_per_s": args.groups / t_engine, "hf_groups_per_s": args.groups / t_hf,
         "engine_tokens_per_s": args.groups * tokens_per_group / t_engine,
         "hf_tokens_per_s": args.groups * tokens_per_group / t_hf,
         "kv_bytes_engine": engine.kv_bytes_used_peak,
+        # The torch backend's contiguous decode workspace (CPU attention), on top of the paged pool.
+        "attention_workspace_bytes": getattr(engine.runner.backend, "peak_workspace_bytes", 0),
         "kv_bytes_contiguous": rows_hf * (prompt_len + r + 1 + bundle.num_image_tokens) * floor["kv_bytes_per_token"],
         "engine_steps": steps, "engine_ms_per_step": engine_ms_per_step,
         "floor_ms_per_step": floor["floor_ms_per_step"],
@@ -141,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},
     ]
     print_table("rollout: KV memory and the decode-step bandwidth floor", [{
-        k: metrics[k] for k in ("kv_bytes_engine", "kv_bytes_contiguous", "kv_ratio", "engine_steps",
+        k: metrics[k] for k in ("threads", "kv_bytes_engine", "attention_workspace_bytes", "kv_bytes_contiguous",
+                                "kv_ratio", "engine_steps",
                                 "engine_ms_per_step", "floor_ms_per_step", "floor_fraction", "preemptions")}])
     return write_result("rollout", args, metrics, rows)

@@ -1,5 +1,5 @@
-"""Attention over the paged KV cache behind one interface: the torch reference (CPU default), our Triton kernels,
-and flash-attn's paged KV path (nano-vllm's choice on GPU).
+"""Attention over the paged KV cache behind one interface: plain torch (CPU default), our Triton kernels, and
+flash-attn's paged KV path (nano-vllm's choice on GPU).
 
 Every backend stores the step's new K/V through the slot mapping first, then attends: decode rows (one new token
 each) through the block tables, prefill rows (new tokens at the end of their context) causally. The step's
@@ -8,7 +8,7 @@ metadata travels in one `AttentionMetadata` (nano-vllm's `Context`) so the model
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,11 +20,13 @@ class AttentionMetadata:
     is_prefill: bool
     slot_mapping: torch.Tensor  # [Ntok] int64, -1 = do not store (CUDA-graph padding)
     context_lens: torch.Tensor  # [B] int32: cached tokens per row after this step's store
-    block_tables: torch.Tensor  # [B, max_blocks] int32
+    block_tables: torch.Tensor | None  # [B, max_blocks] int32; None when the backend said it needs none
     cu_seqlens_q: torch.Tensor | None = None  # [B+1] int32, prefill only
     cu_seqlens_k: torch.Tensor | None = None  # [B+1] int32, prefill only (flash-attn's varlen API)
     max_seqlen_q: int = 1
     max_seqlen_k: int = 0
+    seq_ids: tuple[int, ...] = ()  # each row's `Sequence.seq_id`: lets a backend keep per-row state across steps
+    host_context_lens: list[int] = field(default_factory=list)  # `context_lens` on the host (no device sync)
 
 
 class AttentionBackend:
@@ -45,7 +47,15 @@ class AttentionBackend:
                 scale: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+    def needs_block_tables(self, meta: AttentionMetadata) -> bool:
+        """Whether this step's `meta` must carry block tables (asked before they are built: a flattened table
+        per row is the largest part of a decode step's metadata)."""
+        return True
+
+    def begin_step(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Once per step, before the layers; `kv_cache` is the whole pool `[K/V, layer, block, slot, head, dim]`."""
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q `[Ntok, Hq, D]`, k/v `[Ntok, Hkv, D]` of the step's new tokens -> `[Ntok, Hq, D]`."""
         self.store(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -55,20 +65,131 @@ class AttentionBackend:
 
 
 class TorchBackend(AttentionBackend):
-    """The kernels' torch references: exact fp32 softmax, the oracle every other backend is tested against."""
+    """Plain torch (the CPU default). Prefill uses the kernels' torch reference (exact fp32 softmax, the oracle
+    every backend is tested against). Decode attends through a contiguous fp32 workspace (per layer, keys
+    `[row x kv head, dim, position]`, values `[row x kv head, position, dim]`) that persists across steps: while
+    the decode rows stay the same sequences, in the same order, each one token longer, a step only writes its
+    new K/V into it (the paged cache still gets them too, it stays the source of truth), so a step reads each
+    row's context once per layer and copies nothing. Any other step (new rows, a prefill, a context past the
+    capacity) re-gathers the workspace from the paged cache, all layers at once. A workspace larger than the
+    pool itself counted in fp32 (and than `_WORKSPACE_FLOOR`) is not made: such steps (a large model on CPU)
+    attend through the reference. Cached positions of a `Sequence` never change while it is cached (shared
+    blocks are never written, copy-on-write copies them unchanged), which is what makes the reuse exact.
+    Attention itself is two batched matmuls with the query heads of a KV head as the rows, and an fp32 softmax.
+    """
 
     name = "torch"
+    _CAPACITY_STEP = 256  # workspace positions are allocated in multiples of this, with at least this many spare
+    _WORKSPACE_FLOOR = 64 * 2**20  # bytes a workspace may always take, whatever the pool's size
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None  # [layers, rows * kv heads, head_dim, capacity] fp32 (keys transposed)
+        self._v: torch.Tensor | None = None  # [layers, rows * kv heads, capacity, head_dim] fp32
+        self._seq_ids: tuple[int, ...] = ()  # the rows the workspace holds, in order
+        self._lens: list[int] = []  # positions each row holds
+        self._key_index: torch.Tensor | None = None  # this step's new-token position per (row x head, dim)
+        self._write: torch.Tensor | None = None  # ... and its flat offset into a layer's values
+        self._row_offsets: torch.Tensor | None = None  # where each (row, kv head) starts in a layer's values
+        self._mask: torch.Tensor | None = None  # [rows * kv heads, 1, T] additive, None when every row has T
+        self._width = 0  # T: this step's longest context
+        self.peak_workspace_bytes = 0
 
     def store(self, key, value, k_cache, v_cache, slot_mapping):
-        kv_cache.store_kvcache_reference(key, value, k_cache, v_cache, slot_mapping)
+        """`store_kvcache_reference` without its padding filter: this backend is never graph-captured, so every
+        slot is a real one (`index_copy_` still rejects any outside the pool)."""
+        for src, cache in ((key, k_cache), (value, v_cache)):
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, src.to(cache.dtype))
+
+    def prefill(self, q, k_cache, v_cache, meta, scale):
+        return paged_attention.paged_prefill_attention_reference(q, k_cache, v_cache, meta.block_tables,
+                                                                 meta.cu_seqlens_q, meta.context_lens, scale=scale)
+
+    # ------------------------------------------------------------------------------------------------ workspace
+    def _continues(self, meta: AttentionMetadata) -> bool:
+        """The workspace holds this step's rows up to (not including) their new token, with room for it."""
+        return (self._k is not None and meta.seq_ids == self._seq_ids
+                and max(meta.host_context_lens) <= self._k.shape[3]
+                and all(c == n + 1 for c, n in zip(meta.host_context_lens, self._lens)))
+
+    def needs_block_tables(self, meta):
+        return meta.is_prefill or not self._continues(meta)
+
+    def begin_step(self, kv_cache, meta):
+        if meta.is_prefill:  # prefill reads the paged cache; the next decode step re-gathers
+            self._seq_ids, self._lens = (), []
+            return
+        if not self._continues(meta):
+            self._k = self._v = None
+            if self._workspace_bytes(kv_cache, meta) > max(kv_cache.numel() * 4, self._WORKSPACE_FLOOR):
+                self._seq_ids, self._lens = (), []  # too big (a large model on CPU): read the pool each step
+                return
+            self._gather(kv_cache, meta)
+        lens = meta.host_context_lens
+        heads, dim = kv_cache.shape[4], kv_cache.shape[5]
+        self._lens = list(lens)
+        self._width = width = max(lens)
+        # The new token's position, per row x kv head.
+        position = torch.tensor([c - 1 for c in lens for _ in range(heads)], device=kv_cache.device)
+        self._key_index = position.view(-1, 1, 1).expand(-1, dim, 1)
+        self._write = self._row_offsets + position
+        self._mask = None
+        if min(lens) != width:
+            past = torch.arange(width, device=kv_cache.device) >= meta.context_lens[:, None]
+            mask = torch.zeros(past.shape, dtype=torch.float32, device=kv_cache.device).masked_fill_(past, -torch.inf)
+            self._mask = mask.repeat_interleave(heads, 0)[:, None]
+
+    def _capacity(self, meta: AttentionMetadata) -> int:
+        return (max(meta.host_context_lens) // self._CAPACITY_STEP + 2) * self._CAPACITY_STEP
+
+    def _workspace_bytes(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> int:
+        """fp32 K + V of every layer for the step's rows at the capacity a gather would give them."""
+        _, layers, _, _, heads, dim = kv_cache.shape
+        return 2 * layers * len(meta.host_context_lens) * heads * dim * self._capacity(meta) * 4
+
+    def _gather(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Rebuild the workspace from the paged cache: every row's positions before its new token, all layers."""
+        _, layers, _, block_size, heads, dim = kv_cache.shape
+        rows, held = len(meta.host_context_lens), [c - 1 for c in meta.host_context_lens]
+        capacity = self._capacity(meta)
+        dev = kv_cache.device
+        keys = torch.zeros((layers, rows, heads, dim, capacity), dtype=torch.float32, device=dev)
+        values = torch.zeros((layers, rows, heads, capacity, dim), dtype=torch.float32, device=dev)
+        longest = max(held)
+        if longest:
+            nblk = -(-longest // block_size)
+            table = meta.block_tables[:, :nblk].long().reshape(-1)
+            kv = kv_cache.index_select(2, table).view(2, layers, rows, nblk * block_size, heads, dim)[:, :, :, :longest]
+            # Slots past a row's context hold whatever the pool had there: zero, as attention multiplies them by 0.
+            past = torch.arange(longest, device=dev) >= torch.tensor(held, device=dev)[:, None]
+            kv = kv.masked_fill(past[:, :, None, None], 0)
+            keys[..., :longest].copy_(kv[0].permute(0, 1, 3, 4, 2))
+            values[:, :, :, :longest].copy_(kv[1].permute(0, 1, 3, 2, 4))
+        self._row_offsets = torch.arange(0, rows * heads * capacity, capacity, device=dev)
+        self._k = keys.view(layers, rows * heads, dim, capacity)
+        self._v = values.view(layers, rows * heads, capacity, dim)
+        self._seq_ids = meta.seq_ids
+        self.peak_workspace_bytes = max(self.peak_workspace_bytes, 2 * keys.numel() * keys.element_size())
 
     def decode(self, q, k_cache, v_cache, meta, scale):
         return paged_attention.paged_decode_attention_reference(q, k_cache, v_cache, meta.block_tables,
                                                                 meta.context_lens, scale=scale)
 
-    def prefill(self, q, k_cache, v_cache, meta, scale):
-        return paged_attention.paged_prefill_attention_reference(q, k_cache, v_cache, meta.block_tables,
-                                                                 meta.cu_seqlens_q, meta.context_lens, scale=scale)
+    def forward(self, layer, q, k, v, k_cache, v_cache, meta, scale):
+        if meta.is_prefill or self._k is None:
+            return super().forward(layer, q, k, v, k_cache, v_cache, meta, scale)
+        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+        rows, num_q_heads, dim = q.shape
+        kw, vw = self._k[layer], self._v[layer]  # [rows * kv heads, dim, capacity], [rows * kv heads, capacity, dim]
+        kw.scatter_(2, self._key_index, k.reshape(kw.shape[0], dim, 1).float())
+        vw.view(-1, dim).index_copy_(0, self._write, v.reshape(-1, dim).float())
+        width = self._width
+        qg = (q.float() * scale).view(kw.shape[0], -1, dim)  # [rows * kv heads, query heads per kv head, dim]
+        if self._mask is None:
+            scores = torch.bmm(qg, kw[:, :, :width])
+        else:
+            scores = torch.baddbmm(self._mask, qg, kw[:, :, :width])
+        out = torch.bmm(torch.softmax(scores, dim=-1), vw[:, :width])
+        return out.view(rows, num_q_heads, dim).to(q.dtype)
 
 
 class TritonBackend(AttentionBackend):

@@ -16,7 +16,7 @@ class EngineConfig:
     `max_num_seqs` bounds the rows of one step (an image-phase sample is two rows: conditional + unconditional);
     `max_num_batched_tokens` bounds the tokens of one prefill step (a single prefill larger than that runs alone).
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
-    else the torch reference. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
+    else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
 
     block_size: int = 16

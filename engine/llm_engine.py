@@ -70,6 +70,14 @@ class LLMEngine:
         """Drop an unfinished request and free its KV blocks."""
         self.scheduler.abort(request_id)
 
+    def progress(self, request_id: str) -> list[tuple[list[int], int]]:
+        """Per sample of an unfinished request: its reasoning ids so far (ending with `<begin_of_image>` once the
+        image phase began) and its image-token count, so a server can stream a request before it finishes."""
+        group = self.scheduler.groups.get(request_id)
+        if group is None:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        return [(s.reasoning_ids, s.num_image_tokens) for s in group.samples]
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

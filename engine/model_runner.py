@@ -1,11 +1,12 @@
 """Runs Janus's language model over a scheduled batch, on the model's own modules, through the paged KV cache.
 
-Nothing is copied out of the model: every step calls the model's modules (`input_layernorm`, `q/k/v/o_proj`,
-`mlp`, ...), so a peft-wrapped projection applies its LoRA inline and an optimizer step is seen by the next
-forward. What Janus adds over a Llama: a row's input embedding depends on the token's modality (text:
-`embed_tokens`; image: generation embeddings + aligner), and its output head on the row's phase (text:
-`lm_head` over the text vocabulary; image: `generation_head` over the codebook). Heads run on each row's last
-position only. RoPE cos/sin come from the model's own rotary module, tabulated once for every position.
+Nothing is copied out of the model: every step calls the model's modules (`q/k/v/o_proj`, `mlp`, heads, ...), so
+a peft-wrapped projection applies its LoRA inline and an optimizer step is seen by the next forward (plain fp32
+RMSNorms run as `F.rms_norm` on the module's own weight: the same bits as the module, one op instead of five).
+What Janus adds over a Llama: a row's input embedding depends on the token's modality (text: `embed_tokens`;
+image: generation embeddings + aligner), and its output head on the row's phase (text: `lm_head` over the text
+vocabulary; image: `generation_head` over the codebook). Heads run on each row's last position only. RoPE cos/sin
+come from the model's own rotary module, tabulated once for every position.
 
 On CUDA with a graph-safe backend, decode steps replay CUDA graphs of the whole layer stack captured per
 batch-size bucket (padding rows store to slot -1 and attend to nothing); embeddings, heads and sampling stay
@@ -14,8 +15,9 @@ outside the graph. Graphs are recaptured when the model's modules or adapter sta
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import JanusForConditionalGeneration
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
@@ -55,7 +57,10 @@ class ModelRunner:
         # [K/V, layer, block, slot, kv head, head dim]: each layer's K and V are flash-attn's paged NHD layout.
         self.kv_cache = torch.empty((2, self.num_layers, self.num_kv_blocks, self.block_size, self.num_kv_heads,
                                      self.head_dim), dtype=self.dtype, device=self.device)
-        self.cos, self.sin = self._rope_tables()
+        self.cos, sin = self._rope_tables()
+        half = self.head_dim // 2
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], 1)
+        self.rope_perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
         self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
                                 and self.backend.graph_safe)
         self.graph_sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs]
@@ -76,6 +81,13 @@ class ModelRunner:
         if self.rotary_emb.rope_type in ("dynamic", "longrope"):
             raise NotImplementedError(f"rope_type {self.rotary_emb.rope_type!r} depends on the sequence length; "
                                       "the engine tabulates RoPE once")
+        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms.append(self.final_norm)
+        # transformers' RMSNorm is five ops; `F.rms_norm` is one and, in fp32, gives the same bits. Anything else
+        # (another class, a hook, 16-bit, where transformers rounds in between) runs the module itself.
+        self.fused_norms = janus.dtype == torch.float32 and all(
+            type(m) is LlamaRMSNorm and m.weight.dtype == torch.float32
+            and not (m._forward_hooks or m._forward_pre_hooks) for m in norms)
         adapters = tuple((id(m), bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
                           tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters)
@@ -109,13 +121,14 @@ class ModelRunner:
         return cos[0], sin[0]
 
     # ------------------------------------------------------------------------------------------------ forward
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Forward the batch; returns (text logits per `text_rows`, conditional and unconditional image logits
         per pair), in the model's dtype."""
         if batch.copies:
             self._copy_blocks(batch.copies)
         ids, positions, image_mask, meta, last = self._prepare(batch)
+        self.backend.begin_step(self.kv_cache, meta)
         h = self._embed(ids, image_mask)
         if self.use_cuda_graphs and not meta.is_prefill and len(batch.seqs) <= self.graph_sizes[-1]:
             h = self._replay(h, positions, meta)
@@ -125,9 +138,10 @@ class ModelRunner:
             h = h.index_select(0, last)
         text = cond = uncond = None
         if batch.text_rows:
-            text = self.lm_head(self.final_norm(self._rows(h, batch.text_rows)))
+            text = self.lm_head(self._norm(self.final_norm, self._rows(h, batch.text_rows)))
         if batch.image_samples:
-            logits = self.generation_head(self.final_norm(self._rows(h, batch.cond_rows + batch.uncond_rows)))
+            rows = self._rows(h, batch.cond_rows + batch.uncond_rows)
+            logits = self.generation_head(self._norm(self.final_norm, rows))
             cond, uncond = logits.split(len(batch.image_samples))
         return text, cond, uncond
 
@@ -138,38 +152,46 @@ class ModelRunner:
 
     def _prepare(self, batch: ScheduledBatch):
         """Step metadata from the rows, built in Python and sent as two tensors (int64 per token, int32 per row:
-        context lengths + padded block tables): per-step host overhead is what bounds small models."""
+        context lengths + padded block tables, the latter only when the backend needs them): per-step host
+        overhead is what bounds small models. A decode step (one token per row) takes a loop-free path."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        image: list[bool] = []
-        context_lens: list[int] = []
-        for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
-            table, end = seq.block_table, start + q
-            if q == 1:
-                ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-                image.append(start >= seq.image_start)
-            else:
+        seqs, starts = batch.seqs, batch.starts
+        if batch.is_prefill:
+            ids: list[int] = []
+            positions: list[int] = []
+            slots: list[int] = []
+            image: list[bool] = []
+            for seq, start, q in zip(seqs, starts, batch.query_lens):
+                table, end = seq.block_table, start + q
                 ids += seq.token_ids[start:end]
                 positions += range(start, end)
                 slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
                 image += [p >= seq.image_start for p in range(start, end)]
-            context_lens.append(end)
-        num_rows, num_tokens = len(batch.seqs), len(ids)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        per_row = list(context_lens)
-        for seq in batch.seqs:
-            per_row += seq.block_table
-            per_row += [0] * (width - len(seq.block_table))
+            context_lens = [s + q for s, q in zip(starts, batch.query_lens)]
+        else:
+            ids = [seq.token_ids[p] for seq, p in zip(seqs, starts)]
+            positions = starts
+            slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, starts)]
+            image = [p >= seq.image_start for seq, p in zip(seqs, starts)]
+            context_lens = [p + 1 for p in starts]
+        num_rows, num_tokens = len(seqs), len(ids)
         dev = self.device
-        per_row = torch.tensor(per_row, dtype=torch.int32, device=dev)
         per_token = torch.tensor(ids + positions + slots, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=per_token[2 * num_tokens:],
-                                 context_lens=per_row[:num_rows],
-                                 block_tables=per_row[num_rows:].view(num_rows, width))
+                                 context_lens=None, block_tables=None, seq_ids=tuple(s.seq_id for s in seqs),
+                                 host_context_lens=context_lens)
+        per_row = context_lens
+        width = 0
+        if self.backend.needs_block_tables(meta):
+            width = max(len(seq.block_table) for seq in seqs)
+            per_row = list(context_lens)
+            for seq in seqs:
+                per_row += seq.block_table
+                per_row += [0] * (width - len(seq.block_table))
+        per_row = torch.tensor(per_row, dtype=torch.int32, device=dev)
+        meta.context_lens = per_row[:num_rows]
+        if width:
+            meta.block_tables = per_row[num_rows:].view(num_rows, width)
         last = None
         if batch.is_prefill:
             cu_q, cu_k = [0], [0]
@@ -197,23 +219,31 @@ class ModelRunner:
         return h
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The decoder stack on packed tokens `h [Ntok, hidden]` (the final norm is left to the heads)."""
+        """The decoder stack on packed tokens `h [Ntok, hidden]` (the final norm is left to the heads).
+
+        RoPE runs once per layer on q and k together: `x cos + rotate_half(x) sin` as `x cos + x[perm] sin'`
+        (`sin'` = sin with its first half negated), the same products and sum as transformers', so bit-equal."""
         n, d = h.shape[0], self.head_dim
         cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
+            x = self._norm(layer.input_layernorm, h)
             q = attn.q_proj(x).view(n, -1, d)
-            k = attn.k_proj(x).view(n, -1, d)
+            qk = torch.cat([q, attn.k_proj(x).view(n, -1, d)], 1)
+            qk = qk * cos + qk.index_select(2, self.rope_perm) * sin
+            q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
             v = attn.v_proj(x).view(n, -1, d)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            o = self.backend.forward(q, k, v, k_cache[i], v_cache[i], meta, self.scale)
+            o = self.backend.forward(i, q, k, v, k_cache[i], v_cache[i], meta, self.scale)
             h = h + attn.o_proj(o.reshape(n, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
         return h
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_norms:
+            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        return norm(x)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: whole blocks, every layer, K and V. One gather unless a copy reads another's target."""

@@ -17,20 +17,30 @@ class Sampler:
     def __init__(self, boi_id: int, device: torch.device):
         self.boi_id = boi_id
         self.device = device
+        # Per phase: the samples of the last step and their fixed settings as tensors. Consecutive decode steps
+        # usually sample the same rows, so only the counters (token positions) are sent again.
+        self._fixed: dict[bool, tuple[tuple[Sample, ...], dict[str, torch.Tensor]]] = {}
 
     def _settings(self, samples: list[Sample], image: bool) -> dict[str, torch.Tensor]:
-        """The rows' settings as tensors, built with two host-to-device copies (one float, one int)."""
-        floats, ints = [], []
-        for s in samples:
-            p = s.group.params
-            floats.append((p.cfg_weight if image else 1.0, p.image_temperature if image else p.text_temperature,
-                           p.top_p))
-            ints.append((p.top_k, s.key, len(s.cond)))
-        cfg_weight, temperature, top_p = torch.tensor(floats, dtype=torch.float32, device=self.device).T
-        top_k, seeds, counters = torch.tensor(ints, dtype=torch.int64, device=self.device).T
-        return dict(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                    counters=counters)
+        """The rows' settings as tensors: the fixed ones (two host-to-device copies, one float, one int) when the
+        rows changed since the last step of this phase, and the counters."""
+        rows = tuple(samples)
+        cached = self._fixed.get(image)
+        if cached is None or cached[0] != rows:
+            floats, ints = [], []
+            for s in samples:
+                p = s.group.params
+                floats.append((p.cfg_weight if image else 1.0,
+                               p.image_temperature if image else p.text_temperature, p.top_p))
+                ints.append((p.top_k, s.key))
+            cfg_weight, temperature, top_p = torch.tensor(floats, dtype=torch.float32, device=self.device).T
+            top_k, seeds = torch.tensor(ints, dtype=torch.int64, device=self.device).T
+            cached = self._fixed[image] = rows, dict(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k,
+                                                     top_p=top_p, seeds=seeds)
+        counters = torch.tensor([len(s.cond) for s in samples], dtype=torch.int64, device=self.device)
+        return dict(cached[1], counters=counters)
 
+    @torch.inference_mode()
     def sample_text(self, logits: torch.Tensor, samples: list[Sample]) -> tuple[list[int], list[float]]:
         """One reasoning token per row. `<begin_of_image>` is banned below `min_reasoning_tokens` and forced at
         `max_reasoning_tokens`; the log-prob reported for those rows is still the policy's own,
@@ -56,6 +66,7 @@ class Sampler:
         tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one device sync
         return [int(t) for t in tokens], logprobs
 
+    @torch.inference_mode()
     def sample_image(self, cond: torch.Tensor, uncond: torch.Tensor,
                      samples: list[Sample]) -> tuple[list[int], list[float], list[float]]:
         """One image token per CFG pair, sampled from `u + w (c - u)`; log-probs on both cond and mixed logits."""

@@ -113,6 +113,23 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.config import EngineConfig
+    from gotr1.serving import ServerConfig, load_adapter, serve
+
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    bundle = load_from_args(args, args.dtype or ("bfloat16" if cuda else "float32"))
+    if args.adapter:
+        load_adapter(bundle, args.adapter)
+    engine_config = EngineConfig(**{k: v for k, v in (("block_size", args.block_size),
+                                                      ("num_kv_blocks", args.num_kv_blocks)) if v is not None})
+    serve(bundle, host=args.host, port=args.port, engine_config=engine_config,
+          config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gotr1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--export", metavar="DIR", help="where the merged model goes (default OUTPUT_DIR/final)")
     add_config_args(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
+
+    srv = sub.add_parser("serve", help="HTTP server: POST /v1/generate (JSON or SSE), GET /health, GET /metrics")
+    add_model_args(srv)
+    srv.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter directory, merged into the model")
+    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="default: bfloat16 on cuda, float32 on cpu")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-n", type=int, default=16, help="most samples one request may ask for")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests in flight at once; more get 429")
+    srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: sized to memory)")
+    srv.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default: engine's)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

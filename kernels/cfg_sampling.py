@@ -116,18 +116,57 @@ def _gumbel(uniforms: Tensor) -> Tensor:
     return (-torch.log(-torch.log(uniforms.double()))).float()
 
 
+@functools.cache
+def _philox_constants(device: torch.device) -> tuple[Tensor, Tensor]:
+    """(the two multipliers as a [2] tensor, round r's key increments r * (W0, W1) as [10, 2]) on `device`."""
+    mul = torch.tensor(_PHILOX_M, dtype=torch.int64, device=device)
+    steps = torch.arange(10, dtype=torch.int64, device=device)[:, None] * torch.tensor(_PHILOX_W, device=device)
+    return mul, steps
+
+
+def _philox_gumbel(seeds: Tensor, counters: Tensor, groups: Tensor) -> Tensor:
+    """`_gumbel` of `_philox_group_uniforms(seeds, counters, groups)`, [..., 4], bit for bit, in far fewer torch
+    ops: the sampling hot path of every decode step runs it over each row's whole vocabulary.
+
+    The two multiply lanes (c0 * M0, c2 * M1) run as one [2, ...] tensor. A 32 x 32-bit product is one int64
+    multiply: it may wrap past 2^63, but two's complement keeps the low 64 bits, so `p >> 32` has the high word in
+    its low 32 bits and `p` itself the low word, each with junk above bit 31. Words are masked only where junk
+    would matter: the next multiplier operands (c0, c2) every round, and the 23 drawn bits at the end.
+    The three inputs broadcast and have the same number of dimensions; broadcast dimensions should be outer ones
+    (e.g. groups `[G, 1]`, seeds `[1, R]`): torch's elementwise loops are slow when the innermost one broadcasts.
+    """
+    mul, steps = _philox_constants(seeds.device)
+    shape = tuple(max(sizes) for sizes in zip(seeds.shape, counters.shape, groups.shape))  # same ndim given
+    lead = (1,) * len(shape)
+    keys = torch.stack([seeds & _MASK32, (seeds >> 32) & _MASK32]).view(1, 2, *seeds.shape)
+    keys = (keys + steps.view(10, 2, *lead)) & _MASK32
+    lanes = torch.empty((2, *shape), dtype=torch.int64, device=seeds.device)  # (c0, c2)
+    lanes[0] = groups
+    lanes[1] = (counters >> 32) & _MASK32
+    words = torch.stack([counters & _MASK32, torch.zeros_like(counters)])  # (c1, c3)
+    mul = mul.view(2, *lead)
+    for r in range(10):
+        product = lanes.mul_(mul).flip(0)  # (c2 * M1, c0 * M0): low words are the next (c1, c3)
+        lanes = ((product >> 32) ^ words).bitwise_xor_(keys[r]).bitwise_and_(_MASK32)
+        words = product
+    bits = torch.stack([lanes[0], words[0], lanes[1], words[1]], dim=-1)
+    odd = (bits >> 8).bitwise_or_(1).bitwise_and_(0xFFFFFF)  # (x >> 9) * 2 + 1, as in `philox_uniforms`
+    return odd.double().mul_(2.0**-24).log_().neg_().log_().neg_().float()
+
+
 def _sampling_keys(s: Tensor, keep: Tensor | None, seeds: Tensor, counters: Tensor) -> Tensor:
     """s + Gumbel noise on kept tokens, -inf elsewhere; Philox runs only for 4-token groups with a kept token,
     which the filters usually make a small fraction."""
     rows, vocab = s.shape
+    seeds, counters = seeds.to(torch.int64), counters.to(torch.int64)
     if keep is None:
-        return s + _gumbel(philox_uniforms(seeds, counters, vocab))
+        groups = torch.arange((vocab + 3) // 4, device=s.device, dtype=torch.int64)
+        noise = _philox_gumbel(seeds[None, :], counters[None, :], groups[:, None])  # [G, R, 4]
+        return s + noise.transpose(0, 1).reshape(rows, -1)[:, :vocab]
     padded = torch.nn.functional.pad(keep, (0, (-vocab) % 4))
     row, group = padded.view(rows, -1, 4).any(-1).nonzero(as_tuple=True)
-    seeds, counters = seeds.to(torch.int64), counters.to(torch.int64)
-    uniforms = _philox_group_uniforms(seeds[row], counters[row], group)  # [N, 4]
     noise = torch.zeros(rows, padded.shape[1], dtype=torch.float32, device=s.device)
-    noise.view(rows, -1, 4)[row, group] = _gumbel(uniforms)
+    noise.view(rows, -1, 4)[row, group] = _philox_gumbel(seeds[row], counters[row], group)
     return (s + noise[:, :vocab]).masked_fill(~keep, -math.inf)
 
 
@@ -333,9 +372,15 @@ def cfg_sample_torch(cond_logits: Tensor, uncond_logits: Tensor | None, *, cfg_w
         masked = s if keep is None else s.masked_fill(~keep, -math.inf)
         keep_p = top_p_mask(torch.softmax(masked, dim=-1), torch.where(filter_p, top_p.float(), 1.0))
         keep = keep_p if keep is None else keep & keep_p
-    keys = s
-    if not bool(greedy.all()):
-        keys = torch.where(greedy[:, None], s, _sampling_keys(s, keep, seeds, counters))
+    sampled = (~greedy).nonzero().squeeze(1)  # Philox runs for these rows only
+    if sampled.numel() == rows > 0:
+        keys = _sampling_keys(s, keep, seeds, counters)
+    else:
+        keys = s
+        if sampled.numel():
+            part = _sampling_keys(s.index_select(0, sampled), None if keep is None else keep.index_select(0, sampled),
+                                  seeds.index_select(0, sampled), counters.index_select(0, sampled))
+            keys = s.index_copy(0, sampled, part)
     tokens = keys.argmax(dim=-1)
     mixed_logprobs = torch.log_softmax(s, dim=-1).gather(1, tokens[:, None])[:, 0]
     if uncond_logits is None:

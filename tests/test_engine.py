@@ -246,7 +246,10 @@ def test_lora_weight_updates_reach_the_next_rollout():
 
 
 def test_triton_backend_equals_torch_backend(tiny):
-    """Our Triton paged kernels (interpreted on CPU) behind the same engine give the same rollout."""
+    """Our Triton paged kernels (compiled on a GPU, interpreted on CPU) behind the same engine give the same
+    rollout; on a GPU both backends run there (Triton cannot read CPU tensors once compiled)."""
+    if torch.cuda.is_available():
+        tiny = build_preset("tiny", image_size=64, device="cuda")
     params = SamplingParams(n=2, max_reasoning_tokens=3, seed=1, decode_images=False)
     outs = [LLMEngine(tiny, EngineConfig(num_kv_blocks=100, block_size=16, attention_backend=backend))
             .generate(PROMPTS[1:], params, use_tqdm=False)[0] for backend in ("torch", "triton")]

@@ -288,7 +288,9 @@ def test_save_and_load_round_trip(judge, tmp_path):
     save_judge(judge, tmp_path)
     loaded = load_qwen_judge(tmp_path, judge.config)
     samples = _samples(2)
-    assert torch.equal(loaded.score(samples).as_matrix(), judge.score(samples).as_matrix())
+    # equal up to kernel choice: the loaded model may pick another attention implementation on some builds
+    torch.testing.assert_close(loaded.score(samples).as_matrix(), judge.score(samples).as_matrix(), rtol=0,
+                               atol=1e-6)
     assert make_qwen_judge(str(tmp_path), judge.config).digit_ids == judge.digit_ids
 
 

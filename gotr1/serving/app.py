@@ -1,0 +1,347 @@
+"""The HTTP server: FastAPI in front of one `LLMEngine` that batches every concurrent request continuously.
+
+Routes: `POST /v1/generate` (JSON, or server-sent events with `"stream": true`), `GET /health`, `GET /metrics`.
+Handlers never touch the engine: they validate, hand a `Job` to the engine thread (`worker.py`) and await its
+events. A request holds one of `max_queue` in-flight slots from admission to its answer; a client that
+disconnects releases its slot and aborts its engine request, which frees its KV blocks before the next step.
+Images are VQ-decoded (and PNG-encoded) on a decoder thread, not inside an engine step: a group's decode would
+otherwise stall every other request's tokens for its duration (about 0.85 s per 384 px image for the tiny preset
+on one CPU thread).
+"""
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import secrets
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from gotr1.model import JanusBundle
+from gotr1.serving.metrics import ServerMetrics
+from gotr1.serving.responses import IMAGE_PARTS, RETURNABLE, StreamState, encode_images, response_json, sse
+from gotr1.serving.worker import EngineWorker, FailedEvent, FinishedEvent, Job, TokensEvent
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Admission limits. `max_queue` bounds the requests in flight (queued or running); the next gets 429."""
+
+    max_n: int = 16
+    max_queue: int = 64
+    max_prompt_chars: int = 2000
+    default_max_reasoning_tokens: int = 600
+
+    def __post_init__(self) -> None:
+        for name in ("max_n", "max_queue", "max_prompt_chars"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.default_max_reasoning_tokens < 0:
+            raise ValueError(f"default_max_reasoning_tokens must be >= 0, got {self.default_max_reasoning_tokens}")
+
+
+def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
+    """The `POST /v1/generate` body, with this server's bounds (strict types: `"3"`, `true` or `1.5` is not an
+    int; NaN and infinities are refused; unknown fields are refused)."""
+    reasoning_limit = bundle.max_positions - 2 - bundle.num_image_tokens  # BOS + BOI + image tokens fit
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+        prompt: str = Field(min_length=1, max_length=config.max_prompt_chars)
+        n: int = Field(1, ge=1, le=config.max_n)
+        seed: int | None = Field(None, ge=0, lt=2**63)
+        cfg_weight: float = Field(5.0, ge=0)
+        text_temperature: float = Field(1.0, ge=0)
+        image_temperature: float = Field(1.0, ge=0)
+        top_k: int = Field(0, ge=0)
+        top_p: float = Field(1.0, gt=0, le=1)
+        max_reasoning_tokens: int = Field(min(config.default_max_reasoning_tokens, reasoning_limit), ge=0,
+                                          le=reasoning_limit)
+        min_reasoning_tokens: int = Field(0, ge=0)
+        returns: list[Literal[RETURNABLE]] = Field(["chain", "boxes", "image"], alias="return", min_length=1)
+        stream: bool = False
+
+        @field_validator("prompt")
+        @classmethod
+        def _not_blank(cls, prompt: str) -> str:
+            if not prompt.strip():
+                raise ValueError("the prompt is blank")
+            return prompt
+
+    return GenerateRequest
+
+
+def load_adapter(bundle: JanusBundle, path: str | Path) -> None:
+    """Apply a peft LoRA adapter directory to the bundle's model, merged into the base weights: a server never
+    updates them, so no step should pay LoRA's extra matmuls."""
+    from peft import PeftModel
+
+    path = Path(path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a peft adapter directory (no adapter_config.json)")
+    bundle.model = PeftModel.from_pretrained(bundle.model, str(path)).merge_and_unload().eval()
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _Lease:
+    """A request's in-flight slot, released exactly once (answer, failure or disconnect); releasing it before
+    the engine finished the request aborts it there."""
+
+    def __init__(self, server: "GoTServer", job: Job):
+        self.server, self.job = server, job
+        self.finished = self.released = False
+        server.in_flight += 1
+        server.metrics.in_flight.set(server.in_flight)
+        self.watcher: asyncio.Task | None = None
+
+    def watch(self, request: Request) -> None:
+        """Release when the client disconnects (read from the ASGI receive channel, the body being consumed)."""
+        async def until_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.release()
+
+        self.watcher = asyncio.create_task(until_disconnect())
+
+    def release(self) -> None:
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
+        if self.released:
+            return
+        self.released = True
+        self.server.in_flight -= 1
+        self.server.metrics.in_flight.set(self.server.in_flight)
+        if not self.finished:
+            self.server.worker.cancel(self.job)
+
+
+class GoTServer:
+    """The engine, its thread, the metrics and the FastAPI app (`.app`) that serves them."""
+
+    def __init__(self, bundle: JanusBundle, engine_config: EngineConfig | None = None,
+                 config: ServerConfig | None = None):
+        self.config = config or ServerConfig()
+        bundle.model.eval()
+        self.bundle = bundle
+        self.engine = LLMEngine(bundle, engine_config)
+        self._warm_up()
+        self.metrics = ServerMetrics(self.engine.block_manager.num_blocks)
+        self.worker = EngineWorker(self.engine, self.metrics)
+        self.decoder = ThreadPoolExecutor(1, thread_name_prefix="gotr1-decode")  # one decode at a time
+        # Streams detokenize on the event loop: with their own tokenizer, never borrowed by the engine thread.
+        self.stream_bundle = dataclasses.replace(bundle, tokenizer=copy.deepcopy(bundle.tokenizer))
+        self.in_flight = 0
+        self.app = self._build_app()
+
+    def _warm_up(self) -> None:
+        """One request through the engine and the image decoder before serving: kernels compile and CUDA graphs
+        are captured now, never while the decoder thread runs beside the engine (a capture must run alone)."""
+        [out] = self.engine.generate(["warm up"], SamplingParams(n=1, max_reasoning_tokens=1, decode_images=False),
+                                     use_tqdm=False)
+        self.bundle.decode_images(out.samples[0].image_tokens[None])
+
+    def _images(self, output, returns: list[str]) -> list[dict[str, str]]:
+        """The decoder thread's work for one finished request: VQ-decode its samples, encode the PNGs."""
+        tokens = torch.stack([s.image_tokens for s in output.samples])
+        return encode_images(output, self.bundle.decode_images(tokens), returns)
+
+    async def _decode(self, job: Job, event: FinishedEvent, returns: list[str] | None):
+        """(per-sample PNGs, or None without `returns`; timing). The time to image is taken once the PNGs exist."""
+        images = None
+        if returns is not None:
+            images = await asyncio.get_running_loop().run_in_executor(self.decoder, self._images, event.output,
+                                                                      returns)
+        done = time.perf_counter() - job.arrival
+        self.metrics.time_to_image.observe(done)
+        return images, {"time_to_first_token_s": event.time_to_first_token_s,
+                        "time_to_last_token_s": event.time_to_last_token_s, "time_to_image_s": done}
+
+    def health(self) -> dict:
+        m = self.metrics
+        return {"status": "ok" if self.worker.alive else "engine stopped", "model": self.bundle.name,
+                "queue_depth": int(m.queue_depth.get()), "running_groups": int(m.running_groups.get()),
+                "in_flight": self.in_flight, "kv_blocks_used": int(m.kv_blocks_used.get()),
+                "kv_blocks_free": int(m.kv_blocks_free.get()), "kv_blocks_total": int(m.kv_blocks_total.get())}
+
+    def _build_app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(app: FastAPI):
+            self.worker.start()
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(self.worker.stop)
+                self.decoder.shutdown(wait=False, cancel_futures=True)
+
+        app = FastAPI(title="gotr1", description=__doc__, lifespan=lifespan)
+        Body = request_model(self.config, self.bundle)
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            self.metrics.requests_total.inc(label_value="invalid")
+            errors = exc.errors()
+            if any(e["type"] == "json_invalid" for e in errors):
+                return error(400, "the request body is not valid JSON")
+            message = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors)
+            return JSONResponse({"error": message, "detail": [{k: e[k] for k in ("loc", "msg", "type")}
+                                                              for e in errors]}, status_code=422)
+
+        @app.post("/v1/generate")
+        async def generate(body: Body, request: Request) -> Response:  # type: ignore[valid-type]
+            return await self._generate(body, request)
+
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            return JSONResponse(self.health(), status_code=200 if self.worker.alive else 503)
+
+        @app.get("/metrics")
+        async def metrics() -> PlainTextResponse:
+            return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        return app
+
+    async def _generate(self, body, request: Request) -> Response:
+        if not self.worker.alive:
+            return error(503, "the engine is not running")
+        if self.in_flight >= self.config.max_queue:
+            self.metrics.requests_total.inc(label_value="queue_full")
+            return error(429, f"the server is full ({self.config.max_queue} requests in flight); retry later",
+                         headers={"Retry-After": "1"})
+        returns = list(dict.fromkeys(body.returns))
+        seed = body.seed if body.seed is not None else secrets.randbits(62)
+        images = any(p in returns for p in IMAGE_PARTS)  # made by the decoder thread, not by the engine
+        try:
+            params = SamplingParams(
+                n=body.n, text_temperature=body.text_temperature, image_temperature=body.image_temperature,
+                top_k=body.top_k, top_p=body.top_p, cfg_weight=body.cfg_weight,
+                max_reasoning_tokens=body.max_reasoning_tokens, min_reasoning_tokens=body.min_reasoning_tokens,
+                seed=seed, decode_images=False)
+        except ValueError as e:
+            self.metrics.requests_total.inc(label_value="invalid")
+            return error(422, str(e))
+        job = Job(uuid.uuid4().hex, body.prompt, params, body.stream, asyncio.get_running_loop())
+        lease = _Lease(self, job)
+        lease.watch(request)
+        streaming = False
+        try:
+            self.worker.submit(job)
+            try:
+                await job.admitted
+            except ValueError as e:  # the engine's own checks: prompt too long, can never fit the KV cache
+                lease.finished = True
+                self.metrics.requests_total.inc(label_value="invalid")
+                return error(422, f"request refused: {e}")
+            except RuntimeError as e:
+                lease.finished = True
+                return error(503, str(e))
+            if body.stream:
+                streaming = True
+                return StreamingResponse(self._stream(job, lease, returns, images, seed),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": job.id,
+                                                  "X-Seed": str(seed)})
+            while isinstance(event := await job.events.get(), TokensEvent):
+                pass
+            lease.finished = True
+            if isinstance(event, FailedEvent):
+                return error(499 if event.cancelled else 500, event.message)
+            pngs, timing = await self._decode(job, event, returns if images else None)
+            return JSONResponse(response_json(event.output, seed=seed, returns=returns, images=pngs, timing=timing))
+        finally:
+            if not streaming:
+                lease.release()
+
+    async def _stream(self, job: Job, lease: _Lease, returns: list[str], images: bool, seed: int):
+        state = StreamState(self.stream_bundle, job.params.n)
+        try:
+            while True:
+                event = await job.events.get()
+                if isinstance(event, TokensEvent):
+                    yield state.tokens(event.new_ids)
+                    continue
+                lease.finished = True
+                if isinstance(event, FailedEvent):
+                    yield sse("error", {"error": event.message})
+                    return
+                assert isinstance(event, FinishedEvent)
+                if late := state.catch_up(event.output):
+                    yield late
+                pngs, timing = await self._decode(job, event, returns if images else None)
+                if pngs is not None:
+                    yield "".join(sse("image", {"sample": i, **im}) for i, im in enumerate(pngs))
+                yield sse("done", response_json(event.output, seed=seed, returns=returns, timing=timing))
+                return
+        finally:
+            lease.release()
+
+
+def create_app(bundle: JanusBundle, engine_config: EngineConfig | None = None,
+               config: ServerConfig | None = None) -> FastAPI:
+    """The ASGI app; its lifespan starts and stops the engine thread. `app.state.server` is the `GoTServer`."""
+    server = GoTServer(bundle, engine_config, config)
+    server.app.state.server = server
+    return server.app
+
+
+def serve(bundle: JanusBundle, *, host: str = "127.0.0.1", port: int = 8000,
+          engine_config: EngineConfig | None = None, config: ServerConfig | None = None) -> None:
+    """Serve until interrupted (what `gotr1 serve` runs)."""
+    uvicorn.run(create_app(bundle, engine_config, config), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=10)
+
+
+class BackgroundServer:
+    """uvicorn in a daemon thread, on a socket bound here first (port 0 picks a free port, with no race):
+    for tests and benchmarks that need a real server on loopback. Use as a context manager."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0):
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then; without it Nagle plus
+        # delayed ACKs add 40 ms to every response on a kept-alive connection.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="gotr1-http")
+        self.thread.start()
+        deadline = time.monotonic() + startup_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"the server did not start on {host}:{self.port} within {startup_timeout_s} s")
+            time.sleep(0.01)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,345 @@
+"""The HTTP server against the offline engine, on a real uvicorn on loopback (tiny preset, 64 px = 16 image
+tokens, short chains). Every wait is bounded: client timeouts, polls with deadlines, joins with timeouts."""
+import base64
+import io
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from gotr1.cli import build_parser, main
+from gotr1.model import build_preset
+from gotr1.serving import BackgroundServer, ServerConfig, create_app, load_adapter
+from gotr1.serving.metrics import Histogram
+from gotr1.serving.responses import IncrementalDetokenizer
+
+PROMPTS = ["a red cat on a blue table", "two green squares", "a small dog in front of a large house",
+           "three purple stars above a white circle"]
+TIMEOUT = httpx.Timeout(60.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_preset("tiny", image_size=64)
+
+
+def _start(bundle, engine_config, config):
+    app = create_app(bundle, engine_config, config)
+    return BackgroundServer(app), app.state.server
+
+
+@pytest.fixture(scope="module")
+def main_server(tiny):
+    srv, state = _start(tiny, EngineConfig(num_kv_blocks=512, block_size=16), ServerConfig(max_n=4, max_queue=32))
+    with srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client:
+        yield client, state
+    assert not srv.thread.is_alive() and not state.worker._thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def tight_server(tiny):
+    """One request in flight at most, 64 blocks of 16 tokens."""
+    srv, state = _start(tiny, EngineConfig(num_kv_blocks=64, block_size=16), ServerConfig(max_n=4, max_queue=1))
+    with srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client:
+        yield client, state
+    assert not srv.thread.is_alive()
+
+
+def sse_events(lines):
+    """(event, data) pairs of a server-sent-event stream."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            yield event, json.loads(line[len("data: "):])
+
+
+def wait_until(predicate, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def metric(client, line_prefix):
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def png_array(b64):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def request_body(i):
+    """Request i of the concurrency test: mixed n, sampling settings and chain lengths."""
+    return dict(prompt=PROMPTS[i % len(PROMPTS)], n=1 + i % 2, seed=1000 + i, max_reasoning_tokens=4 + i % 5,
+                min_reasoning_tokens=i % 3, text_temperature=[1.0, 0.7, 0.0][i % 3], image_temperature=1.0,
+                top_k=[0, 40][i % 2], top_p=[1.0, 0.9][i // 8], cfg_weight=[5.0, 2.0][i % 2])
+
+
+def params_of(body, decode_images=True):
+    return SamplingParams(**{k: v for k, v in body.items() if k not in ("prompt", "return", "stream")},
+                          decode_images=decode_images)
+
+
+def assert_sample_equals(got, want):
+    assert got["reasoning_ids"] == want.reasoning_ids
+    assert got["image_tokens"] == want.image_tokens.tolist()
+    assert got["chain"] == want.reasoning_text and got["boi_forced"] == want.boi_forced
+    assert got["boxes"] == [{"name": o.name, "box": list(o.box)} for o in want.chain.objects]
+    if "image" in got:
+        np.testing.assert_array_equal(png_array(got["image"]), np.asarray(want.image))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_16_concurrent_requests_equal_offline_engine(tiny, main_server):
+    client, state = main_server
+    bodies = [request_body(i) for i in range(16)]
+    offline = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16)).generate(
+        [b["prompt"] for b in bodies], [params_of(b) for b in bodies], use_tqdm=False)
+    steps_before = metric(client, "gotr1_engine_steps_total")
+
+    def post(body):
+        return client.post("/v1/generate", json={**body, "return": ["chain", "boxes", "tokens", "image"]})
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, bodies, timeout=120))
+    steps = metric(client, "gotr1_engine_steps_total") - steps_before
+    for body, r, want in zip(bodies, responses, offline):
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["seed"] == body["seed"] and got["prompt"] == body["prompt"] and len(got["samples"]) == body["n"]
+        for g, w in zip(got["samples"], want.samples):
+            assert_sample_equals(g, w)
+        t = got["timing"]
+        assert 0 < t["time_to_first_token_s"] < t["time_to_last_token_s"] <= t["time_to_image_s"]
+    # Batched: one request alone takes at least 1 + 5 + 16 steps; sixteen in sequence would take >= 352.
+    assert steps < 16 * 22 / 2
+    health = client.get("/health").json()
+    assert health["kv_blocks_free"] == health["kv_blocks_total"] and health["in_flight"] == 0
+
+
+def test_streaming_sends_tokens_then_boxes_then_images(tiny, main_server):
+    client, _ = main_server
+    body = dict(prompt=PROMPTS[0], n=2, seed=7, max_reasoning_tokens=8, min_reasoning_tokens=8)
+    [want] = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16)).generate(
+        [body["prompt"]], params_of(body), use_tqdm=False)
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True,
+                                                     "return": ["chain", "boxes", "tokens", "image", "layout"]}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-seed"] == "7"
+        events = list(sse_events(r.iter_lines()))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and "error" not in kinds
+    first_image = kinds.index("image")
+    assert kinds.index("token") < first_image and kinds.count("image") == 2
+    done = events[-1][1]
+    for i, w in enumerate(want.samples):
+        mine = [(n, k, d) for n, (k, d) in enumerate(events) if d.get("sample") == i]
+        tokens = [d for _, k, d in mine if k == "token"]
+        assert [d["id"] for d in tokens] == w.reasoning_ids  # 8 chain tokens, <begin_of_image> last
+        assert "".join(d["text"] for d in tokens) == w.reasoning_text
+        [(at_boxes, _, boxes)] = [m for m in mine if m[1] == "boxes"]
+        [(at_image, _, image)] = [m for m in mine if m[1] == "image"]
+        assert max(n for n, k, _ in mine if k == "token") < at_boxes < at_image
+        assert boxes["chain"] == w.reasoning_text and boxes["problems"] == w.chain.problems
+        assert boxes["boxes"] == [{"name": o.name, "box": list(o.box)} for o in w.chain.objects]
+        np.testing.assert_array_equal(png_array(image["image"]), np.asarray(w.image))
+        assert png_array(image["layout"]).shape == (64, 128, 3)  # image with boxes | layout alone
+        assert_sample_equals(done["samples"][i], w)
+        assert "image" not in done["samples"][i]  # sent once, in the image event
+
+
+def test_client_disconnect_cancels_and_returns_every_block(main_server):
+    """A non-streaming request whose client gives up: the engine aborts it and the pool refills."""
+    client, state = main_server
+    total = client.get("/health").json()["kv_blocks_total"]
+    cancelled = metric(client, 'gotr1_requests_total{outcome="cancelled"}')
+    body = dict(prompt=PROMPTS[1], n=4, seed=3, max_reasoning_tokens=600, min_reasoning_tokens=600)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(client.base_url.join("/v1/generate"), json=body, timeout=httpx.Timeout(60.0, read=0.5))
+    assert wait_until(lambda: metric(client, 'gotr1_requests_total{outcome="cancelled"}') == cancelled + 1)
+    assert wait_until(lambda: client.get("/health").json()["kv_blocks_free"] == total)
+    assert client.get("/health").json()["in_flight"] == 0
+
+
+def test_stream_disconnect_full_queue_and_never_fit(tight_server):
+    client, state = tight_server
+    total = client.get("/health").json()["kv_blocks_total"]
+    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=400))
+    assert r.status_code == 422 and "can never fit the KV cache" in r.json()["error"]
+    long = dict(prompt=PROMPTS[0], seed=1, max_reasoning_tokens=250, min_reasoning_tokens=250, stream=True)
+    with client.stream("POST", "/v1/generate", json=long) as stream:
+        assert stream.status_code == 200
+        events = sse_events(stream.iter_lines())  # held: a dropped line iterator closes the connection
+        kind, first = next(events)
+        assert kind == "token" and first["sample"] == 0
+        health = client.get("/health").json()
+        assert health["in_flight"] == 1 and health["kv_blocks_used"] > 0
+        full = client.post("/v1/generate", json=dict(prompt=PROMPTS[1], max_reasoning_tokens=4))
+        assert full.status_code == 429 and "full" in full.json()["error"] and full.headers["retry-after"] == "1"
+    # The stream is closed mid-reasoning: the request is aborted and every block returns.
+    assert wait_until(lambda: client.get("/health").json()["kv_blocks_free"] == total)
+    assert metric(client, 'gotr1_requests_total{outcome="cancelled"}') == 1
+    assert metric(client, 'gotr1_requests_total{outcome="queue_full"}') == 1
+    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[1], max_reasoning_tokens=4))  # a free slot again
+    assert r.status_code == 200 and client.get("/health").json()["in_flight"] == 0
+
+
+def test_engine_failure_answers_500_and_the_server_recovers(tight_server, monkeypatch):
+    client, state = tight_server
+
+    def broken_step():
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(state.engine, "step", broken_step)
+    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=4))
+    assert r.status_code == 500 and "injected fault" in r.json()["error"]
+    monkeypatch.undo()
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["kv_blocks_free"] == health["kv_blocks_total"]
+    assert client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=4)).status_code == 200
+
+
+BAD_INPUTS = [
+    ({}, 422, "prompt: Field required"),
+    ({"prompt": ""}, 422, "at least 1 character"),
+    ({"prompt": "  \n"}, 422, "the prompt is blank"),
+    ({"prompt": "x" * 2001}, 422, "prompt: String should have at most 2000 characters"),
+    ({"prompt": "a " * 900, "max_reasoning_tokens": 1200}, 422, "prompt 0 is too long"),
+    ({"prompt": "a", "n": 0}, 422, "n: Input should be greater than or equal to 1"),
+    ({"prompt": "a", "n": 5}, 422, "n: Input should be less than or equal to 4"),
+    ({"prompt": "a", "n": 1.5}, 422, "n: Input should be a valid integer"),
+    ({"prompt": "a", "n": "2"}, 422, "n: Input should be a valid integer"),
+    ({"prompt": "a", "n": True}, 422, "n: Input should be a valid integer"),
+    ({"prompt": "a", "temperature": 0.5}, 422, "temperature: Extra inputs are not permitted"),
+    ({"prompt": "a", "text_temperature": -0.1}, 422, "text_temperature: Input should be greater than or equal"),
+    ({"prompt": "a", "image_temperature": "hot"}, 422, "image_temperature: Input should be a valid number"),
+    ({"prompt": "a", "top_p": 0}, 422, "top_p: Input should be greater than 0"),
+    ({"prompt": "a", "top_p": 1.5}, 422, "top_p: Input should be less than or equal to 1"),
+    ({"prompt": "a", "top_k": -1}, 422, "top_k: Input should be greater than or equal to 0"),
+    ({"prompt": "a", "cfg_weight": -1}, 422, "cfg_weight: Input should be greater than or equal to 0"),
+    ({"prompt": "a", "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
+    ({"prompt": "a", "max_reasoning_tokens": 10**6}, 422, "max_reasoning_tokens: Input should be less than"),
+    ({"prompt": "a", "max_reasoning_tokens": 3, "min_reasoning_tokens": 5}, 422, "min_reasoning_tokens must be"),
+    ({"prompt": "a", "return": ["video"]}, 422, "return.0: Input should be"),
+    ({"prompt": "a", "return": []}, 422, "return: List should have at least 1 item"),
+    ({"prompt": "a", "stream": "yes"}, 422, "stream: Input should be a valid boolean"),
+    ('{"prompt": "a", "cfg_weight": NaN}', 422, "cfg_weight: Input should be a finite number"),
+    ('{"prompt": "a", "cfg_weight": Infinity}', 422, "cfg_weight: Input should be a finite number"),
+    ('{"prompt": "a",', 400, "not valid JSON"),
+    ('["a cat"]', 422, "Input should be a valid dictionary"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_bad_input_gets_its_4xx(main_server, body, status, message):
+    client, _ = main_server
+    if isinstance(body, str):
+        r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/generate", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+
+
+def test_health_and_metrics_format(main_server):
+    client, _ = main_server
+    assert client.get("/health").json()["status"] == "ok"
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {line.split()[2]: line.split()[3] for line in r.text.splitlines() if line.startswith("# TYPE")}
+    for name in ("gotr1_queue_depth", "gotr1_running_groups", "gotr1_kv_blocks_used", "gotr1_kv_blocks_free",
+                 "gotr1_tokens_per_second"):
+        assert families[name] == "gauge"
+    for name in ("gotr1_time_to_first_token_seconds", "gotr1_time_to_image_seconds", "gotr1_engine_step_seconds"):
+        assert families[name] == "histogram"
+        assert metric(client, f'{name}_bucket{{le="+Inf"}}') == metric(client, f"{name}_count")
+
+
+# ------------------------------------------------------------------------------------------------ units
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.floats(0, 200, allow_nan=False), max_size=40))
+def test_histogram_buckets_are_cumulative_and_inclusive(values):
+    h = Histogram("h", "test", buckets=(0.5, 1.0, 10.0))
+    for v in values:
+        h.observe(v)
+    lines = dict(line.rsplit(" ", 1) for line in h.samples())
+    for le in ("0.5", "1", "10"):
+        assert int(lines[f'h_bucket{{le="{le}"}}']) == sum(v <= float(le) for v in values)
+    assert int(lines['h_bucket{le="+Inf"}']) == int(lines["h_count"]) == len(values)
+    assert math.isclose(float(lines["h_sum"]), sum(values), rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_incremental_detokenizer_pieces_join_to_the_full_text(tiny, data):
+    ids = data.draw(st.lists(st.integers(0, len(tiny.tokenizer) - 1), min_size=1, max_size=24))
+    detok = IncrementalDetokenizer(tiny.decode_text)
+    pieces = [detok.push(t, final=k == len(ids) - 1) for k, t in enumerate(ids)]
+    assert "".join(pieces) == tiny.decode_text(ids)
+    assert not any(p.endswith("\ufffd") for p in pieces[:-1])
+
+
+def test_engine_progress_is_a_prefix_of_the_result(tiny):
+    engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=64, block_size=16))
+    rid = engine.add_request(PROMPTS[0], SamplingParams(n=2, max_reasoning_tokens=6, seed=2, decode_images=False))
+    seen, outs = [], []
+    while engine.has_unfinished():
+        seen.append(engine.progress(rid))
+        outs += engine.step()
+    assert seen[0] == [([], 0), ([], 0)]  # before the prefill
+    for i, s in enumerate(outs[0].samples):
+        for progress in seen:
+            ids, images = progress[i]
+            assert s.reasoning_ids[:len(ids)] == ids
+            assert images == 0 or (ids == s.reasoning_ids and images <= len(s.image_tokens))
+    with pytest.raises(KeyError):
+        engine.progress(rid)
+
+
+def test_adapter_is_loaded_and_merged(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_preset("tiny", image_size=64).model,
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    served = build_preset("tiny", image_size=64)
+    load_adapter(served, tmp_path / "adapter")
+    ids = torch.tensor([served.encode_prompts([PROMPTS[0]], 4)[0]])
+    with torch.no_grad():
+        want = peft_model.eval()(input_ids=ids).logits
+        base = build_preset("tiny", image_size=64).model(input_ids=ids).logits
+        got = served.model(input_ids=ids).logits
+    assert not torch.allclose(want, base, atol=1e-3)  # the adapter changes the model
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert not hasattr(served.model, "peft_config")  # merged: plain Janus, no LoRA matmuls per step
+    with pytest.raises(FileNotFoundError, match="not a peft adapter directory"):
+        load_adapter(served, tmp_path)
+
+
+def test_cli_serve_parses_and_reports_a_bad_adapter(tmp_path, capsys):
+    args = build_parser().parse_args(["serve", "--preset", "tiny", "--port", "0", "--max-queue", "3"])
+    assert (args.host, args.port, args.max_queue, args.adapter) == ("127.0.0.1", 0, 3, None)
+    assert main(["serve", "--preset", "tiny", "--adapter", str(tmp_path)]) == 2
+    assert "not a peft adapter directory" in capsys.readouterr().err
