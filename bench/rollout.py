@@ -94,9 +94,6 @@ def run(args: argparse.Namespace) -> dict:
                           gpu_memory_utilization=0.5)
     engine = LLMEngine(bundle, config)
     reference = ReferenceGenerator(bundle)
-    # transformers fills a top_k left unset with the model's generation config, else its global default of 50;
-    # the reference leaves it unset for top_k=0. 0 in the model's config keeps top-k off on that side too.
-    bundle.model.generation_config.top_k = 0
 
     # Greedy agreement on a short run (also the warm-up of both sides: kernels, CUDA graphs, allocator).
     greedy = dict(n=2, text_temperature=0.0, image_temperature=0.0, cfg_weight=args.cfg, max_reasoning_tokens=8,

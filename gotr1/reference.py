@@ -70,7 +70,7 @@ def _generation_config(bundle: JanusBundle, temperature: float, top_k: int, top_
     """The model's generation config with our settings, passed whole (transformers warns on config + kwargs)."""
     config = copy.deepcopy(bundle.model.generation_config)
     sampling = {"do_sample": False} if temperature == 0 else {
-        "do_sample": True, "temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+        "do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}  # 0 = off
     config.update(max_length=None, min_length=None, **sampling, **kw)
     return config
 
