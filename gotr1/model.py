@@ -201,6 +201,20 @@ def _processor(tokenizer, image_size: int, num_image_tokens: int) -> JanusProces
     return JanusProcessor(image_processor=ip, tokenizer=tokenizer, num_image_tokens=num_image_tokens)
 
 
+def seeded_random_model(cls, config, *, seed: int, dtype: torch.dtype, device: str | torch.device):
+    """`cls(config)` with random weights drawn from `seed`, created directly in `dtype` on `device` (a 7B-shaped
+    model never exists in fp32 on the CPU), leaving the caller's RNG and default dtype untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return cls(config)
+        finally:
+            torch.set_default_dtype(default)
+
+
 @lru_cache(maxsize=1)
 def _cached_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
@@ -217,15 +231,7 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
         config = tiny_config(vocab, **tiny_overrides)
     else:
         config = real_shape_config(102400, name.split("-")[2])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = JanusForConditionalGeneration(config)
-        finally:
-            torch.set_default_dtype(default)
+    model = seeded_random_model(JanusForConditionalGeneration, config, seed=seed, dtype=dtype, device=device)
     if name == "tiny":
         _sharpen_image_head(model)
     processor = _processor(tokenizer, config.vision_config.image_size, config.vision_config.num_image_tokens)

@@ -35,7 +35,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from gotr1.chain import render_layout
-from gotr1.model import check_model_dir
+from gotr1.model import check_model_dir, seeded_random_model
 from gotr1.rewards.batching import (
     DEFAULT_SEQ_BUCKETS,
     GraphedForward,
@@ -462,15 +462,8 @@ def build_qwen_judge_preset(name: str, *, seed: int = 0, config: JudgeConfig | N
     tiny = name == "tiny-qwen"
     model_config = tiny_qwen_config(tokenizer) if tiny else qwen7b_shape_config(tokenizer)
     model_config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = Qwen2_5_VLForConditionalGeneration(model_config)
-        finally:
-            torch.set_default_dtype(default)
+    model = seeded_random_model(Qwen2_5_VLForConditionalGeneration, model_config, seed=seed, dtype=dtype,
+                                device=device)
     processor = ImageOnlyQwenProcessor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
     config = config or (JudgeConfig(image_size=56) if tiny else JudgeConfig())
     return QwenVLJudge(model, processor, config, name=name)
