@@ -112,8 +112,9 @@ _CORPUS_WORDS = (
 ).split()
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained offline on a fixed corpus: deterministic, no download, any text encodes."""
+def train_bpe_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on `corpus` with Janus's special tokens and the GoT tags: deterministic,
+    no download, any text encodes. The tags are ordinary added tokens (as GoT-R1 adds them), kept in decoded text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
 
@@ -121,8 +122,6 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    corpus = [chat_prompt(" ".join(_CORPUS_WORDS[i:i + 9])) for i in range(0, len(_CORPUS_WORDS), 3)]
-    corpus += [f"({x},{y}),({x + 137},{y + 211})" for x in range(0, 800, 53) for y in range(0, 700, 71)]
     core.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
@@ -134,6 +133,13 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     tok.padding_side = "left"
     tok.add_tokens(list(GOT_TAGS))
     return tok
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny preset's tokenizer, trained on a fixed corpus of captions and box coordinates."""
+    corpus = [chat_prompt(" ".join(_CORPUS_WORDS[i:i + 9])) for i in range(0, len(_CORPUS_WORDS), 3)]
+    corpus += [f"({x},{y}),({x + 137},{y + 211})" for x in range(0, 800, 53) for y in range(0, 700, 71)]
+    return train_bpe_tokenizer(corpus, vocab_size)
 
 
 # ------------------------------------------------------------------------------------------------- presets
@@ -175,7 +181,7 @@ def real_shape_config(vocab_size: int, size: str) -> JanusConfig:
     )
 
 
-def _bundle(model: JanusForConditionalGeneration, tokenizer, processor, name: str) -> JanusBundle:
+def make_bundle(model: JanusForConditionalGeneration, tokenizer, processor, name: str) -> JanusBundle:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.bos_token, tokenizer.eos_token,
                                                           tokenizer.pad_token)}
     boi, eoi, image = (tokenizer.convert_tokens_to_ids(getattr(tokenizer, a)) for a in
@@ -194,7 +200,7 @@ def _bundle(model: JanusForConditionalGeneration, tokenizer, processor, name: st
                        got_tag_ids=tags)  # type: ignore[arg-type]
 
 
-def _processor(tokenizer, image_size: int, num_image_tokens: int) -> JanusProcessor:
+def janus_processor(tokenizer, image_size: int, num_image_tokens: int) -> JanusProcessor:
     # Janus-Pro normalises with mean = std = 0.5 (the class default is CLIP's).
     ip = JanusImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                                 image_std=[0.5] * 3)
@@ -234,8 +240,8 @@ def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32
     model = seeded_random_model(JanusForConditionalGeneration, config, seed=seed, dtype=dtype, device=device)
     if name == "tiny":
         _sharpen_image_head(model)
-    processor = _processor(tokenizer, config.vision_config.image_size, config.vision_config.num_image_tokens)
-    return _bundle(model, tokenizer, processor, name)
+    processor = janus_processor(tokenizer, config.vision_config.image_size, config.vision_config.num_image_tokens)
+    return make_bundle(model, tokenizer, processor, name)
 
 
 TINY_HEAD_SCALE = 30.0
@@ -298,7 +304,7 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype = torch.float32,
     if tokenizer.add_tokens([t for t in GOT_TAGS if t not in tokenizer.get_vocab()]):
         if len(tokenizer) > model.config.text_config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
-    return _bundle(model, tokenizer, processor, str(path))
+    return make_bundle(model, tokenizer, processor, str(path))
 
 
 def load_model(preset: str | None = None, model_dir: str | Path | None = None, *, seed: int = 0,

@@ -1,0 +1,226 @@
+"""The shapes world: grammar round trips, parse errors, spatial predicates, valid layouts, splits, rendering."""
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gotr1.chain import parse_chain, to_pixels
+from gotr1.shapes.render import render_objects, render_scene, shape_mask
+from gotr1.shapes.world import (
+    CATEGORIES,
+    COLOURS,
+    GRID,
+    LIST_FORMS,
+    RELATION_FORMS,
+    RELATIONS,
+    SHAPES,
+    ObjectSpec,
+    PromptParseError,
+    PromptSpec,
+    Relation,
+    describe_list,
+    describe_relation,
+    grid_to_frame,
+    gt_chain,
+    layout_valid,
+    parse_prompt,
+    parse_prompts,
+    relation_holds,
+    sample_layout,
+    sample_prompt,
+    sample_scene,
+    scene_for_prompt,
+    split_scenes,
+    splits,
+)
+
+SPEC_LEFT = PromptSpec((ObjectSpec("red", "circle"), ObjectSpec("blue", "square")), (Relation(0, "left of", 1),))
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10**9), category=st.sampled_from(CATEGORIES))
+def test_sampled_prompts_parse_back_to_their_spec(seed, category):
+    text, spec = sample_prompt(random.Random(seed), category)
+    parsed = parse_prompt(text)
+    assert parsed.canonical() == spec.canonical(), text
+    assert parsed.category == category, text
+
+
+@pytest.mark.parametrize("relation", RELATIONS)
+@pytest.mark.parametrize("form", RELATION_FORMS)
+@pytest.mark.parametrize("counts", [(1, 1), (2, 1), (3, 2)])
+def test_every_relation_form_parses_back(relation, form, counts):
+    a, b = ObjectSpec("green", "triangle", counts[0]), ObjectSpec("yellow", "circle", counts[1])
+    rng = random.Random(f"{relation}{form}{counts}")
+    for _ in range(8):  # the surface phrase is drawn at random: cover the alternatives
+        text = describe_relation(a, relation, b, rng, form)
+        assert parse_prompt(text).canonical() == PromptSpec((a, b), (Relation(0, relation, 1),)).canonical(), text
+
+
+@pytest.mark.parametrize("form", LIST_FORMS)
+def test_every_list_form_parses_back(form):
+    same_shape = [ObjectSpec(c, "square") for c in ("red", "blue", "orange")]
+    same_colour = [ObjectSpec("green", s) for s in SHAPES]
+    rng = random.Random(form)
+    for objects in (same_shape[:2], same_shape, same_colour[:2], same_colour):
+        text = describe_list(objects, rng, form)
+        assert parse_prompt(text).canonical() == PromptSpec(tuple(objects)).canonical(), text
+
+
+@pytest.mark.parametrize("text", [
+    "a red circle left of a blue square",
+    "A red circle is to the left of a blue square.",
+    "to the left of a blue square is a red circle",
+    "on the left of a blue square, there is a red circle",
+    "a blue square with a red circle on its left",
+    "a blue square is to the right of a red circle",
+    "an image of one red circle left of a blue square",
+])
+def test_paraphrases_share_one_meaning(text):
+    assert parse_prompt(text).semantic_key() == SPEC_LEFT.semantic_key()
+
+
+def test_parser_reads_counts_shared_attributes_and_back_references():
+    spec = parse_prompt("two green triangles above a yellow circle")
+    assert spec.objects == (ObjectSpec("green", "triangle", 2), ObjectSpec("yellow", "circle", 1))
+    assert spec.relations == (Relation(0, "above", 1),) and spec.category == "complex"
+    assert parse_prompt("two squares, one red and one blue").canonical() == \
+        parse_prompt("a red square and a blue square").canonical()
+    assert parse_prompt("a circle, a square, and a triangle, all purple").objects == tuple(
+        ObjectSpec("purple", s) for s in ("circle", "square", "triangle"))
+    spec = parse_prompt("a red square left of a blue circle and a green triangle below the blue circle")
+    assert [o.name for o in spec.objects] == ["red square", "blue circle", "green triangle"]
+    assert spec.relations == (Relation(0, "left of", 1), Relation(2, "below", 1))
+    assert parse_prompt("3 orange circles").objects == (ObjectSpec("orange", "circle", 3),)
+
+
+@pytest.mark.parametrize("text, category", [
+    ("a red circle", "color"), ("a red square and a blue square", "color"),
+    ("a red circle and a red square", "shape"), ("a red circle and a blue square", "shape"),
+    ("two red circles", "counting"), ("a red circle and two blue squares", "counting"),
+    ("a red circle above a blue square", "spatial"), ("two red circles above a blue square", "complex"),
+    ("a red circle above a blue square and a green triangle", "complex"),
+])
+def test_category_is_a_function_of_the_text(text, category):
+    assert parse_prompt(text).category == category
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a zebra next to a red circle", "zebra"),
+    ("", "empty"),
+    ("a red circle and a red circle", "introduced twice"),
+    ("a circle and a square", "no colour"),
+    ("a red circle left of", "expected an object"),
+    ("a red circle left of the red circle", "itself"),
+    ("six red circles", "six"),
+    ("a red circle blue square", "expected and"),
+    ("a red circle and a blue square, both green", "both/all green"),
+    ("three squares, one red and one blue", "split into 2"),
+])
+def test_text_outside_the_grammar_raises_a_clear_error(text, words):
+    with pytest.raises(PromptParseError, match=words):
+        parse_prompt(text)
+
+
+def test_a_prompt_file_is_checked_as_a_whole():
+    specs = parse_prompts(["two red circles", "a blue square above a green triangle"])
+    assert [s.category for s in specs] == ["counting", "spatial"]
+    with pytest.raises(PromptParseError, match=r"(?s)2 of 3 prompts.*\nprompt 1: .*zebra.*\nprompt 3: empty prompt$"):
+        parse_prompts(["a zebra", "a red circle", " "])
+
+
+def test_relation_predicates_on_hand_made_boxes():
+    a, b = (100, 400, 300, 600), (450, 400, 650, 600)
+    assert relation_holds("left of", a, b) and relation_holds("right of", b, a)
+    assert not relation_holds("left of", b, a) and not relation_holds("above", a, b)
+    assert relation_holds("next to", a, b) and relation_holds("next to", b, a)
+    assert not relation_holds("next to", (0, 400, 100, 600), (800, 400, 1000, 600))  # too far apart
+    assert not relation_holds("left of", (100, 0, 300, 200), (350, 600, 550, 800))  # mostly vertical: below
+    top, base = (400, 200, 600, 400), (350, 460, 650, 760)
+    assert relation_holds("on top of", top, base) and relation_holds("above", top, base)
+    assert relation_holds("below", base, top)
+    assert not relation_holds("on top of", (400, 0, 600, 150), base)  # floating: above, not on top
+    assert relation_holds("above", (400, 0, 600, 150), base)
+    assert not relation_holds("on top of", (660, 200, 860, 400), base)  # centre outside the base
+    with pytest.raises(ValueError, match="unknown relation"):
+        relation_holds("inside", a, b)
+
+
+_boxes = st.tuples(st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 1000)).map(
+    lambda t: (min(t[0], t[2]), min(t[1], t[3]), max(t[0], t[2]), max(t[1], t[3])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=_boxes, b=_boxes)
+def test_converse_relations_and_exclusive_directions(a, b):
+    assert relation_holds("right of", a, b) == relation_holds("left of", b, a)
+    assert relation_holds("below", a, b) == relation_holds("above", b, a)
+    assert not (relation_holds("left of", a, b) and relation_holds("right of", a, b))
+    assert not (relation_holds("left of", a, b) and relation_holds("above", a, b))
+    assert not relation_holds("on top of", a, b) or relation_holds("above", a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**9), category=st.sampled_from(CATEGORIES))
+def test_ground_truth_layouts_are_valid(seed, category):
+    scene = sample_scene(random.Random(seed), category)
+    grid = {grid_to_frame(g) for g in range(GRID + 1)}
+    assert all(set(o.box) <= grid for o in scene.objects)  # on the layout grid
+    assert layout_valid(scene.spec, scene.objects)
+    for r in scene.spec.relations:
+        for a in (o for o in scene.objects if o.entity == r.subject):
+            for b in (o for o in scene.objects if o.entity == r.reference):
+                assert relation_holds(r.relation, a.box, b.box)
+    parsed = parse_chain(gt_chain(scene))
+    assert parsed.ok and parsed.objects == scene.chain_objects()
+
+
+def test_layout_validity_rejects_broken_layouts():
+    scene = scene_for_prompt("a red circle left of a blue square", random.Random(0))
+    assert layout_valid(scene.spec, scene.objects)
+    swapped = (scene.objects[0].__class__(**{**scene.objects[0].__dict__, "box": scene.objects[1].box}),
+               scene.objects[1].__class__(**{**scene.objects[1].__dict__, "box": scene.objects[0].box}))
+    assert not layout_valid(scene.spec, swapped)
+    assert not layout_valid(scene.spec, scene.objects[:1])
+    layout = sample_layout(parse_prompt("four red squares and a blue circle"), random.Random(1))
+    assert len(layout) == 5
+
+
+def test_splits_are_deterministic_disjoint_and_balanced():
+    train, val = split_scenes(seed=3, n_train=100, n_val=50)
+    train2, val2 = split_scenes(seed=3, n_train=100, n_val=50)
+    assert [s.prompt for s in train] == [s.prompt for s in train2]
+    assert [s.prompt for s in val] == [s.prompt for s in val2]
+    assert len({s.prompt for s in train}) == 100 and len({s.prompt for s in val}) == 50
+    assert not {s.spec.semantic_key() for s in train} & {s.spec.semantic_key() for s in val}
+    for category in CATEGORIES:
+        assert sum(s.category == category for s in train) == 20 and sum(s.category == category for s in val) == 10
+    other_train, _ = splits(seed=4, n_train=100, n_val=50)
+    assert other_train != [s.prompt for s in train]
+    with pytest.raises(ValueError, match="multiples"):
+        split_scenes(n_train=101)
+
+
+@settings(max_examples=100, deadline=None)
+@given(box=_boxes, size=st.sampled_from([17, 64, 96, 128]), shape=st.sampled_from(SHAPES))
+def test_shape_masks_fill_exactly_their_pixel_box(box, size, shape):
+    mask = shape_mask(shape, box, size, size)
+    x1, y1, x2, y2 = to_pixels(box, size, size)
+    if x2 <= x1 or y2 <= y1:
+        assert not mask.any()
+        return
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x1, y1, x2, y2)
+
+
+def test_render_uses_only_the_palette_and_white():
+    scene = sample_scene(random.Random(11), "counting")
+    image = render_scene(scene, 96)
+    assert image.size == (96, 96) and image.mode == "RGB"
+    colours = {tuple(c) for c in np.asarray(image).reshape(-1, 3)}
+    assert colours <= {(255, 255, 255), *COLOURS.values()}
+    assert colours & set(COLOURS.values())
+    with pytest.raises(ValueError, match="unknown colour"):
+        render_objects([("pink", "circle", (0, 0, 500, 500))])
