@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ class GRPOTrainer(ckpt.Checkpointed):
     """GoT-R1's GRPO on a Janus bundle (LoRA policy, reference = the same model with the adapter disabled)."""
 
     def __init__(self, config: GRPOConfig, bundle: JanusBundle, prompts: Sequence[str], judge: Judge,
-                 *, engine_config=None, on_step: Callable[[dict[str, Any]], None] | None = None):
+                 *, engine_config=None):
         from engine import EngineConfig, LLMEngine
 
         config.validate()
@@ -84,7 +84,6 @@ class GRPOTrainer(ckpt.Checkpointed):
             kv_cache_memory_bytes=config.kv_cache_memory_bytes))
         self.stream = PromptStream(list(prompts), seed=config.seed)
         self.judge = judge
-        self.on_step = on_step
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.output_dir = Path(config.output_dir)
@@ -258,8 +257,6 @@ class GRPOTrainer(ckpt.Checkpointed):
                     log.flush()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", step_s=f"{metrics['time/step']:.2f}")
-                if self.on_step is not None:
-                    self.on_step(metrics)
                 if c.sample_steps and self.step % c.sample_steps == 0 and self.rank == 0:
                     save_groups(self.output_dir / "samples" / f"step-{self.step}", self._last_groups[:1])
                 if self.step % c.save_steps == 0 or self.step == end:
