@@ -94,11 +94,36 @@ class JanusBundle:
     def decode_images(self, image_tokens: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
         """VQ-decode `[B, num_image_tokens]` codebook ids to RGB PIL images, in batches."""
         images = []
-        for chunk in image_tokens.split(batch_size):
-            pixels = self.model.decode_image_tokens(chunk.to(self.device))  # [b, H, W, 3] in about [-1, 1]
-            arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-            images.extend(Image.fromarray(np.ascontiguousarray(a)) for a in arr)
+        for chunk in image_tokens.split(batch_size):  # decode_image_tokens returns channels-last
+            images.extend(to_images(self.model.decode_image_tokens(chunk.to(self.device)).permute(0, 3, 1, 2)))
         return images
+
+
+# ------------------------------------------------------------------------------------------ pixels <-> codes
+def pixel_values(images: list[Image.Image], size: int) -> torch.Tensor:
+    """RGB images of any size -> `[B, 3, size, size]` in [-1, 1] (Janus's mean = std = 0.5 normalisation)."""
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC) if im.size != (size, size)
+                         else im.convert("RGB"), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """`[B, 3, H, W]` in about [-1, 1] -> RGB images."""
+    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+@torch.no_grad()
+def encode_images(vq: torch.nn.Module, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
+    """Images -> `[B, grid*grid]` codebook ids through transformers' `JanusVQVAE.encode`, at the VQ's own size."""
+    size = vq.config.num_patches * 2 ** (len(vq.config.channel_multiplier) - 1)
+    param = next(vq.parameters())
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = pixel_values(images[i:i + batch_size], size).to(param.device, param.dtype)
+        tokens = vq.encode(pixels).image_tokens  # flat [b * grid * grid] in transformers 5.x
+        out.append(tokens.view(pixels.shape[0], -1).cpu())
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

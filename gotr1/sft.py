@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from gotr1 import checkpoint as ckpt
 from gotr1.config import SFTConfig
-from gotr1.model import JanusBundle, save_bundle
+from gotr1.model import JanusBundle, encode_images, save_bundle
 from gotr1.plot import plot_curves
 from gotr1.policy import image_head_parts, janus_of, make_batch, policy_hidden, token_logprobs
 from gotr1.training import add_lora, lr_scheduler
@@ -33,20 +32,6 @@ class SFTExample:
     prompt: str
     chain: str  # the reasoning text as the model should write it (prose + GoT tags), without <begin_of_image>
     image_tokens: torch.Tensor  # [num_image_tokens] codebook ids
-
-
-@torch.no_grad()
-def encode_images(bundle: JanusBundle, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
-    """RGB images of any size -> `[B, num_image_tokens]` codes of the model's VQ encoder (Janus: [-1, 1] input)."""
-    size = bundle.image_size
-    out = []
-    for i in range(0, len(images), batch_size):
-        arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
-                        for im in images[i:i + batch_size]])
-        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
-        codes = janus_of(bundle.model).model.vqmodel.encode(pixels.to(bundle.device, bundle.model.dtype)).image_tokens
-        out.append(codes.view(pixels.shape[0], -1).cpu())
-    return torch.cat(out)
 
 
 def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
@@ -71,7 +56,7 @@ def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
         rows.append(r)
     if not rows:
         raise ValueError(f"SFT data file {path} holds no examples")
-    codes = encode_images(bundle, [Image.open(path.parent / r["image"]) for r in rows])
+    codes = encode_images(janus_of(bundle.model).model.vqmodel, [Image.open(path.parent / r["image"]) for r in rows])
     return [SFTExample(r["prompt"], r["chain"], c) for r, c in zip(rows, codes)]
 
 

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from gotr1.config import SFTConfig
-from gotr1.model import build_preset, load_model
-from gotr1.sft import SFTExample, SFTTrainer, encode_images, read_sft_jsonl
+from gotr1.model import build_preset, encode_images, load_model
+from gotr1.sft import SFTExample, SFTTrainer, read_sft_jsonl
 
 
 def _examples(bundle, n=6):
@@ -69,7 +69,7 @@ def test_sft_jsonl_reader_encodes_images_and_reports_errors(tmp_path):
     (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "red", "chain": "c", "image": "a.png"}) + "\n")
     [ex] = read_sft_jsonl(tmp_path / "data.jsonl", bundle)
     assert ex.image_tokens.shape == (16,)
-    assert torch.equal(ex.image_tokens, encode_images(bundle, [Image.open(tmp_path / "a.png")])[0])
+    assert torch.equal(ex.image_tokens, encode_images(bundle.model.model.vqmodel, [Image.open(tmp_path / "a.png")])[0])
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "red", "image": "a.png"}) + "\n")
     with pytest.raises(ValueError, match="missing string fields"):
         read_sft_jsonl(tmp_path / "bad.jsonl", bundle)

@@ -11,7 +11,7 @@ from gotr1.model import load_model, save_bundle
 from gotr1.rewards.protocol import RewardSample
 from gotr1.shapes.base import build_shapes_base, sft_examples, shapes_tokenizer
 from gotr1.shapes.judge import ShapesJudge
-from gotr1.shapes.render import render_scene
+from gotr1.shapes.render import IMAGE_SIZE, render_scene
 from gotr1.shapes.vq import (
     DEFAULT_VQ_PATH,
     VQTrainConfig,
@@ -55,7 +55,7 @@ def test_shipped_codebook_makes_transformers_encode_agree_with_cosine_quantisati
     images = [render_scene(s) for s in SCENES[:4]]
     codes = encode_images(vq, images)
     with torch.no_grad():
-        z = F.normalize(vq.quant_conv(vq.encoder(pixel_values(images))).permute(0, 2, 3, 1), dim=-1)
+        z = F.normalize(vq.quant_conv(vq.encoder(pixel_values(images, IMAGE_SIZE))).permute(0, 2, 3, 1), dim=-1)
         _, _, ids = _quantise(vq, z, 0.25)
     assert codes.shape == (4, 64) and torch.equal(codes.reshape(-1), ids)
 

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from transformers import JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
+from gotr1.model import encode_images, pixel_values, to_images
 from gotr1.shapes.render import IMAGE_SIZE, render_scene, shape_mask
 from gotr1.shapes.world import CATEGORIES, COLOURS, SHAPES, sample_scene
 
@@ -61,31 +62,6 @@ def vq_config(codebook_size: int = CODEBOOK_SIZE, image_size: int = IMAGE_SIZE, 
     return JanusVQVAEConfig(embed_dim=8, num_embeddings=codebook_size, latent_channels=32, base_channels=32,
                             channel_multiplier=[1] * levels, num_res_blocks=0, num_patches=image_size // patch_size,
                             projection_dim=hidden_size, image_token_embed_dim=hidden_size)
-
-
-def pixel_values(images: Sequence[Image.Image], size: int = IMAGE_SIZE) -> torch.Tensor:
-    """RGB images -> `[B, 3, size, size]` in [-1, 1] (Janus's mean = std = 0.5 normalisation)."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC) if im.size != (size, size)
-                         else im.convert("RGB"), dtype=np.float32) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """`[B, 3, H, W]` in about [-1, 1] -> RGB images (the same rounding as `JanusBundle.decode_images`)."""
-    arr = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
-
-
-@torch.no_grad()
-def encode_images(vq: JanusVQVAE, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
-    """Images -> `[B, grid*grid]` codebook ids through transformers' `JanusVQVAE.encode`."""
-    size = vq.config.num_patches * 2 ** (len(vq.config.channel_multiplier) - 1)
-    out = []
-    for i in range(0, len(images), batch_size):
-        pixels = pixel_values(images[i:i + batch_size], size).to(next(vq.parameters()).device)
-        tokens = vq.encode(pixels).image_tokens  # flat [b * grid * grid] in 5.x
-        out.append(tokens.view(pixels.shape[0], -1).cpu())
-    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -157,7 +133,7 @@ _SHAPE_INDEX = {s: i + 1 for i, s in enumerate(SHAPES)}
 def _batch(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh scenes: pixels `[n, 3, 64, 64]`, each pixel's colour index and shape index (0 = background)."""
     scenes = [sample_scene(rng, CATEGORIES[rng.randrange(len(CATEGORIES))]) for _ in range(n)]
-    pixels = pixel_values([render_scene(s) for s in scenes])
+    pixels = pixel_values([render_scene(s) for s in scenes], IMAGE_SIZE)
     colours = torch.zeros(n, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long)
     shapes = torch.zeros(n, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long)
     for i, scene in enumerate(scenes):
