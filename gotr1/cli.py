@@ -130,6 +130,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """What every training command takes: a YAML config, a checkpoint to resume, and one flag per config field."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML with {cls.__name__} fields (flags override it)")
+    parser.add_argument("--resume", metavar="PATH", help="a checkpoint-N directory or a run directory")
+    add_config_args(parser, cls)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gotr1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,18 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(train)
     train.add_argument("--prompt", action="append", default=[], help="training caption; repeatable")
     train.add_argument("--prompts", metavar="FILE", help="one prompt per line, or JSONL with a 'prompt' key")
-    train.add_argument("--config", metavar="FILE", help="YAML with GRPOConfig fields (flags override it)")
-    train.add_argument("--resume", metavar="PATH", help="a checkpoint-N directory or a run directory")
-    add_config_args(train, GRPOConfig)
+    add_run_args(train, GRPOConfig)
     train.set_defaults(func=cmd_train)
 
     sft = sub.add_parser("sft", help="supervised GoT training on (prompt, chain, image) triples")
     add_model_args(sft)
     sft.add_argument("--data", required=True, metavar="FILE", help='JSONL lines {"prompt", "chain", "image"}')
-    sft.add_argument("--config", metavar="FILE", help="YAML with SFTConfig fields (flags override it)")
-    sft.add_argument("--resume", metavar="PATH", help="a checkpoint-N directory or a run directory")
     sft.add_argument("--export", metavar="DIR", help="where the merged model goes (default OUTPUT_DIR/final)")
-    add_config_args(sft, SFTConfig)
+    add_run_args(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
 
     srv = sub.add_parser("serve", help="HTTP server: POST /v1/generate (JSON or SSE), GET /health, GET /metrics")
