@@ -91,7 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = GRPOTrainer(config, bundle, prompts, judge)
     if args.resume:
         trainer.resume(args.resume)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if device is not None:  # leave the process group cleanly: an abandoned gloo group aborts at exit
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     if trainer.rank == 0:
         print(f"done: {trainer.step} steps; metrics in {config.output_dir}/metrics.jsonl, "
               f"curves in {config.output_dir}/reward_curves.png")

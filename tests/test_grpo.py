@@ -111,6 +111,7 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     """`torchrun --nproc-per-node 2 gotr1 train` (prompts sharded, gradients all-reduced by DDP) gives the same
     adapter as one process with the same global batch."""
     import os
+    import socket
     import subprocess
     import sys
 
@@ -129,9 +130,13 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     one = subprocess.run([os.path.join(bindir, "gotr1"), *common, "--output-dir", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([os.path.join(bindir, "torchrun"), "--nproc-per-node", "2", "--master-port", "29517",
+    with socket.socket() as sock:  # a free port: a fixed one can still be held by an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    two = subprocess.run([os.path.join(bindir, "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                          "--master-port", port,
                           os.path.join(bindir, "gotr1"), *common, "--output-dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(tmp_path / "one" / "checkpoint-2" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "checkpoint-2" / "adapter_model.safetensors")
