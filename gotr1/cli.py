@@ -78,30 +78,42 @@ def init_distributed():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import gc
+
+    config = build_config(GRPOConfig, args, args.config)
+    device = None
+    try:
+        device = init_distributed()
+        steps, rank = _train(args, config, device)
+    finally:
+        if device is not None:
+            # The trainer (its DDP reducer) must be gone while the group is still registered: a reducer dropping
+            # the last reference destroys the gloo group holding the GIL, which deadlocks against gloo's worker.
+            import torch.distributed as dist
+
+            gc.collect()
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"done: {steps} steps; metrics in {config.output_dir}/metrics.jsonl, "
+              f"curves in {config.output_dir}/reward_curves.png")
+    return 0
+
+
+def _train(args: argparse.Namespace, config: GRPOConfig, device: str | None) -> tuple[int, int]:
+    """Build, resume and run a GRPO trainer; returns (steps, rank) so the trainer dies with this frame."""
     from gotr1.grpo import GRPOTrainer
     from gotr1.rewards import make_judge
 
-    config = build_config(GRPOConfig, args, args.config)
     prompts = read_prompt_args(args)
     judge = make_judge(config.judge)  # fails now, not mid-training, when judge weights are missing
-    device = init_distributed()
     if device is not None:
         args.device = device
     bundle = load_from_args(args, config.dtype)
     trainer = GRPOTrainer(config, bundle, prompts, judge)
     if args.resume:
         trainer.resume(args.resume)
-    try:
-        trainer.train()
-    finally:
-        if device is not None:  # leave the process group cleanly: an abandoned gloo group aborts at exit
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if trainer.rank == 0:
-        print(f"done: {trainer.step} steps; metrics in {config.output_dir}/metrics.jsonl, "
-              f"curves in {config.output_dir}/reward_curves.png")
-    return 0
+    trainer.train()
+    return trainer.step, trainer.rank
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
