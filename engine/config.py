@@ -13,7 +13,8 @@ class EngineConfig:
     The KV pool is one preallocated tensor of `num_kv_blocks` blocks of `block_size` tokens. Give the block count
     directly, or `kv_cache_memory_bytes`; with neither, a GPU gets `gpu_memory_utilization` of its free memory
     (after a warm-up forward measures activations) and a CPU gets `cpu_kv_cache_bytes`.
-    `max_num_seqs` bounds the rows of one step (an image-phase sample is two rows: conditional + unconditional);
+    `max_num_seqs` bounds the rows of one step (an image-phase sample is two rows, conditional + unconditional,
+    unless its `cfg_weight` is 1);
     `max_num_batched_tokens` bounds the tokens of one prefill step (a single prefill larger than that runs alone).
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.

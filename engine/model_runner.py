@@ -123,8 +123,8 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------------ forward
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Forward the batch; returns (text logits per `text_rows`, conditional and unconditional image logits
-        per pair), in the model's dtype."""
+        """Forward the batch; returns (text logits per `text_rows`, conditional image logits per `cond_rows`,
+        unconditional ones per `uncond_rows` or None when there are none), in the model's dtype."""
         if batch.copies:
             self._copy_blocks(batch.copies)
         ids, positions, image_mask, meta, last = self._prepare(batch)
@@ -142,7 +142,8 @@ class ModelRunner:
         if batch.image_samples:
             rows = self._rows(h, batch.cond_rows + batch.uncond_rows)
             logits = self.generation_head(self._norm(self.final_norm, rows))
-            cond, uncond = logits.split(len(batch.image_samples))
+            n = len(batch.cond_rows)
+            cond, uncond = logits[:n], (logits[n:] if batch.uncond_rows else None)
         return text, cond, uncond
 
     def _rows(self, h: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -16,7 +16,8 @@ class SampleOutput:
     `text_logprobs[t]` is `log_softmax(lm_head(h_t) / T_text)[reasoning_ids[t]]` under the policy, before any
     top-k/top-p filtering and before the `min_reasoning_tokens` ban on BOI (T = 1 when greedy), a forced BOI
     included; `image_logprobs` is the same on the conditional branch's generation head, and
-    `image_mixed_logprobs` on the CFG-mixed logits `u + w (c - u)` the tokens were sampled from.
+    `image_mixed_logprobs` on the CFG-mixed logits `u + w (c - u)` the tokens were sampled from (equal to
+    `image_logprobs` when `cfg_weight` is 1: no unconditional row is run then).
     """
 
     prompt_ids: list[int]

@@ -67,9 +67,16 @@ class Sampler:
         return [int(t) for t in tokens], logprobs
 
     @torch.inference_mode()
-    def sample_image(self, cond: torch.Tensor, uncond: torch.Tensor,
+    def sample_image(self, cond: torch.Tensor, uncond: torch.Tensor | None,
                      samples: list[Sample]) -> tuple[list[int], list[float], list[float]]:
-        """One image token per CFG pair, sampled from `u + w (c - u)`; log-probs on both cond and mixed logits."""
+        """One image token per sample, sampled from `u + w (c - u)`; log-probs on both cond and mixed logits.
+
+        `uncond` holds the rows of the samples that have one, in order (None: no sample has). In a step that mixes
+        both kinds, a sample without one is paired with its own conditional logits: `c == u` mixes to `c` exactly,
+        as the unpaired kernel path does, and keeps one kernel call per step."""
+        if uncond is not None and uncond.shape[0] < len(samples):
+            paired = torch.tensor([i for i, s in enumerate(samples) if s.uncond is not None], device=cond.device)
+            uncond = cond.index_copy(0, paired, uncond)
         out = cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True))
         tokens, logprobs, mixed = torch.stack([out.tokens.double(), out.logprobs.double(),
                                                out.mixed_logprobs.double()]).tolist()  # one device sync

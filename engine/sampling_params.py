@@ -12,6 +12,7 @@ class SamplingParams:
     `top_p` (1 = off) filter both the text and the image distributions, as transformers' `generate` does.
     `min_reasoning_tokens` keeps `<begin_of_image>` from being sampled until that many reasoning tokens exist
     (transformers' `min_new_tokens`); after `max_reasoning_tokens` reasoning tokens `<begin_of_image>` is forced.
+    `cfg_weight=1` samples images from the conditional logits (on-policy) and runs no unconditional CFG rows.
     Sample `i` of a request draws its random numbers from the key `(seed, i)` and the token position only, so
     its tokens do not depend on what else shares the batch; `seed=None` draws a seed from torch's generator.
     """

@@ -7,7 +7,8 @@ The unconditional CFG row of a conditional row `[BOS, prompt..., reasoning..., B
 sequence unless the reasoning itself contains a BOS token. The KV of `[BOS, PAD, ...]` at any position is the
 same for every row of every request, so it is computed once (`uncond_prefix`, grown on demand) and forked:
 each unconditional row shares the prefix's blocks up to position L-2 and copies only the partial block its
-BOI is written into.
+BOI is written into. Requests with `cfg_weight == 1` (unguided) get no unconditional row: their image tokens are
+sampled from the conditional row alone, and the prefix exists only while some request is guided.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from engine.sequence import Group, Sample, SampleStatus, Sequence
 @dataclass(slots=True)
 class ScheduledBatch:
     """One forward: the rows with their new tokens, the block copies to apply first, and what each row's last
-    hidden state is for (a text token of `text_samples[i]`, or half of the CFG pair of `image_samples[i]`)."""
+    hidden state is for: a text token of `text_samples[i]`, or the image token of `image_samples[i]` (its
+    conditional row `cond_rows[i]`; `uncond_rows` holds the unconditional rows of the guided ones, in order)."""
 
     is_prefill: bool
     seqs: list[Sequence] = field(default_factory=list)
@@ -65,11 +67,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ requests
     def blocks_to_finish_alone(self, group: Group) -> int:
-        """KV blocks one sample of `group` needs with nothing else in the pool: its conditional row, the shared
-        unconditional prefix and its unconditional row, each at their longest."""
+        """KV blocks one sample of `group` needs with nothing else in the pool: its conditional row and, when
+        guided, the shared unconditional prefix and its unconditional row, each at their longest."""
         bm = self.block_manager
-        prefix_len = len(group.prompt_ids) + group.params.max_reasoning_tokens
-        return 2 * bm.blocks_for(group.max_len) + bm.blocks_for(prefix_len)
+        cond = bm.blocks_for(group.max_len)
+        if not group.guided:
+            return cond
+        return 2 * cond + bm.blocks_for(len(group.prompt_ids) + group.params.max_reasoning_tokens)
 
     def add(self, group: Group) -> None:
         if group.request_id in self.groups:
@@ -79,8 +83,9 @@ class Scheduler:
             raise ValueError(
                 f"request {group.request_id!r} can never fit the KV cache: one sample needs up to {need} blocks "
                 f"of {self.block_manager.block_size} tokens (prompt {len(group.prompt_ids)} + reasoning "
-                f"{group.params.max_reasoning_tokens} + 1 + {group.num_image_tokens} image tokens, conditional and "
-                f"unconditional rows), the pool has {self.block_manager.num_blocks}; raise num_kv_blocks / "
+                f"{group.params.max_reasoning_tokens} + 1 + {group.num_image_tokens} image tokens"
+                f"{', conditional and unconditional rows' if group.guided else ''}), the pool has "
+                f"{self.block_manager.num_blocks}; raise num_kv_blocks / "
                 f"kv_cache_memory_bytes or lower max_reasoning_tokens")
         self.groups[group.request_id] = group
         self.waiting.append(group)
@@ -98,7 +103,7 @@ class Scheduler:
         if group.prompt_seq is not None:
             self.block_manager.free(group.prompt_seq)
             group.prompt_seq = None
-        self._drop_prefix_if_idle()
+        self._drop_prefix_if_unneeded()
         return group
 
     def has_unfinished(self) -> bool:
@@ -120,7 +125,7 @@ class Scheduler:
         """Give each sample that just sampled BOI its unconditional row, forked from the shared prefix."""
         ready = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
         for s in self.running:
-            if s.in_image_phase and s.uncond is None and s.cond.image_start - 1 <= ready:
+            if s.awaits_uncond and s.cond.image_start - 1 <= ready:
                 s.uncond = self._fork_uncond(s)
 
     def _fork_uncond(self, s: Sample) -> Sequence:
@@ -135,8 +140,8 @@ class Scheduler:
         """How long the shared prefix must grow: each sample that waits for it asks for its request's longest
         possible need, so a group's samples reaching BOI at different lengths extend it once, not n times."""
         have = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
-        waiting_for_it = [s for s in self.running if s.in_image_phase and s.uncond is None]
-        if self.waiting and isinstance(self.waiting[0], Sample) and self.waiting[0].in_image_phase:
+        waiting_for_it = [s for s in self.running if s.awaits_uncond]
+        if self.waiting and isinstance(self.waiting[0], Sample) and self.waiting[0].awaits_uncond:
             waiting_for_it.append(self.waiting[0])
         target = 0
         for s in waiting_for_it:
@@ -159,7 +164,7 @@ class Scheduler:
                 raise RuntimeError("the shared unconditional prefix does not fit an otherwise empty KV cache "
                                    "(a bug: requests are checked to fit when added)")
             batch.add_row(prefix, bm.append(prefix, target - prefix.num_cached_tokens))
-        rows = 2 * len(self.running)
+        rows = sum(s.peak_rows for s in self.running) if self.waiting else 0
         while self.waiting:
             item = self.waiting[0]
             plan = self._admission(item, ready)
@@ -187,10 +192,10 @@ class Scheduler:
         that is not computed yet."""
         bm = self.block_manager
         if isinstance(item, Group):
-            return 2 * len(item.samples), len(item.prompt_ids), bm.blocks_for(len(item.prompt_ids))
+            return sum(s.peak_rows for s in item.samples), len(item.prompt_ids), bm.blocks_for(len(item.prompt_ids))
         cond = item.cond
-        if not item.in_image_phase:
-            return 2, len(cond), bm.blocks_for(len(cond))
+        if not item.awaits_uncond:  # text phase, or an unguided image phase: the conditional row alone
+            return item.peak_rows, len(cond), bm.blocks_for(len(cond))
         shared = cond.image_start - 1
         if shared > prefix_ready:
             return None
@@ -216,11 +221,12 @@ class Scheduler:
             batch.text_rows.append(row)
             batch.text_samples.append(item)
             return
-        item.uncond = self._fork_uncond(item)
-        copies = bm.append(item.uncond, len(item.uncond) - item.uncond.num_cached_tokens)
         batch.cond_rows.append(row)
-        batch.uncond_rows.append(batch.add_row(item.uncond, copies))
         batch.image_samples.append(item)
+        if item.group.guided:
+            item.uncond = self._fork_uncond(item)
+            copies = bm.append(item.uncond, len(item.uncond) - item.uncond.num_cached_tokens)
+            batch.uncond_rows.append(batch.add_row(item.uncond, copies))
 
     def _schedule_decode(self) -> ScheduledBatch:
         bm = self.block_manager
@@ -229,7 +235,7 @@ class Scheduler:
         rows = i = 0
         while i < len(self.running):
             s = self.running[i]
-            if s.in_image_phase and s.uncond is None:  # waits for the prefix (grown by the next prefill step)
+            if s.awaits_uncond:  # waits for the prefix (grown by the next prefill step)
                 i += 1
                 continue
             pair = s.uncond is not None
@@ -252,10 +258,11 @@ class Scheduler:
                 continue
             i = self.running.index(s) + 1  # preemption may have removed samples before it (waiting for the prefix)
             row = batch.add_row(s.cond, bm.append(s.cond, 1))
-            if pair:
+            if s.in_image_phase:
                 batch.cond_rows.append(row)
-                batch.uncond_rows.append(batch.add_row(s.uncond, bm.append(s.uncond, 1)))
                 batch.image_samples.append(s)
+                if pair:
+                    batch.uncond_rows.append(batch.add_row(s.uncond, bm.append(s.uncond, 1)))
             else:
                 batch.text_rows.append(row)
                 batch.text_samples.append(s)
@@ -292,10 +299,10 @@ class Scheduler:
             self.block_manager.free(self.uncond_prefix)
             self.uncond_prefix = None
 
-    def _drop_prefix_if_idle(self) -> None:
-        """With no request left, the prefix goes too: the pool drains to zero, and the next rollout recomputes
-        it with whatever weights the model has by then."""
-        if not self.groups:
+    def _drop_prefix_if_unneeded(self) -> None:
+        """With no guided request left, the prefix goes too: its blocks return to the pool (which drains to zero
+        when idle), and the next guided request recomputes it with whatever weights the model has by then."""
+        if self.uncond_prefix is not None and not any(g.guided for g in self.groups.values()):
             self._drop_prefix()
 
     # ------------------------------------------------------------------------------------------------ results
@@ -323,7 +330,8 @@ class Scheduler:
         for s, tok, lp, mlp in zip(batch.image_samples, image_tokens, image_logprobs, image_mixed_logprobs,
                                    strict=True):
             s.cond.token_ids.append(tok)
-            s.uncond.token_ids.append(tok)
+            if s.uncond is not None:
+                s.uncond.token_ids.append(tok)
             s.image_logprobs.append(lp)
             s.image_mixed_logprobs.append(mlp)
             if s.num_image_tokens == s.group.num_image_tokens:
@@ -336,5 +344,5 @@ class Scheduler:
                     finished.append(s.group)
         if done:
             self.running = [s for s in self.running if s.status is SampleStatus.RUNNING]
-            self._drop_prefix_if_idle()
+            self._drop_prefix_if_unneeded()
         return finished

@@ -4,6 +4,7 @@ A `Group` is one prompt with its `n` samples. Its prompt is prefilled once as `G
 last hidden state gives every sample its first token, and the samples then fork the prompt's blocks. A `Sample`
 owns one conditional row (`cond`: prompt, reasoning, `<begin_of_image>`, image tokens) and, once it reaches
 the image phase, one unconditional CFG row (`uncond`); the two are scheduled, preempted and resumed together.
+A request with `cfg_weight == 1` has no unconditional rows: `u + 1 (c - u)` is the conditional logits.
 """
 from __future__ import annotations
 
@@ -62,6 +63,16 @@ class Sample:
         return self.cond.image_start != NO_IMAGE
 
     @property
+    def awaits_uncond(self) -> bool:
+        """In the image phase of a guided request without its unconditional row (yet to be forked)."""
+        return self.uncond is None and self.in_image_phase and self.group.guided
+
+    @property
+    def peak_rows(self) -> int:
+        """Rows the sample holds in its image phase: the ones `max_num_seqs` is charged for."""
+        return 1 + self.group.guided
+
+    @property
     def num_reasoning_tokens(self) -> int:
         """Generated text tokens so far (the `<begin_of_image>` included once sampled)."""
         return min(len(self.cond), self.cond.image_start) - len(self.group.prompt_ids)
@@ -107,6 +118,11 @@ class Group:
     def max_len(self) -> int:
         """Longest conditional row: prompt + reasoning + forced `<begin_of_image>` + image tokens."""
         return len(self.prompt_ids) + self.params.max_reasoning_tokens + 1 + self.num_image_tokens
+
+    @property
+    def guided(self) -> bool:
+        """Whether its image tokens need unconditional CFG rows; weight 1 mixes to the conditional logits."""
+        return self.params.cfg_weight != 1
 
     @property
     def finished(self) -> bool:

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from engine.sequence import Group, Sequence
 from gotr1.model import build_preset
 from gotr1.reference import ReferenceGenerator
 
@@ -35,7 +35,8 @@ def uncond_ids(bundle, ids):
 
 
 def teacher_forced(bundle, prompt_ids, reasoning_ids, image_tokens, *, text_t, image_t, cfg):
-    """Log-probs of a finished sample by plain full forwards (transformers-janus-cpu.md §3.5)."""
+    """Log-probs of a finished sample by plain full forwards (transformers-janus-cpu.md §3.5), and the
+    conditional image logits."""
     model = bundle.model
     with torch.no_grad():
         ids = torch.tensor([prompt_ids + reasoning_ids])
@@ -54,7 +55,7 @@ def teacher_forced(bundle, prompt_ids, reasoning_ids, image_tokens, *, text_t, i
         t = image_t or 1.0
         cond_lp = (c / t).log_softmax(-1).gather(-1, image_tokens[:, None])[:, 0]
         mixed_lp = ((u + cfg * (c - u)) / t).log_softmax(-1).gather(-1, image_tokens[:, None])[:, 0]
-    return text, cond_lp, mixed_lp
+    return text, cond_lp, mixed_lp, c
 
 
 def test_runner_logits_match_transformers_forward(tiny, engine):
@@ -113,8 +114,8 @@ def test_logprobs_equal_teacher_forced_forward(tiny, engine):
     for s in groups[0].samples + groups[1].samples:
         assert 4 <= len(s.reasoning_ids) <= 10 and s.reasoning_ids[-1] == tiny.boi_id
         assert s.image.size == (64, 64)
-        text, cond, mixed = teacher_forced(tiny, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0.8,
-                                           image_t=1.3, cfg=3.0)
+        text, cond, mixed, _ = teacher_forced(tiny, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0.8,
+                                              image_t=1.3, cfg=3.0)
         torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
         torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
         torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=1e-4)
@@ -130,17 +131,19 @@ def test_seeded_rollouts_reproduce_and_differ_by_seed(engine):
     assert key[0][0] != key[0][1]  # the samples of a group differ
 
 
-def test_image_phase_from_reasoning_kv_equals_reprefill(tiny):
+@pytest.mark.parametrize("cfg_weight,tight_blocks", [(5.0, 48), (1.0, 20)])
+def test_image_phase_from_reasoning_kv_equals_reprefill(tiny, cfg_weight, tight_blocks):
     """Without preemption the image phase continues from the reasoning KV; a pool so small that samples are
     preempted forces their prompt + chain (+ image tokens so far) to be prefilled again. Same tokens, same
-    log-probs, with sampling on."""
-    params = SamplingParams(n=4, max_reasoning_tokens=8, min_reasoning_tokens=2, seed=3, decode_images=False)
+    log-probs, with sampling on, with and without unconditional rows."""
+    params = SamplingParams(n=4, max_reasoning_tokens=8, min_reasoning_tokens=2, cfg_weight=cfg_weight, seed=3,
+                            decode_images=False)
     roomy = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4))
-    tight = LLMEngine(tiny, EngineConfig(num_kv_blocks=48, block_size=4))
+    tight = LLMEngine(tiny, EngineConfig(num_kv_blocks=tight_blocks, block_size=4))
     a = roomy.generate(PROMPTS, params, use_tqdm=False)
     b = tight.generate(PROMPTS, params, use_tqdm=False)
     assert tight.scheduler.num_preemptions > 0 and roomy.scheduler.num_preemptions == 0
-    assert tight.peak_used_blocks <= 48
+    assert tight.peak_used_blocks <= tight_blocks
     for ga, gb in zip(a, b):
         for sa, sb in zip(ga.samples, gb.samples):
             assert sa.reasoning_ids == sb.reasoning_ids
@@ -148,24 +151,32 @@ def test_image_phase_from_reasoning_kv_equals_reprefill(tiny):
             for x, y in ((sa.text_logprobs, sb.text_logprobs), (sa.image_logprobs, sb.image_logprobs),
                          (sa.image_mixed_logprobs, sb.image_mixed_logprobs)):
                 torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+            assert torch.equal(sb.image_mixed_logprobs, sb.image_logprobs) == (cfg_weight == 1)
 
 
-def test_mixed_text_image_batches_equal_each_sample_alone(tiny, engine, monkeypatch):
-    """Two requests with different settings decode together (text rows and CFG pairs in the same steps);
-    every sample equals itself run alone (same request seed and sample index)."""
-    params = [SamplingParams(n=3, max_reasoning_tokens=2, image_temperature=0.9, seed=5, decode_images=False),
+@pytest.mark.parametrize("cfg_weight", [5.0, 1.0])
+def test_mixed_text_image_batches_equal_each_sample_alone(tiny, engine, monkeypatch, cfg_weight):
+    """Two requests with different settings decode together (text rows and image rows in the same steps; at
+    `cfg_weight` 1 the first request's image rows have no unconditional row, the second's do); every sample
+    equals itself run alone (same request seed and sample index)."""
+    params = [SamplingParams(n=3, max_reasoning_tokens=2, image_temperature=0.9, cfg_weight=cfg_weight, seed=5,
+                             decode_images=False),
               SamplingParams(n=2, max_reasoning_tokens=12, min_reasoning_tokens=8, text_temperature=1.2, top_k=20,
                              cfg_weight=4.0, seed=9, decode_images=False)]
     kinds = []
     run = engine.runner.run
 
     def spy(batch):
-        kinds.append((bool(batch.text_samples), bool(batch.image_samples), batch.is_prefill))
+        pairs = len(batch.uncond_rows)
+        kinds.append((bool(batch.text_samples), bool(batch.image_samples), batch.is_prefill,
+                      0 < pairs < len(batch.image_samples)))
         return run(batch)
 
     monkeypatch.setattr(engine.runner, "run", spy)
     together = engine.generate(PROMPTS, params, use_tqdm=False)
-    assert (True, True, False) in kinds  # some decode step held text rows and image pairs at once
+    assert (True, True, False, False) in kinds  # some decode step held text rows and image rows at once
+    # at cfg_weight 1, some image step sampled the first request without and the second with unconditional rows
+    assert any(k[3] for k in kinds) == (cfg_weight == 1)
     for prompt, p, group in zip(PROMPTS, params, together):
         for i, s in enumerate(group.samples):
             rid = engine._add(prompt, s.prompt_ids, p, None)
@@ -178,7 +189,54 @@ def test_mixed_text_image_batches_equal_each_sample_alone(tiny, engine, monkeypa
             assert alone.reasoning_ids == s.reasoning_ids
             assert alone.image_tokens.tolist() == s.image_tokens.tolist()
             torch.testing.assert_close(alone.image_mixed_logprobs, s.image_mixed_logprobs, rtol=0, atol=1e-5)
+            torch.testing.assert_close(alone.image_logprobs, s.image_logprobs, rtol=0, atol=1e-5)
             torch.testing.assert_close(alone.text_logprobs, s.text_logprobs, rtol=0, atol=1e-5)
+            if p.cfg_weight == 1:
+                assert torch.equal(s.image_mixed_logprobs, s.image_logprobs)
+
+
+def test_cfg_weight_1_runs_no_uncond_rows_and_equals_the_cfg_path(tiny, engine, monkeypatch):
+    """cfg_weight 1, greedy and sampled: no unconditional row, prefix or block is ever held, and the outputs equal
+    (a) the same requests forced through the CFG path (unconditional rows mixed with w = 1) and (b) a teacher-forced
+    forward: log-probs of the conditional logits, greedy image tokens their argmax."""
+    params = [SamplingParams(n=2, text_temperature=0, image_temperature=0, cfg_weight=1.0, max_reasoning_tokens=6,
+                             decode_images=False),
+              SamplingParams(n=2, text_temperature=0.8, image_temperature=1.3, top_k=50, top_p=0.9, cfg_weight=1.0,
+                             max_reasoning_tokens=9, min_reasoning_tokens=3, seed=7, decode_images=False)]
+    sched, bm, run = engine.scheduler, engine.block_manager, engine.runner.run
+    steps = []
+
+    def spy(batch):
+        groups = sched.groups.values()
+        held = {b for g in groups for s in g.samples for b in s.cond.block_table}
+        held |= {b for g in groups if g.prompt_seq is not None for b in g.prompt_seq.block_table}
+        steps.append((len(batch.seqs), len(batch.uncond_rows), sched.uncond_prefix is not None,
+                      bm.num_used_blocks - len(held)))
+        return run(batch)
+
+    monkeypatch.setattr(engine.runner, "run", spy)
+    ours = engine.generate(PROMPTS, params, use_tqdm=False)
+    rows, uncond_rows, prefix, foreign_blocks = map(sum, zip(*steps))
+    assert uncond_rows == prefix == foreign_blocks == 0  # every block in use belongs to a prompt or cond row
+    steps.clear()
+    monkeypatch.setattr(Group, "guided", property(lambda self: True))  # the CFG path, as before cfg_weight 1 skipped it
+    cfg_path = engine.generate(PROMPTS, params, use_tqdm=False)
+    cfg_rows, cfg_uncond_rows, cfg_prefix, _ = map(sum, zip(*steps))
+    assert cfg_uncond_rows > 0 and cfg_prefix > 0 and rows < cfg_rows
+    for p, group, cfg_group in zip(params, ours, cfg_path):
+        for s, c in zip(group.samples, cfg_group.samples):
+            assert s.reasoning_ids == c.reasoning_ids and s.image_tokens.tolist() == c.image_tokens.tolist()
+            for x, y in ((s.text_logprobs, c.text_logprobs), (s.image_logprobs, c.image_logprobs),
+                         (s.image_mixed_logprobs, c.image_mixed_logprobs)):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+            assert torch.equal(s.image_mixed_logprobs, s.image_logprobs)
+            text, cond, _, logits = teacher_forced(tiny, s.prompt_ids, s.reasoning_ids, s.image_tokens,
+                                                   text_t=p.text_temperature, image_t=p.image_temperature, cfg=1.0)
+            torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
+            torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
+            if p.image_temperature == 0:
+                assert s.image_tokens.tolist() == logits.argmax(-1).tolist()
+    assert ours[1].samples[0].image_tokens.tolist() != ours[1].samples[1].image_tokens.tolist()  # sampled
 
 
 def test_prompt_kv_is_computed_once_and_uncond_prefix_is_shared(tiny):

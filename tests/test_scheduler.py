@@ -1,6 +1,7 @@
 """Scheduler properties with a fake model: every request finishes with the same tokens however tight the KV
 pool (preemption by recompute never drops or corrupts anything), refs drain to zero, rows only ever read the KV
-their own tokens produced, and prompt / unconditional-prefix blocks are shared as designed."""
+their own tokens produced, prompt / unconditional-prefix blocks are shared as designed, and requests with
+cfg_weight 1 hold no unconditional rows at all."""
 import random
 
 import pytest
@@ -30,6 +31,10 @@ class FakeModel:
         batch = sched.schedule()
         self.steps.append(batch)
         bs = self.bm.block_size
+        assert batch.is_prefill or len(batch.seqs) <= sched.max_num_seqs
+        assert [batch.seqs[r] for r in batch.cond_rows] == [s.cond for s in batch.image_samples]
+        assert [batch.seqs[r] for r in batch.uncond_rows] == [s.uncond for s in batch.image_samples
+                                                              if s.group.guided]
         for src, dst in batch.copies:
             self.slots[dst] = list(self.slots[src])
         for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
@@ -54,17 +59,21 @@ class FakeModel:
         for s in batch.image_samples:
             u = s.uncond
             length = s.cond.image_start
-            assert u.token_ids == [BOS] + [PAD] * (length - 2) + s.cond.token_ids[length - 1:]
+            if s.group.guided:
+                assert u.token_ids == [BOS] + [PAD] * (length - 2) + s.cond.token_ids[length - 1:]
+            else:
+                assert u is None
             image.append(random.Random(hash((s.key, tuple(s.cond.token_ids)))).randrange(64))
         lps = [-float(len(s.cond)) for s in batch.text_samples]
         ilps = [-float(len(s.cond)) for s in batch.image_samples]
         return sched.postprocess(batch, text, lps, image, ilps, [x - 1 for x in ilps])
 
 
-def make_group(rid, prompt_len, n, max_r, min_r, num_image_tokens, seed):
+def make_group(rid, prompt_len, n, max_r, min_r, cfg_weight=5.0, *, num_image_tokens, seed):
     rng = random.Random(seed)
     prompt = [BOS] + [rng.randrange(10, 40) for _ in range(prompt_len - 1)]
-    params = SamplingParams(n=n, max_reasoning_tokens=max_r, min_reasoning_tokens=min_r, seed=seed)
+    params = SamplingParams(n=n, max_reasoning_tokens=max_r, min_reasoning_tokens=min_r, cfg_weight=cfg_weight,
+                            seed=seed)
     g = Group(request_id=rid, prompt=f"p{rid}", prompt_ids=prompt, params=params, seed=seed,
               num_image_tokens=num_image_tokens)
     g.samples = [Sample(group=g, index=i, key=sample_key(seed, i), cond=Sequence(list(prompt))) for i in range(n)]
@@ -98,7 +107,8 @@ def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_token
 
 
 group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6)).flatmap(
-    lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), st.integers(0, t[2])))
+    lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), st.integers(0, t[2]),
+                        st.sampled_from([1.0, 5.0])))
 
 
 @settings(max_examples=40, deadline=None)
@@ -118,7 +128,7 @@ def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_imag
                           arrivals=arrivals[:len(specs)])
     assert tight == roomy
     for rid, samples in tight.items():
-        n, max_r, min_r = specs[int(rid)][1:]
+        n, max_r, min_r = specs[int(rid)][1:4]
         assert len(samples) == n
         for reasoning, image, forced, text_lps, image_lps in samples:
             assert reasoning[-1] == BOI and BOI not in reasoning[:-1]
@@ -126,12 +136,14 @@ def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_imag
             assert len(image) == len(image_lps) == num_image_tokens and len(text_lps) == len(reasoning)
 
 
-def test_preemption_happens_and_resumes_exactly():
-    specs = [(9, 4, 6, 3), (5, 3, 5, 0), (7, 4, 6, 6)]
+@pytest.mark.parametrize("cfg_weights", [(5.0, 5.0, 5.0), (1.0, 1.0, 1.0), (1.0, 5.0, 1.0)])
+def test_preemption_happens_and_resumes_exactly(cfg_weights):
+    specs = [(9, 4, 6, 3, cfg_weights[0]), (5, 3, 5, 0, cfg_weights[1]), (7, 4, 6, 6, cfg_weights[2])]
     roomy, _, _ = run(specs, num_blocks=1000, block_size=2)
-    tight, sched, _ = run(specs, num_blocks=30, block_size=2, arrivals=[0, 1, 3])
+    tight, sched, model = run(specs, num_blocks=30, block_size=2, arrivals=[0, 1, 3])
     assert sched.num_preemptions > 0
     assert tight == roomy
+    assert any(b.is_prefill and b.image_samples for b in model.steps)  # image-phase samples were resumed
 
 
 def test_prompt_blocks_are_computed_once_per_group():
@@ -210,3 +222,65 @@ def test_abort_frees_everything_at_any_point():
         while sched.has_unfinished():
             model.step(sched)
         assert bm.num_used_blocks == 0 and bm.ref_counts == [0] * 200
+
+
+def test_cfg_weight_1_takes_no_uncond_rows_prefix_or_blocks():
+    """An unguided request (cfg_weight 1) holds only its conditional rows: at every step the blocks in use are
+    exactly those of its prompt and conditional rows, with no unconditional prefix, and it needs only one row's
+    blocks to finish alone."""
+    bm = BlockManager(400, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    model = FakeModel(bm)
+    group = make_group("u", 10, 4, 6, 2, 1.0, num_image_tokens=8, seed=3)  # rows up to 10 + 6 + 1 + 8 = 25 tokens
+    assert sched.blocks_to_finish_alone(group) == 7
+    assert sched.blocks_to_finish_alone(make_group("g", 10, 4, 6, 2, num_image_tokens=8, seed=3)) == 2 * 7 + 4
+    sched.add(group)
+    image_rows = 0
+    while sched.has_unfinished():
+        model.step(sched)
+        batch = model.steps[-1]
+        assert sched.uncond_prefix is None and not batch.uncond_rows
+        assert all(s.uncond is None for s in group.samples)
+        held = {b for s in group.samples for b in s.cond.block_table}
+        held |= set(group.prompt_seq.block_table) if group.prompt_seq is not None else set()
+        assert bm.num_used_blocks == len(held)
+        image_rows += len(batch.image_samples)
+    assert image_rows == 4 * 8 and bm.num_used_blocks == 0
+    with pytest.raises(ValueError, match=r"image tokens\), the pool has 10"):  # no unconditional rows named
+        Scheduler(EngineConfig(block_size=4, num_kv_blocks=10), BlockManager(10, 4), bos_id=BOS, pad_id=PAD,
+                  boi_id=BOI).add(make_group("big", 20, 1, 10, 0, 1.0, num_image_tokens=16, seed=0))
+
+
+@pytest.mark.parametrize("cfg_weight,admitted", [(1.0, ["a", "b"]), (5.0, ["a"])])
+def test_max_num_seqs_counts_uncond_rows_only_for_guided_requests(cfg_weight, admitted):
+    """Admission reserves each sample's peak rows: 2 with CFG, 1 at cfg_weight 1, so two groups of 2 samples fit
+    max_num_seqs=4 together only when unguided."""
+    bm = BlockManager(200, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=200, max_num_seqs=4), bm, bos_id=BOS, pad_id=PAD,
+                      boi_id=BOI)
+    model = FakeModel(bm)
+    for rid in ("a", "b"):
+        sched.add(make_group(rid, 5, 2, 3, 3, cfg_weight, num_image_tokens=4, seed=ord(rid)))
+    model.step(sched)
+    assert [g.request_id for g in model.steps[0].prefilled_groups] == admitted
+    while sched.has_unfinished():
+        model.step(sched)
+    assert max(len(b.seqs) for b in model.steps if not b.is_prefill) == 4  # both groups decode at once
+
+
+def test_uncond_prefix_lives_only_while_a_guided_request_does():
+    """The prefix is built for the guided request and dropped when it finishes, while the unguided one still runs."""
+    bm = BlockManager(400, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    model = FakeModel(bm)
+    sched.add(make_group("u", 6, 2, 8, 8, 1.0, num_image_tokens=12, seed=1))  # long: finishes last
+    sched.add(make_group("g", 6, 2, 2, 2, 5.0, num_image_tokens=3, seed=2))
+    had_prefix = checked = False
+    while sched.has_unfinished():
+        finished = [g.request_id for g in model.step(sched)]
+        had_prefix |= sched.uncond_prefix is not None
+        if finished == ["g"]:
+            assert sched.uncond_prefix is None and "u" in sched.groups
+            assert bm.num_used_blocks == len({b for s in sched.groups["u"].samples for b in s.cond.block_table})
+            checked = True
+    assert had_prefix and checked and bm.num_used_blocks == 0
