@@ -87,7 +87,8 @@ class TorchBackend(AttentionBackend):
         self._v: torch.Tensor | None = None  # [layers, rows * kv heads, capacity, head_dim] fp32
         self._seq_ids: tuple[int, ...] = ()  # the rows the workspace holds, in order
         self._lens: list[int] = []  # positions each row holds
-        self._key_index: torch.Tensor | None = None  # this step's new-token position per (row x head, dim)
+        self._position: torch.Tensor | None = None  # this step's new-token position per row x kv head
+        self._key_index: torch.Tensor | None = None  # ... as a scatter index into the keys (a view of it)
         self._write: torch.Tensor | None = None  # ... and its flat offset into a layer's values
         self._row_offsets: torch.Tensor | None = None  # where each (row, kv head) starts in a layer's values
         self._mask: torch.Tensor | None = None  # [rows * kv heads, 1, T] additive, None when every row has T
@@ -118,20 +119,23 @@ class TorchBackend(AttentionBackend):
         if meta.is_prefill:  # prefill reads the paged cache; the next decode step re-gathers
             self._seq_ids, self._lens = (), []
             return
-        if not self._continues(meta):
+        heads = kv_cache.shape[4]
+        if self._continues(meta):  # every row one token longer: its new token goes one position further
+            self._position.add_(1)
+            self._write.add_(1)
+        else:
             self._k = self._v = None
             if self._workspace_bytes(kv_cache, meta) > max(kv_cache.numel() * 4, self._WORKSPACE_FLOOR):
                 self._seq_ids, self._lens = (), []  # too big (a large model on CPU): read the pool each step
                 return
             self._gather(kv_cache, meta)
-        lens = meta.host_context_lens
-        heads, dim = kv_cache.shape[4], kv_cache.shape[5]
-        self._lens = list(lens)
+            # The new token's position, per row x kv head.
+            self._position = torch.tensor([c - 1 for c in meta.host_context_lens for _ in range(heads)],
+                                          device=kv_cache.device)
+            self._key_index = self._position.view(-1, 1, 1).expand(-1, kv_cache.shape[5], 1)
+            self._write = self._row_offsets + self._position
+        self._lens = lens = meta.host_context_lens
         self._width = width = max(lens)
-        # The new token's position, per row x kv head.
-        position = torch.tensor([c - 1 for c in lens for _ in range(heads)], device=kv_cache.device)
-        self._key_index = position.view(-1, 1, 1).expand(-1, dim, 1)
-        self._write = self._row_offsets + position
         self._mask = None
         if min(lens) != width:
             past = torch.arange(width, device=kv_cache.device) >= meta.context_lens[:, None]

@@ -1,9 +1,9 @@
 """Runs Janus's language model over a scheduled batch, on the model's own modules, through the paged KV cache.
 
-Nothing is copied out of the model: every step calls the model's modules (`q/k/v/o_proj`, `mlp`, heads, ...), so
-a peft-wrapped projection applies its LoRA inline and an optimizer step is seen by the next forward (plain fp32
-RMSNorms run as `F.rms_norm` on the module's own weight: the same bits as the module, one op instead of five).
-What Janus adds over a Llama: a row's input embedding depends on the token's modality (text: `embed_tokens`;
+Nothing is copied out of the model: every step runs the model's modules (`q/k/v/o_proj`, `mlp`, heads, ...) on
+their own parameters, through `engine.lean` (direct torch calls for the known module types, the module itself for
+anything else), so a peft-wrapped projection applies its LoRA inline and an optimizer step is seen by the next
+forward. What Janus adds over a Llama: a row's input embedding depends on the token's modality (text: `embed_tokens`;
 image: generation embeddings + aligner), and its output head on the row's phase (text: `lm_head` over the text
 vocabulary; image: `generation_head` over the codebook). Heads run on each row's last position only. RoPE cos/sin
 come from the model's own rotary module, tabulated once for every position.
@@ -14,13 +14,15 @@ outside the graph. Graphs are recaptured when the model's modules or adapter sta
 """
 from __future__ import annotations
 
+from array import array
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from transformers import JanusForConditionalGeneration
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
+from engine.lean import Forward, lean
 from engine.scheduler import ScheduledBatch
 
 
@@ -31,6 +33,28 @@ def unwrap(model: torch.nn.Module) -> JanusForConditionalGeneration:
         raise TypeError(f"the engine runs JanusForConditionalGeneration (optionally peft-wrapped), got "
                         f"{type(janus).__name__}")
     return janus
+
+
+@dataclass(slots=True)
+class LayerForwards:
+    """One decoder layer's modules as `engine.lean` calls."""
+
+    input_norm: Forward
+    q: Forward
+    k: Forward
+    v: Forward
+    o: Forward
+    post_norm: Forward
+    mlp: Forward
+
+
+def host_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values, dtype=dtype, device=device)` for int32/int64 in a third of the time (one buffer copy
+    instead of a per-element conversion): step metadata is built on the host every step."""
+    if not values:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=dtype, device=device)
+    t = torch.frombuffer(array("q" if dtype == torch.int64 else "i", values), dtype=dtype)
+    return t if device.type == "cpu" else t.to(device)
 
 
 class ModelRunner:
@@ -73,21 +97,21 @@ class ModelRunner:
         lm = janus.model.language_model
         self.janus = janus
         self.layers = list(lm.layers)
-        self.final_norm = lm.norm
+        self.forwards = [LayerForwards(*map(lean, (layer.input_layernorm, layer.self_attn.q_proj,
+                                                   layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                   layer.self_attn.o_proj, layer.post_attention_layernorm,
+                                                   layer.mlp))) for layer in self.layers]
+        self.final_norm = lean(lm.norm)
         self.embed_tokens = lm.embed_tokens
-        self.lm_head = janus.lm_head
-        self.generation_head = janus.model.generation_head
+        self.embed_text = lean(lm.embed_tokens)
+        generation_embeddings, aligner = lean(janus.model.generation_embeddings), lean(janus.model.generation_aligner)
+        self.embed_image = lambda ids: aligner(generation_embeddings(ids))  # prepare_embeddings_for_image_generation
+        self.text_head = lean(janus.lm_head)
+        self.image_head = lean(janus.model.generation_head)
         self.rotary_emb = lm.rotary_emb
         if self.rotary_emb.rope_type in ("dynamic", "longrope"):
             raise NotImplementedError(f"rope_type {self.rotary_emb.rope_type!r} depends on the sequence length; "
                                       "the engine tabulates RoPE once")
-        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-        norms.append(self.final_norm)
-        # transformers' RMSNorm is five ops; `F.rms_norm` is one and, in fp32, gives the same bits. Anything else
-        # (another class, a hook, 16-bit, where transformers rounds in between) runs the module itself.
-        self.fused_norms = janus.dtype == torch.float32 and all(
-            type(m) is LlamaRMSNorm and m.weight.dtype == torch.float32
-            and not (m._forward_hooks or m._forward_pre_hooks) for m in norms)
         adapters = tuple((id(m), bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
                           tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters)
@@ -138,18 +162,20 @@ class ModelRunner:
             h = h.index_select(0, last)
         text = cond = uncond = None
         if batch.text_rows:
-            text = self.lm_head(self._norm(self.final_norm, self._rows(h, batch.text_rows)))
+            text = self.text_head(self.final_norm(self._rows(h, batch.text_rows)))
         if batch.image_samples:
-            rows = self._rows(h, batch.cond_rows + batch.uncond_rows)
-            logits = self.generation_head(self._norm(self.final_norm, rows))
+            logits = self.image_head(self.final_norm(self._rows(h, batch.cond_rows + batch.uncond_rows)))
             n = len(batch.cond_rows)
             cond, uncond = logits[:n], (logits[n:] if batch.uncond_rows else None)
         return text, cond, uncond
 
     def _rows(self, h: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        if len(rows) == h.shape[0] and rows == list(range(len(rows))):
-            return h
-        return h.index_select(0, torch.tensor(rows, device=h.device))
+        """`h[rows]`, as a view when the rows are consecutive (the scheduler puts a decode step's unconditional
+        rows after all the others, so an image step's heads read one slice)."""
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1 and rows == list(range(first, first + len(rows))):
+            return h[first:first + len(rows)]
+        return h.index_select(0, host_tensor(rows, torch.int64, h.device))
 
     def _prepare(self, batch: ScheduledBatch):
         """Step metadata from the rows, built in Python and sent as two tensors (int64 per token, int32 per row:
@@ -177,7 +203,7 @@ class ModelRunner:
             context_lens = [p + 1 for p in starts]
         num_rows, num_tokens = len(seqs), len(ids)
         dev = self.device
-        per_token = torch.tensor(ids + positions + slots, dtype=torch.int64, device=dev)
+        per_token = host_tensor(ids + positions + slots, torch.int64, dev)
         meta = AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=per_token[2 * num_tokens:],
                                  context_lens=None, block_tables=None, seq_ids=tuple(s.seq_id for s in seqs),
                                  host_context_lens=context_lens)
@@ -189,7 +215,7 @@ class ModelRunner:
             for seq in seqs:
                 per_row += seq.block_table
                 per_row += [0] * (width - len(seq.block_table))
-        per_row = torch.tensor(per_row, dtype=torch.int32, device=dev)
+        per_row = host_tensor(per_row, torch.int32, dev)
         meta.context_lens = per_row[:num_rows]
         if width:
             meta.block_tables = per_row[num_rows:].view(num_rows, width)
@@ -199,7 +225,7 @@ class ModelRunner:
             for q, c in zip(batch.query_lens, context_lens):
                 cu_q.append(cu_q[-1] + q)
                 cu_k.append(cu_k[-1] + c)
-            cu = torch.tensor(cu_q + cu_k, dtype=torch.int32, device=dev)
+            cu = host_tensor(cu_q + cu_k, torch.int32, dev)
             meta.cu_seqlens_q, meta.cu_seqlens_k = cu[:num_rows + 1], cu[num_rows + 1:]
             meta.max_seqlen_q, meta.max_seqlen_k = max(batch.query_lens), max(context_lens)
             last = meta.cu_seqlens_q[1:].long() - 1
@@ -211,12 +237,12 @@ class ModelRunner:
     def _embed(self, ids: torch.Tensor, image_mask: torch.Tensor | bool | None) -> torch.Tensor:
         """Text tokens through `embed_tokens`, image tokens through the generation embeddings + aligner."""
         if image_mask is None:
-            return self.embed_tokens(ids)
+            return self.embed_text(ids)
         if image_mask is True:
-            return self.janus.prepare_embeddings_for_image_generation(ids)
+            return self.embed_image(ids)
         h = torch.empty((ids.shape[0], self.hidden_size), dtype=self.dtype, device=self.device)
-        h[~image_mask] = self.embed_tokens(ids[~image_mask])
-        h[image_mask] = self.janus.prepare_embeddings_for_image_generation(ids[image_mask])
+        h[~image_mask] = self.embed_text(ids[~image_mask])
+        h[image_mask] = self.embed_image(ids[image_mask])
         return h
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -228,23 +254,17 @@ class ModelRunner:
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = self._norm(layer.input_layernorm, h)
-            q = attn.q_proj(x).view(n, -1, d)
-            qk = torch.cat([q, attn.k_proj(x).view(n, -1, d)], 1)
+        for i, f in enumerate(self.forwards):
+            x = f.input_norm(h)
+            q = f.q(x).view(n, -1, d)
+            qk = torch.cat([q, f.k(x).view(n, -1, d)], 1)
             qk = qk * cos + qk.index_select(2, self.rope_perm) * sin
             q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
-            v = attn.v_proj(x).view(n, -1, d)
+            v = f.v(x).view(n, -1, d)
             o = self.backend.forward(i, q, k, v, k_cache[i], v_cache[i], meta, self.scale)
-            h = h + attn.o_proj(o.reshape(n, -1))
-            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+            h = h + f.o(o.reshape(n, -1))
+            h = h + f.mlp(f.post_norm(h))
         return h
-
-    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_norms:
-            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-        return norm(x)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: whole blocks, every layer, K and V. One gather unless a copy reads another's target."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.model_runner import host_tensor
 from engine.sequence import Sample
 from kernels.cfg_sampling import cfg_sample
 
@@ -37,7 +38,7 @@ class Sampler:
             top_k, seeds = torch.tensor(ints, dtype=torch.int64, device=self.device).T
             cached = self._fixed[image] = rows, dict(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k,
                                                      top_p=top_p, seeds=seeds)
-        counters = torch.tensor([len(s.cond) for s in samples], dtype=torch.int64, device=self.device)
+        counters = host_tensor([len(s.cond) for s in samples], torch.int64, self.device)
         return dict(cached[1], counters=counters)
 
     @torch.inference_mode()
@@ -51,18 +52,27 @@ class Sampler:
         raw = logits
         if banned:
             logits = logits.clone()
-            logits[banned, self.boi_id] = float("-inf")
+            column = logits[:, self.boi_id]
+            if len(banned) == len(samples):
+                column.fill_(float("-inf"))
+            else:
+                column.index_fill_(0, host_tensor(banned, torch.int64, self.device), float("-inf"))
         out = cfg_sample(logits, None, validate=False, **settings)
         tokens, logprobs = out.tokens, out.logprobs
+        if forced:
+            tokens = tokens.index_fill(0, host_tensor(forced, torch.int64, self.device), self.boi_id)
         if banned or forced:
-            dev = raw.device
-            if forced:
-                tokens = tokens.index_fill(0, torch.tensor(forced, device=dev), self.boi_id)
-            rows = torch.tensor(banned + forced, device=dev)
-            t = settings["temperature"].index_select(0, rows)
+            # The policy's log-probs on the raw logits; a group in lock-step has every row banned or forced.
+            every = len(banned) + len(forced) == len(samples)
+            rows = None if every else host_tensor(banned + forced, torch.int64, self.device)
+
+            def pick(x: torch.Tensor) -> torch.Tensor:
+                return x if every else x.index_select(0, rows)
+
+            t = pick(settings["temperature"])
             t = torch.where(t == 0, 1.0, t)[:, None]
-            policy = torch.log_softmax(raw.index_select(0, rows).float() / t, dim=-1)
-            logprobs = logprobs.index_copy(0, rows, policy.gather(1, tokens.index_select(0, rows)[:, None])[:, 0])
+            policy = torch.log_softmax(pick(raw).float() / t, dim=-1).gather(1, pick(tokens)[:, None])[:, 0]
+            logprobs = policy if every else logprobs.index_copy(0, rows, policy)
         tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one device sync
         return [int(t) for t in tokens], logprobs
 

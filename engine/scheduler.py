@@ -229,9 +229,13 @@ class Scheduler:
             batch.uncond_rows.append(batch.add_row(item.uncond, copies))
 
     def _schedule_decode(self) -> ScheduledBatch:
+        """One token per running sample, as many as fit. Unconditional rows go after all the others (their
+        blocks are made writable in the loop, the rows added at the end), so that an image step's conditional
+        and unconditional rows are two consecutive runs and its heads read one slice of the hidden states."""
         bm = self.block_manager
         batch = ScheduledBatch(is_prefill=False)
         scheduled: set[int] = set()  # ids of samples in this step: never preempted by a later one
+        uncond: list[tuple[Sequence, list[tuple[int, int]]]] = []
         rows = i = 0
         while i < len(self.running):
             s = self.running[i]
@@ -245,7 +249,11 @@ class Scheduler:
             if pair:
                 need += bm.blocks_needed(s.uncond.block_table, s.uncond.num_cached_tokens, 1)
             scheduled.add(id(s))
-            if not self._make_room(need, scheduled):
+            if need <= bm.num_free_blocks:
+                i += 1
+            elif self._make_room(need, scheduled):
+                i = self.running.index(s) + 1  # preemption may have removed samples before it (awaiting the prefix)
+            else:
                 scheduled.discard(id(s))
                 if batch.seqs:  # only scheduled samples are left: they hold the blocks, it resumes later
                     self._preempt(s)
@@ -256,17 +264,18 @@ class Scheduler:
                 self._drop_prefix()
                 i = self.running.index(s)
                 continue
-            i = self.running.index(s) + 1  # preemption may have removed samples before it (waiting for the prefix)
             row = batch.add_row(s.cond, bm.append(s.cond, 1))
             if s.in_image_phase:
                 batch.cond_rows.append(row)
                 batch.image_samples.append(s)
                 if pair:
-                    batch.uncond_rows.append(batch.add_row(s.uncond, bm.append(s.uncond, 1)))
+                    uncond.append((s.uncond, bm.append(s.uncond, 1)))
             else:
                 batch.text_rows.append(row)
                 batch.text_samples.append(s)
             rows += 1 + pair
+        for seq, copies in uncond:
+            batch.uncond_rows.append(batch.add_row(seq, copies))
         return batch
 
     def _make_room(self, need: int, protected: set[int] = frozenset()) -> bool:

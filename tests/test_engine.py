@@ -7,9 +7,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import EngineConfig
+from engine.lean import lean
 from engine.llm_engine import LLMEngine
+from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Group, Sequence
@@ -27,6 +31,19 @@ def tiny():
 @pytest.fixture(scope="module")
 def engine(tiny):
     return LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4))
+
+
+@pytest.fixture(scope="module")
+def odd():
+    """Odd sizes (hidden 40: 5 query heads of dim 8 over one KV head, 3 layers) and RMSNorm weights off their
+    all-ones init, so that the norms' weight multiply is exercised."""
+    bundle = build_preset("tiny", image_size=64, hidden_size=40, num_heads=5, num_kv_heads=1, num_layers=3, seed=2)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            if "layernorm" in name or name.endswith("language_model.norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    return bundle
 
 
 def uncond_ids(bundle, ids):
@@ -58,8 +75,11 @@ def teacher_forced(bundle, prompt_ids, reasoning_ids, image_tokens, *, text_t, i
     return text, cond_lp, mixed_lp, c
 
 
-def test_runner_logits_match_transformers_forward(tiny, engine):
+@pytest.mark.parametrize("preset", ["tiny", "odd"])
+def test_runner_logits_match_transformers_forward(preset, request):
     """Packed varlen prefill, then decode steps, through the paged cache: text logits == HF's full forward."""
+    tiny = request.getfixturevalue(preset)
+    engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4))
     runner, bm = engine.runner, engine.block_manager
     g = torch.Generator().manual_seed(0)
     rows = [tiny.encode_prompts([p], 8)[0] for p in PROMPTS]
@@ -81,6 +101,71 @@ def test_runner_logits_match_transformers_forward(tiny, engine):
         for s in seqs:
             bm.free(s)
     assert bm.num_used_blocks == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(torch.int32, 2**31), (torch.int64, 2**63)]).flatmap(
+    lambda kind: st.tuples(st.just(kind[0]), st.lists(st.integers(-kind[1], kind[1] - 1), max_size=40))))
+def test_host_tensor_equals_torch_tensor(case):
+    dtype, values = case
+    t = host_tensor(values, dtype, torch.device("cpu"))
+    assert t.dtype == dtype and torch.equal(t, torch.tensor(values, dtype=dtype))
+
+
+def test_lean_forwards_equal_module_forwards(odd):
+    """Every module the engine runs through `engine.lean` takes the direct path and gives the module's own bits
+    (fp32, random weights, odd sizes, an odd number of rows)."""
+    janus = odd.model
+    lm = janus.model.language_model
+    g = torch.Generator().manual_seed(0)
+    hidden, embed_dim = lm.config.hidden_size, janus.model.generation_embeddings.embedding_dim
+
+    def floats(width):
+        return torch.randn(7, width, generator=g)
+
+    cases = [(janus.lm_head, floats(hidden)), (lm.norm, floats(hidden)),
+             (janus.model.generation_head, floats(hidden)), (janus.model.generation_aligner, floats(embed_dim)),
+             (lm.embed_tokens, torch.randint(0, lm.config.vocab_size, (7,), generator=g)),
+             (janus.model.generation_embeddings, torch.randint(0, 1024, (7,), generator=g))]
+    for layer in lm.layers:
+        a = layer.self_attn
+        cases += [(m, floats(hidden)) for m in (layer.input_layernorm, layer.post_attention_layernorm, a.q_proj,
+                                                a.k_proj, a.v_proj, layer.mlp)]
+        cases.append((a.o_proj, floats(a.o_proj.in_features)))
+    with torch.no_grad():
+        for module, x in cases:
+            f = lean(module)
+            assert f is not module, type(module).__name__
+            out = f(x)
+            assert torch.equal(out, module(x)), type(module).__name__
+            assert out.isfinite().all()
+
+
+def test_lean_leaves_wrapped_modules_to_their_own_forward():
+    """A hook, a 16-bit RMSNorm (transformers rounds between its ops) or a peft LoRA layer is called, never
+    bypassed; a module composed of such children still uses them (LoRA inline inside a lean MLP)."""
+    peft = pytest.importorskip("peft")
+    bundle = build_preset("tiny", image_size=64, seed=3)
+    layer = bundle.model.model.language_model.layers[0]
+    hook = layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: out * 2)
+    assert lean(layer.self_attn.q_proj) is layer.self_attn.q_proj
+    hook.remove()
+    assert lean(layer.self_attn.q_proj) is not layer.self_attn.q_proj
+    norm16 = type(layer.input_layernorm)(8).to(torch.bfloat16)
+    assert lean(norm16) is norm16
+    pm = peft.get_peft_model(bundle.model, peft.LoraConfig(r=4, target_modules=r".*layers\.0\.mlp\.gate_proj"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+        mlp = layer.mlp
+        assert lean(mlp.gate_proj) is mlp.gate_proj  # the peft layer
+        x = torch.randn(5, 64, generator=g)
+        with pm.disable_adapter():
+            base = mlp(x)
+        torch.testing.assert_close(lean(mlp)(x), mlp(x), rtol=0, atol=0)
+        assert not torch.allclose(mlp(x), base)
 
 
 @pytest.mark.parametrize("min_r,max_r", [(0, 10), (6, 6)])

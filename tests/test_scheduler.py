@@ -35,6 +35,9 @@ class FakeModel:
         assert [batch.seqs[r] for r in batch.cond_rows] == [s.cond for s in batch.image_samples]
         assert [batch.seqs[r] for r in batch.uncond_rows] == [s.uncond for s in batch.image_samples
                                                               if s.group.guided]
+        if not batch.is_prefill:  # unconditional rows last: an image step's heads read one slice
+            n = len(batch.seqs)
+            assert batch.uncond_rows == list(range(n - len(batch.uncond_rows), n))
         for src, dst in batch.copies:
             self.slots[dst] = list(self.slots[src])
         for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):

@@ -1,0 +1,69 @@
+"""Module forwards as direct torch calls on the modules' own parameters.
+
+A tiny model's decode step is a few dozen torch ops on `[rows, hidden]` tensors, and `nn.Module.__call__` (hook
+lookups, `forward` dispatch) costs about as much as the op it wraps: `F.linear(x, m.weight, m.bias)` runs a 64-wide
+projection in half the time `m(x)` takes. `lean(module)` returns such a call for the module types whose forward
+is known here, composed from `lean` of their children, else the module itself: a peft LoRA layer, a module with
+hooks or a replaced `forward`, any other class keep running their own forward (so LoRA is applied inline). No
+weight is copied: the calls hold the module's parameters, so in-place updates (an optimizer step, peft's
+`merge_adapter`) are seen. What to bypass is decided when `lean` is called: the engine rebinds before each
+rollout, which picks up replaced modules and hooks added since.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+from transformers.activations import GELUActivation, SiLUActivation
+from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+Forward = Callable[[Tensor], Tensor]
+
+
+def _runs_its_own_forward(module: nn.Module) -> bool:
+    """Hooks (the module's or global ones) or an instance-level `forward` (accelerate, hub kernels) change what
+    calling the module does: such a module is called, never bypassed."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+
+
+def lean(module: nn.Module) -> Forward:
+    """`module`'s forward without module dispatch, equal to `module(x)` (bit for bit: the same ops in the same
+    order; an fp32 `LlamaRMSNorm` as one `F.rms_norm`, which gives its bits), or `module` itself."""
+    if _runs_its_own_forward(module):
+        return module
+    kind = type(module)
+    if kind is nn.Linear:
+        return functools.partial(F.linear, weight=module.weight, bias=module.bias)
+    if kind is nn.Embedding and module.max_norm is None:  # max_norm renormalises the weight in place: call it
+        return functools.partial(F.embedding, weight=module.weight)
+    if kind is SiLUActivation or kind is nn.SiLU:
+        return F.silu
+    if kind is GELUActivation:
+        return module.act
+    if kind is LlamaRMSNorm and module.weight.dtype == torch.float32:
+        # In 16 bits transformers rounds to the input dtype before the weight multiply; F.rms_norm does not.
+        return functools.partial(F.rms_norm, normalized_shape=module.weight.shape, weight=module.weight,
+                                 eps=module.variance_epsilon)
+    if kind is LlamaMLP:
+        gate, up, down, act = (lean(m) for m in (module.gate_proj, module.up_proj, module.down_proj, module.act_fn))
+        return lambda x: down(act(gate(x)) * up(x))
+    if kind is JanusVQVAEHead:
+        proj, act, head = (lean(m) for m in (module.proj_out, module.activation_fn, module.vision_head))
+        return lambda x: head(act(proj(x)))
+    if kind is JanusVQVAEAlignerMLP:
+        fc1, act, hidden = lean(module.fc1), lean(module.activation_fn), [lean(m) for m in module.hidden_layers]
+
+        def aligner(x: Tensor) -> Tensor:
+            x = fc1(x)
+            for layer in hidden:
+                x = layer(act(x))
+            return x
+
+        return aligner
+    return module
