@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gotr1 generate --preset tiny -n 4 --max-reasoning-tokens 64 --out out/demo \
-		--prompt "two green triangles above a yellow circle" --prompt "a red square left of a blue star"
+	$(VENV)/bin/gotr1 train --preset shapes
 
 test: $(STAMP)
 	$(PY) -m pytest

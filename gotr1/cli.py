@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from gotr1.config import GRPOConfig, SFTConfig, add_config_args, build_config
+from gotr1.config import EvalConfig, GRPOConfig, SFTConfig, add_config_args, build_config
 from gotr1.model import PRESETS
 
 
@@ -27,15 +27,33 @@ def load_from_args(args: argparse.Namespace, dtype: str = "float32"):
     return load_model(args.preset, args.model, dtype=getattr(torch, dtype), device=device)
 
 
-def read_prompt_args(args: argparse.Namespace) -> list[str]:
+def read_prompt_args(args: argparse.Namespace, default_split: str | None = None, option: str = "prompts"
+                     ) -> list[str]:
+    """`--prompt` (repeatable) and `--prompts FILE` (or another file option); without them the shapes world's
+    `default_split` when given."""
     from gotr1.data import read_prompts
 
-    prompts = list(args.prompt)
-    if args.prompts:
-        prompts += read_prompts(args.prompts)
+    prompts = list(getattr(args, "prompt", [])) if option == "prompts" else []
+    if getattr(args, option, None):
+        prompts += read_prompts(getattr(args, option))
+    if not prompts and default_split is not None:
+        from gotr1.shapes.preset import split_prompts
+
+        return split_prompts(default_split)
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
+
+
+def preset_sampling(args: argparse.Namespace) -> dict[str, float]:
+    """`--cfg-weight` / `--max-reasoning-tokens` as given, else the preset's (the shapes model has no
+    unconditional branch and writes short chains), else GoT-R1's (CFG 5, 600 tokens)."""
+    defaults = {"cfg_weight": 5.0, "max_reasoning_tokens": 600}
+    if args.preset == "shapes":
+        from gotr1.shapes.preset import SAMPLING_DEFAULTS
+
+        defaults.update(SAMPLING_DEFAULTS)
+    return {k: v if (v := getattr(args, k)) is not None else defaults[k] for k in defaults}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -44,8 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompt_args(args)
     bundle = load_from_args(args, args.dtype)
     settings = {"text_temperature": args.text_temperature, "image_temperature": args.image_temperature,
-                "top_k": args.top_k, "top_p": args.top_p, "cfg_weight": args.cfg_weight,
-                "max_reasoning_tokens": args.max_reasoning_tokens}
+                "top_k": args.top_k, "top_p": args.top_p, **preset_sampling(args)}
     start = time.perf_counter()
     if args.backend == "reference":
         from gotr1.reference import ReferenceGenerator
@@ -80,7 +97,10 @@ def init_distributed():
 def cmd_train(args: argparse.Namespace) -> int:
     import gc
 
-    config = build_config(GRPOConfig, args, args.config)
+    defaults = None
+    if args.preset == "shapes":
+        from gotr1.shapes.preset import GRPO_DEFAULTS as defaults
+    config = build_config(GRPOConfig, args, args.config, defaults)
     device = None
     try:
         device = init_distributed()
@@ -100,34 +120,115 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, config: GRPOConfig, device: str | None) -> tuple[int, int]:
-    """Build, resume and run a GRPO trainer; returns (steps, rank) so the trainer dies with this frame."""
+    """Build, resume and run a GRPO trainer (between held-out evaluations in the shapes world); returns
+    (steps, rank) so the trainer dies with this frame."""
     from gotr1.grpo import GRPOTrainer
     from gotr1.rewards import make_judge
 
-    prompts = read_prompt_args(args)
+    shapes = args.preset == "shapes"
+    prompts = read_prompt_args(args, default_split="train" if shapes else None)
     judge = make_judge(config.judge)  # fails now, not mid-training, when judge weights are missing
+    eval_prompts = eval_config = None
+    if shapes and args.eval_n > 0:
+        from gotr1.shapes.world import parse_prompts
+
+        eval_prompts = read_prompt_args(args, default_split="val", option="eval_prompts")
+        parse_prompts(eval_prompts)
+        eval_config = EvalConfig(n=args.eval_n, seed=config.seed, text_temperature=config.text_temperature,
+                                 image_temperature=config.image_temperature, cfg_weight=config.cfg_weight,
+                                 max_reasoning_tokens=config.max_reasoning_tokens,
+                                 reward_combination=config.reward_combination)
     if device is not None:
         args.device = device
     bundle = load_from_args(args, config.dtype)
     trainer = GRPOTrainer(config, bundle, prompts, judge)
     if args.resume:
         trainer.resume(args.resume)
+    evaluating = eval_prompts is not None and trainer.rank == 0
+    if evaluating:
+        before = _evaluate(trainer, eval_prompts, eval_config, "before")
     trainer.train()
+    if evaluating:
+        after = _evaluate(trainer, eval_prompts, eval_config, "after")
+        _report(config.output_dir, {f"step {before[0]}": before[1], f"step {after[0]}": after[1]})
     return trainer.step, trainer.rank
 
 
+def _evaluate(trainer, prompts: list[str], config, when: str):
+    from gotr1.shapes.evaluate import evaluate
+
+    print(f"evaluating {len(prompts)} held-out prompts x {config.n} samples {when} training (step {trainer.step})")
+    return trainer.step, evaluate(trainer.bundle, prompts, config, engine=trainer.engine)
+
+
+def _report(output_dir: str, results: dict) -> None:
+    """Print and keep the before/after table; every sample's scores go to `eval.json`."""
+    from gotr1.shapes.evaluate import format_table, write_json
+
+    table = format_table({label: r.summary for label, r in results.items()})
+    print(table)
+    (Path(output_dir) / "eval_table.txt").write_text(table + "\n")
+    write_json(Path(output_dir) / "eval.json", {label: r.to_json() for label, r in results.items()})
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
+    import torch
+
     from gotr1.sft import SFTTrainer, read_sft_jsonl
 
-    config = build_config(SFTConfig, args, args.config)
-    bundle = load_from_args(args, config.dtype)
-    trainer = SFTTrainer(config, bundle, read_sft_jsonl(args.data, bundle))
+    shapes = args.preset == "shapes"
+    defaults = None
+    if shapes:
+        from gotr1.shapes.preset import SFT_DEFAULTS as defaults
+    config = build_config(SFTConfig, args, args.config, defaults)
+    if shapes:  # SFT in the shapes world starts from the untrained base, on the world's own training scenes
+        from gotr1.shapes.preset import load_shapes, save_sft_weights, sft_data
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bundle = load_shapes(trained=False, dtype=getattr(torch, config.dtype), device=device)
+        examples = read_sft_jsonl(args.data, bundle) if args.data else sft_data(bundle)
+    elif args.data:
+        bundle = load_from_args(args, config.dtype)
+        examples = read_sft_jsonl(args.data, bundle)
+    else:
+        raise ValueError("give --data FILE (JSONL of prompt, chain, image); only --preset shapes has its own data")
+    trainer = SFTTrainer(config, bundle, examples)
     if args.resume:
         trainer.resume(args.resume)
     start = time.perf_counter()
     trainer.train()
-    out = trainer.export(args.export or Path(config.output_dir) / "final")
-    print(f"SFT done in {time.perf_counter() - start:.1f} s; model written to {out} (load it with --model {out})")
+    seconds = time.perf_counter() - start
+    export = Path(args.export or Path(config.output_dir) / "final")
+    if shapes and export.suffix == ".safetensors":
+        info = {"command": "gotr1 " + " ".join(sys.argv[2:] if len(sys.argv) > 1 else []),
+                "steps": trainer.step, "examples": len(examples), "train_seconds": round(seconds, 1),
+                "threads": torch.get_num_threads(), "final_loss": trainer.history[-1] if trainer.history else None,
+                "torch": torch.__version__}
+        out = save_sft_weights(trainer.merged(), export, info)
+    else:
+        out = trainer.export(export)
+    print(f"SFT done in {seconds:.1f} s; model written to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gotr1.artifacts import save_groups
+    from gotr1.model import load_adapter
+    from gotr1.shapes.evaluate import evaluate, format_table, write_json
+    from gotr1.shapes.world import parse_prompts
+
+    config = build_config(EvalConfig, args)
+    prompts = read_prompt_args(args, default_split="val")
+    parse_prompts(prompts)  # before loading anything: a prompt outside the grammar cannot be scored
+    bundle = load_from_args(args, args.dtype)
+    if args.adapter:
+        load_adapter(bundle, args.adapter)
+    result = evaluate(bundle, prompts, config)
+    print(format_table({args.adapter or bundle.name: result.summary}))
+    if args.json:
+        print(f"scores written to {write_json(args.json, result.to_json())}")
+    if args.out:
+        save_groups(Path(args.out), result.groups)
     return 0
 
 
@@ -135,7 +236,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from engine.config import EngineConfig
-    from gotr1.serving import ServerConfig, load_adapter, serve
+    from gotr1.model import load_adapter
+    from gotr1.serving import ServerConfig, serve
 
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     bundle = load_from_args(args, args.dtype or ("bfloat16" if cuda else "float32"))
@@ -171,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image-temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--cfg-weight", type=float, default=5.0)
-    gen.add_argument("--max-reasoning-tokens", type=int, default=600)
+    gen.add_argument("--cfg-weight", type=float, default=None, help="default 5 (1 with --preset shapes)")
+    gen.add_argument("--max-reasoning-tokens", type=int, default=None, help="default 600 (96 with --preset shapes)")
     gen.add_argument("--backend", choices=["engine", "reference"], default="engine",
                      help="our rollout engine, or transformers' generate (the reference)")
     gen.set_defaults(func=cmd_generate)
@@ -180,16 +282,33 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="GRPO on the four GoT-R1 rewards (torchrun for several processes)")
     add_model_args(train)
     train.add_argument("--prompt", action="append", default=[], help="training caption; repeatable")
-    train.add_argument("--prompts", metavar="FILE", help="one prompt per line, or JSONL with a 'prompt' key")
+    train.add_argument("--prompts", metavar="FILE", help="one prompt per line, or JSONL with a 'prompt' key "
+                       "(default with --preset shapes: the world's training split)")
+    train.add_argument("--eval-prompts", metavar="FILE", help="--preset shapes: held-out prompts evaluated before "
+                       "and after training (default: the validation split)")
+    train.add_argument("--eval-n", type=int, default=4, help="--preset shapes: samples per held-out prompt; 0: none")
     add_run_args(train, GRPOConfig)
     train.set_defaults(func=cmd_train)
 
     sft = sub.add_parser("sft", help="supervised GoT training on (prompt, chain, image) triples")
     add_model_args(sft)
-    sft.add_argument("--data", required=True, metavar="FILE", help='JSONL lines {"prompt", "chain", "image"}')
-    sft.add_argument("--export", metavar="DIR", help="where the merged model goes (default OUTPUT_DIR/final)")
+    sft.add_argument("--data", metavar="FILE", help='JSONL lines {"prompt", "chain", "image"} (--preset shapes: '
+                     "default the world's training scenes, from the untrained base)")
+    sft.add_argument("--export", metavar="PATH", help="where the merged model goes (default OUTPUT_DIR/final); "
+                     "with --preset shapes a *.safetensors path writes the compact file the preset loads")
     add_run_args(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
+
+    ev = sub.add_parser("eval", help="score samples for shapes-world prompts with the exact judge, per category")
+    add_model_args(ev)
+    ev.add_argument("--adapter", metavar="DIR", help="a peft LoRA adapter (a GRPO checkpoint-N/), merged first")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--prompt", action="append", default=[], help="caption in the shapes grammar; repeatable")
+    ev.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the held-out split)")
+    ev.add_argument("--json", metavar="OUT", help="write settings, summary and every sample's scores")
+    ev.add_argument("--out", metavar="DIR", help="also save every sample's image, chain and layout")
+    add_config_args(ev, EvalConfig)
+    ev.set_defaults(func=cmd_eval)
 
     srv = sub.add_parser("serve", help="HTTP server: POST /v1/generate (JSON or SSE), GET /health, GET /metrics")
     add_model_args(srv)

@@ -134,6 +134,29 @@ class SFTConfig(TrainConfig):
         })
 
 
+@dataclass
+class EvalConfig:
+    """Held-out evaluation sampling: `n` per prompt, prompt `i` seeded `seed + i`, so every model is measured on
+    the same draws (defaults: the shapes world's on-policy settings)."""
+
+    n: int = 4
+    seed: int = 0
+    text_temperature: float = 1.0
+    image_temperature: float = 1.0
+    cfg_weight: float = 1.0
+    max_reasoning_tokens: int = 96
+    reward_combination: str = "product"
+
+    def validate(self) -> None:
+        _raise_failed({
+            "n must be >= 1": self.n >= 1,
+            "temperatures must be >= 0": self.text_temperature >= 0 and self.image_temperature >= 0,
+            "cfg_weight must be >= 0": self.cfg_weight >= 0,
+            "max_reasoning_tokens must be >= 1": self.max_reasoning_tokens >= 1,
+            f"reward_combination must be one of {REWARD_COMBINATIONS}": self.reward_combination in REWARD_COMBINATIONS,
+        })
+
+
 def _raise_failed(checks: dict[str, bool]) -> None:
     failed = [msg for msg, ok in checks.items() if not ok]
     if failed:
@@ -174,11 +197,13 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def build_config(cls: type, args: argparse.Namespace, config_file: str | None = None):
-    """Defaults, then the YAML file, then CLI flags; unknown YAML keys and invalid values raise."""
+def build_config(cls: type, args: argparse.Namespace, config_file: str | None = None,
+                 defaults: dict[str, Any] | None = None):
+    """The class's defaults, then `defaults` (a preset's), then the YAML file, then CLI flags; unknown YAML keys
+    and invalid values raise."""
     import yaml
 
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     if config_file:
         path = Path(config_file)
         if not path.is_file():

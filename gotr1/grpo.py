@@ -26,7 +26,7 @@ from gotr1.data import PromptStream
 from gotr1.model import JanusBundle
 from gotr1.plot import plot_curves
 from gotr1.policy import GoTBatch, image_head_parts, make_batch, policy_hidden, token_logprobs
-from gotr1.rewards.protocol import COMPONENTS, Judge, RewardSample
+from gotr1.rewards.protocol import COMPONENTS, Judge, reward_samples
 from gotr1.training import add_lora, lr_scheduler
 
 
@@ -117,8 +117,7 @@ class GRPOTrainer(ckpt.Checkpointed):
             return self.engine.generate(prompts, params, use_tqdm=False)
 
     def rewards(self, groups) -> torch.Tensor:
-        samples = [RewardSample(prompt=g.prompt, chain=s.chain, image=s.image, reasoning=s.reasoning_text,
-                                image_tokens=s.image_tokens) for g in groups for s in g.samples]
+        samples = reward_samples(groups)
         breakdown = self.judge.score(samples)
         matrix = breakdown.as_matrix()
         if matrix.shape != (len(samples), len(COMPONENTS)):

@@ -1,8 +1,9 @@
 """One entry point to a ready Janus model: a local Hugging Face directory or a built-in preset.
 
 Weights never come from the network: real Janus-Pro checkpoints load from a local directory in Hugging Face
-format; `tiny` is a seeded random model (with a tokenizer trained offline) for tests and the demo, and the
-`*-shape` presets have random weights with the real dimensions, for benchmarks.
+format; `tiny` is a seeded random model (with a tokenizer trained offline) for tests, `shapes` the shapes world's
+trained checkpoint (shipped in the package), and the `*-shape` presets have random weights with the real
+dimensions, for benchmarks.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from gotr1.chain import GOT_TAGS, chat_prompt
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 IMAGE_TOKEN, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
-PRESETS = ("tiny", "janus-pro-1b-shape", "janus-pro-7b-shape")
+PRESETS = ("tiny", "shapes", "janus-pro-1b-shape", "janus-pro-7b-shape")
 
 
 @dataclass
@@ -253,9 +254,14 @@ def _cached_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_preset(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  **tiny_overrides) -> JanusBundle:
-    """A random model: `tiny` (seeded, a few MB) or `janus-pro-{1b,7b}-shape` (real dimensions, built lazily)."""
+    """`tiny` (random, seeded, a few MB), `shapes` (the shapes world's shipped SFT checkpoint) or
+    `janus-pro-{1b,7b}-shape` (random weights with the real dimensions, built lazily)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if name == "shapes":
+        from gotr1.shapes.preset import load_shapes
+
+        return load_shapes(dtype=dtype, device=device)
     tokenizer = _cached_tiny_tokenizer()
     if name == "tiny":
         vocab = -(-len(tokenizer) // 64) * 64
@@ -346,3 +352,14 @@ def save_bundle(bundle: JanusBundle, path: str | Path) -> None:
     """Write model + processor so `load_model(model_dir=path)` restores the same model."""
     bundle.model.save_pretrained(path)
     bundle.processor.save_pretrained(path)
+
+
+def load_adapter(bundle: JanusBundle, path: str | Path) -> None:
+    """Apply a peft LoRA adapter directory (a GRPO `checkpoint-N/`) to the bundle's model, merged into the base
+    weights: serving and evaluation never update them, so no step should pay LoRA's extra matmuls."""
+    from peft import PeftModel
+
+    path = Path(path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a peft adapter directory (no adapter_config.json)")
+    bundle.model = PeftModel.from_pretrained(bundle.model, str(path)).merge_and_unload().eval()

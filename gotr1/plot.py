@@ -11,7 +11,8 @@ from gotr1.chain import PALETTE
 
 def plot_curves(series: dict[str, list[float]], path: str | Path, title: str = "reward",
                 size: tuple[int, int] = (720, 420)) -> Path:
-    """One line per named series over the step index; NaN points are skipped, axes labelled with the range."""
+    """One line per named series over the step index (long runs: faint raw values under a trailing mean); NaN
+    points are skipped, axes labelled with the range."""
     width, height = size
     left, right, top, bottom = 60, 150, 30, 40
     image = Image.new("RGB", size, (255, 255, 255))
@@ -36,9 +37,13 @@ def plot_curves(series: dict[str, list[float]], path: str | Path, title: str = "
     draw.text((left, height - bottom + 8), "step 1", fill=(0, 0, 0), font=font)
     draw.text((left + plot_w - 40, height - bottom + 8), f"step {steps}", fill=(0, 0, 0), font=font)
     draw.text((left, 8), title, fill=(0, 0, 0), font=font)
+    window = steps // 20  # GRPO rewards are noisy step to step: a trailing mean over 5% of the run shows the trend
     for k, (name, s) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
         points = [xy(i, v) for i, v in enumerate(s) if not math.isnan(v)]
+        if len(points) > 1 and window > 1:
+            draw.line(points, fill=tuple(c + (255 - c) * 3 // 4 for c in colour), width=1)  # raw, faint
+            points = [xy(i, v) for i, v in enumerate(trailing_mean(s, window)) if not math.isnan(v)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points if len(points) == 1 else []:
@@ -49,3 +54,13 @@ def plot_curves(series: dict[str, list[float]], path: str | Path, title: str = "
     path = Path(path)
     image.save(path)
     return path
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` finite values at each step (NaN until one is seen)."""
+    out, recent = [], []
+    for v in values:
+        if not math.isnan(v):
+            recent = (recent + [v])[-window:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out

@@ -153,10 +153,13 @@ class SFTTrainer(ckpt.Checkpointed):
     def load_data_state(self, state: dict[str, int]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
 
+    def merged(self) -> JanusBundle:
+        """The bundle with any LoRA adapter merged into the base weights (training cannot continue after)."""
+        model = self.bundle.model
+        self.bundle.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        return self.bundle
+
     def export(self, path: str | Path) -> Path:
         """The trained model, LoRA merged, with its processor: a plain Janus directory for `--model DIR`."""
-        model = self.bundle.model
-        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        self.bundle.model = merged
-        save_bundle(self.bundle, path)
+        save_bundle(self.merged(), path)
         return Path(path)

@@ -19,8 +19,8 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from gotr1.cli import build_parser, main
-from gotr1.model import build_preset
-from gotr1.serving import BackgroundServer, ServerConfig, create_app, load_adapter
+from gotr1.model import build_preset, load_adapter
+from gotr1.serving import BackgroundServer, ServerConfig, create_app
 from gotr1.serving.metrics import Histogram
 from gotr1.serving.responses import IncrementalDetokenizer
 

@@ -47,6 +47,12 @@ class RewardSample:
         return " ".join(text.split())
 
 
+def reward_samples(groups) -> list[RewardSample]:
+    """Every sample of the engine's `GroupOutput`s, in order, as the judge sees it (GRPO and evaluation alike)."""
+    return [RewardSample(prompt=g.prompt, chain=s.chain, image=s.image, reasoning=s.reasoning_text,
+                         image_tokens=s.image_tokens) for g in groups for s in g.samples]
+
+
 @dataclass
 class RewardBreakdown:
     """Per-sample components, each a float32 tensor `[B]` in [0, 1], and per-component counts of judge answers

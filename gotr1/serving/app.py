@@ -19,7 +19,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -85,17 +84,6 @@ def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
             return prompt
 
     return GenerateRequest
-
-
-def load_adapter(bundle: JanusBundle, path: str | Path) -> None:
-    """Apply a peft LoRA adapter directory to the bundle's model, merged into the base weights: a server never
-    updates them, so no step should pay LoRA's extra matmuls."""
-    from peft import PeftModel
-
-    path = Path(path).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a peft adapter directory (no adapter_config.json)")
-    bundle.model = PeftModel.from_pretrained(bundle.model, str(path)).merge_and_unload().eval()
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
