@@ -187,9 +187,15 @@ def render_layout(objects: Sequence[ChainObject], size: int | tuple[int, int] = 
     return draw_boxes(Image.new("RGB", (width, height), (255, 255, 255)), objects)
 
 
+OVERLAY_MIN_SIDE = 256  # smaller images (the shapes world's 64 px) are enlarged so the labels leave them visible
+
+
 def layout_overlay(image: Image.Image, objects: Sequence[ChainObject]) -> Image.Image:
     """Side by side: the generated image with the planned boxes drawn over it | the layout alone."""
     image = image.convert("RGB")
+    if min(image.size) < OVERLAY_MIN_SIDE:
+        scale = -(-OVERLAY_MIN_SIDE // min(image.size))
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     width, height = image.size
     panel = Image.new("RGB", (2 * width, height), (255, 255, 255))
     panel.paste(draw_boxes(image.copy(), objects), (0, 0))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -129,6 +130,8 @@ def _train(args: argparse.Namespace, config: GRPOConfig, device: str | None) -> 
     prompts = read_prompt_args(args, default_split="train" if shapes else None)
     judge = make_judge(config.judge)  # fails now, not mid-training, when judge weights are missing
     eval_prompts = eval_config = None
+    if args.eval_n < 0:
+        raise ValueError(f"--eval-n must be >= 0, got {args.eval_n}")
     if shapes and args.eval_n > 0:
         from gotr1.shapes.world import parse_prompts
 
@@ -200,7 +203,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     export = Path(args.export or Path(config.output_dir) / "final")
     if shapes and export.suffix == ".safetensors":
-        info = {"command": "gotr1 " + " ".join(sys.argv[2:] if len(sys.argv) > 1 else []),
+        info = {"command": "gotr1 " + shlex.join(args.argv),
                 "steps": trainer.step, "examples": len(examples), "train_seconds": round(seconds, 1),
                 "threads": torch.get_num_threads(), "final_loss": trainer.history[-1] if trainer.history else None,
                 "torch": torch.__version__}
@@ -326,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a checkpoint records as the command that made it
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:

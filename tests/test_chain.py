@@ -129,5 +129,7 @@ def test_layout_renderer_draws_boxes_where_planned():
     assert empty.size == (64, 32) and empty.getextrema() == ((255, 255),) * 3
     from PIL import Image
 
-    panel = layout_overlay(Image.new("RGB", (50, 40), (0, 0, 0)), objs)
-    assert panel.size == (100, 40)
+    panel = layout_overlay(Image.new("RGB", (300, 260), (0, 0, 0)), objs)
+    assert panel.size == (600, 260)
+    small = layout_overlay(Image.new("RGB", (64, 64), (0, 0, 0)), objs)  # enlarged 4x so labels fit beside it
+    assert small.size == (512, 256) and small.getpixel((255, 128)) == (0, 0, 0)

@@ -161,7 +161,7 @@ def test_streaming_sends_tokens_then_boxes_then_images(tiny, main_server):
         assert boxes["chain"] == w.reasoning_text and boxes["problems"] == w.chain.problems
         assert boxes["boxes"] == [{"name": o.name, "box": list(o.box)} for o in w.chain.objects]
         np.testing.assert_array_equal(png_array(image["image"]), np.asarray(w.image))
-        assert png_array(image["layout"]).shape == (64, 128, 3)  # image with boxes | layout alone
+        assert png_array(image["layout"]).shape == (256, 512, 3)  # image with boxes | layout alone, enlarged 4x
         assert_sample_equals(done["samples"][i], w)
         assert "image" not in done["samples"][i]  # sent once, in the image event
 

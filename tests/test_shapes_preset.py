@@ -116,6 +116,7 @@ def test_cli_sft_preset_shapes_writes_a_loadable_compact_checkpoint(tmp_path, mo
                  "--output-dir", str(tmp_path / "run"), "--export", str(out)]) == 0
     info = sft_info(out)
     assert info["steps"] == 2 and info["examples"] == 50
+    assert info["command"].startswith("gotr1 sft --preset shapes --max-steps 2 ")
     bundle = load_shapes(path=out)
     base = load_shapes(trained=False)
     assert not torch.equal(bundle.model.get_output_embeddings().weight, base.model.get_output_embeddings().weight)
