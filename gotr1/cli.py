@@ -248,8 +248,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_adapter(bundle, args.adapter)
     engine_config = EngineConfig(**{k: v for k, v in (("block_size", args.block_size),
                                                       ("num_kv_blocks", args.num_kv_blocks)) if v is not None})
+    defaults = {}
+    if args.preset == "shapes":
+        from gotr1.shapes.preset import SAMPLING_DEFAULTS
+
+        defaults = {f"default_{k}": v for k, v in SAMPLING_DEFAULTS.items()}
     serve(bundle, host=args.host, port=args.port, engine_config=engine_config,
-          config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue))
+          config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue, **defaults))
     return 0
 
 

@@ -343,3 +343,22 @@ def test_cli_serve_parses_and_reports_a_bad_adapter(tmp_path, capsys):
     assert (args.host, args.port, args.max_queue, args.adapter) == ("127.0.0.1", 0, 3, None)
     assert main(["serve", "--preset", "tiny", "--adapter", str(tmp_path)]) == 2
     assert "not a peft adapter directory" in capsys.readouterr().err
+
+
+def test_request_defaults_follow_the_server_config(tiny, monkeypatch):
+    """`gotr1 serve --preset shapes` answers with the preset's CFG weight and chain budget unless a request sets
+    them; other presets keep GoT-R1's CFG 5."""
+    from gotr1.serving import app
+
+    body = app.request_model(ServerConfig(), tiny).model_validate({"prompt": "a cat"})
+    assert body.cfg_weight == 5.0
+    shaped = app.request_model(ServerConfig(default_cfg_weight=1.0, default_max_reasoning_tokens=96), tiny)
+    assert (shaped.model_validate({"prompt": "a cat"}).cfg_weight, shaped.model_validate({"prompt": "a"})
+            .max_reasoning_tokens) == (1.0, 96)
+    assert shaped.model_validate({"prompt": "a cat", "cfg_weight": 3.0}).cfg_weight == 3.0
+    with pytest.raises(ValueError, match="default_cfg_weight"):
+        ServerConfig(default_cfg_weight=-1.0)
+    seen = {}
+    monkeypatch.setattr("gotr1.serving.serve", lambda bundle, **kw: seen.update(kw))
+    assert main(["serve", "--preset", "shapes", "--port", "0"]) == 0
+    assert (seen["config"].default_cfg_weight, seen["config"].default_max_reasoning_tokens) == (1.0, 96)

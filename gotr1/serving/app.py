@@ -39,12 +39,14 @@ from gotr1.serving.worker import EngineWorker, FailedEvent, FinishedEvent, Job, 
 
 @dataclass(slots=True)
 class ServerConfig:
-    """Admission limits. `max_queue` bounds the requests in flight (queued or running); the next gets 429."""
+    """Admission limits and request defaults. `max_queue` bounds the requests in flight (queued or running); the
+    next gets 429. The defaults are the model's (`--preset shapes`: CFG 1, 96 reasoning tokens)."""
 
     max_n: int = 16
     max_queue: int = 64
     max_prompt_chars: int = 2000
     default_max_reasoning_tokens: int = 600
+    default_cfg_weight: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_queue", "max_prompt_chars"):
@@ -52,6 +54,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.default_max_reasoning_tokens < 0:
             raise ValueError(f"default_max_reasoning_tokens must be >= 0, got {self.default_max_reasoning_tokens}")
+        if not self.default_cfg_weight >= 0:
+            raise ValueError(f"default_cfg_weight must be >= 0, got {self.default_cfg_weight}")
 
 
 def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
@@ -65,7 +69,7 @@ def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
         prompt: str = Field(min_length=1, max_length=config.max_prompt_chars)
         n: int = Field(1, ge=1, le=config.max_n)
         seed: int | None = Field(None, ge=0, lt=2**63)
-        cfg_weight: float = Field(5.0, ge=0)
+        cfg_weight: float = Field(config.default_cfg_weight, ge=0)
         text_temperature: float = Field(1.0, ge=0)
         image_temperature: float = Field(1.0, ge=0)
         top_k: int = Field(0, ge=0)
