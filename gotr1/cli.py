@@ -46,14 +46,20 @@ def read_prompt_args(args: argparse.Namespace, default_split: str | None = None,
     return prompts
 
 
+def preset_defaults(args: argparse.Namespace, table: str) -> dict:
+    """What the chosen preset sets for a command, under YAML and flags: `gotr1.shapes.preset`'s `SFT_DEFAULTS`,
+    `GRPO_DEFAULTS` or `SAMPLING_DEFAULTS` for `--preset shapes`, nothing for any other model."""
+    if args.preset != "shapes":
+        return {}
+    from gotr1.shapes import preset
+
+    return dict(getattr(preset, table))
+
+
 def preset_sampling(args: argparse.Namespace) -> dict[str, float]:
     """`--cfg-weight` / `--max-reasoning-tokens` as given, else the preset's (the shapes model has no
     unconditional branch and writes short chains), else GoT-R1's (CFG 5, 600 tokens)."""
-    defaults = {"cfg_weight": 5.0, "max_reasoning_tokens": 600}
-    if args.preset == "shapes":
-        from gotr1.shapes.preset import SAMPLING_DEFAULTS
-
-        defaults.update(SAMPLING_DEFAULTS)
+    defaults = {"cfg_weight": 5.0, "max_reasoning_tokens": 600, **preset_defaults(args, "SAMPLING_DEFAULTS")}
     return {k: v if (v := getattr(args, k)) is not None else defaults[k] for k in defaults}
 
 
@@ -98,10 +104,7 @@ def init_distributed():
 def cmd_train(args: argparse.Namespace) -> int:
     import gc
 
-    defaults = None
-    if args.preset == "shapes":
-        from gotr1.shapes.preset import GRPO_DEFAULTS as defaults
-    config = build_config(GRPOConfig, args, args.config, defaults)
+    config = build_config(GRPOConfig, args, args.config, preset_defaults(args, "GRPO_DEFAULTS"))
     device = None
     try:
         device = init_distributed()
@@ -180,10 +183,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from gotr1.sft import SFTTrainer, read_sft_jsonl
 
     shapes = args.preset == "shapes"
-    defaults = None
-    if shapes:
-        from gotr1.shapes.preset import SFT_DEFAULTS as defaults
-    config = build_config(SFTConfig, args, args.config, defaults)
+    config = build_config(SFTConfig, args, args.config, preset_defaults(args, "SFT_DEFAULTS"))
     if shapes:  # SFT in the shapes world starts from the untrained base, on the world's own training scenes
         from gotr1.shapes.preset import load_shapes, save_sft_weights, sft_data
 
@@ -248,11 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_adapter(bundle, args.adapter)
     engine_config = EngineConfig(**{k: v for k, v in (("block_size", args.block_size),
                                                       ("num_kv_blocks", args.num_kv_blocks)) if v is not None})
-    defaults = {}
-    if args.preset == "shapes":
-        from gotr1.shapes.preset import SAMPLING_DEFAULTS
-
-        defaults = {f"default_{k}": v for k, v in SAMPLING_DEFAULTS.items()}
+    defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
     serve(bundle, host=args.host, port=args.port, engine_config=engine_config,
           config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue, **defaults))
     return 0
