@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from gotr1.config import EvalConfig, GRPOConfig, SFTConfig, add_config_args, build_config
@@ -140,10 +141,9 @@ def _train(args: argparse.Namespace, config: GRPOConfig, device: str | None) -> 
 
         eval_prompts = read_prompt_args(args, default_split="val", option="eval_prompts")
         parse_prompts(eval_prompts)
-        eval_config = EvalConfig(n=args.eval_n, seed=config.seed, text_temperature=config.text_temperature,
-                                 image_temperature=config.image_temperature, cfg_weight=config.cfg_weight,
-                                 max_reasoning_tokens=config.max_reasoning_tokens,
-                                 reward_combination=config.reward_combination)
+        # evaluated as trained: every EvalConfig field but n is the GRPOConfig field of the same name
+        eval_config = EvalConfig(n=args.eval_n, **{f.name: getattr(config, f.name) for f in fields(EvalConfig)
+                                                   if f.name != "n"})
     if device is not None:
         args.device = device
     bundle = load_from_args(args, config.dtype)

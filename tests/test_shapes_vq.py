@@ -116,7 +116,7 @@ def test_sft_examples_are_the_vq_codes_of_the_ground_truth(bundle, vq):
     examples = sft_examples(SCENES[:3], bundle)
     assert [e.prompt for e in examples] == [s.prompt for s in SCENES[:3]]
     assert examples[1].chain == gt_chain(SCENES[1])
-    codes = torch.stack([e.image_codes for e in examples])
+    codes = torch.stack([e.image_tokens for e in examples])
     assert torch.equal(codes, encode_images(vq, [render_scene(s) for s in SCENES[:3]]))
     images = bundle.decode_images(codes)
     assert [im.size for im in images] == [(64, 64)] * 3

@@ -13,7 +13,6 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from transformers.models.janus.modeling_janus import JanusVQVAE
 
 from gotr1.chain import GOT_TAGS, chat_prompt
 from gotr1.model import JanusBundle, janus_processor, make_bundle, tiny_config, train_bpe_tokenizer
+from gotr1.sft import SFTExample
 from gotr1.shapes.render import IMAGE_SIZE, render_scene
 from gotr1.shapes.vq import DEFAULT_VQ_PATH, PATCH_SIZE, encode_images, load_vq_state
 from gotr1.shapes.world import CATEGORIES, GRID, Scene, grid_to_frame, gt_chain, sample_scene
@@ -79,20 +79,12 @@ def build_shapes_base(vq: str | Path | JanusVQVAE | None = None, seed: int = 0, 
     return make_bundle(model, tokenizer, processor, "shapes")
 
 
-class ShapesExample(NamedTuple):
-    """One SFT example: the user prompt, the ground-truth chain text and the scene's image codes `[64]`."""
-
-    prompt: str
-    chain: str
-    image_codes: torch.Tensor
-
-
 @torch.no_grad()
-def sft_examples(scenes: Sequence[Scene], bundle: JanusBundle, batch_size: int = 64) -> list[ShapesExample]:
+def sft_examples(scenes: Sequence[Scene], bundle: JanusBundle, batch_size: int = 64) -> list[SFTExample]:
     """(prompt, chain, codes) for each scene: its ground-truth render encoded by the bundle's own VQ."""
     vq = bundle.model.model.vqmodel.eval()
     images = [render_scene(s, bundle.image_size) for s in scenes]
     codes = encode_images(vq, images, batch_size)
     if codes.shape[1] != bundle.num_image_tokens:
         raise ValueError(f"the VQ gives {codes.shape[1]} codes per image, the model expects {bundle.num_image_tokens}")
-    return [ShapesExample(s.prompt, gt_chain(s), c) for s, c in zip(scenes, codes)]
+    return [SFTExample(s.prompt, gt_chain(s), c) for s, c in zip(scenes, codes)]

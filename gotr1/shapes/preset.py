@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gotr1.model import JanusBundle
+from gotr1.sft import SFTExample
 from gotr1.shapes.base import build_shapes_base, sft_examples
 from gotr1.shapes.vq import DEFAULT_VQ_PATH
 from gotr1.shapes.world import split_scenes
@@ -81,13 +82,11 @@ def sft_info(path: str | Path = SFT_PATH) -> dict:
         return json.loads((f.metadata() or {}).get("gotr1", "{}"))
 
 
-def sft_data(bundle: JanusBundle, n_train: int | None = None, seed: int = 0) -> list:
+def sft_data(bundle: JanusBundle, n_train: int | None = None, seed: int = 0) -> list[SFTExample]:
     """The SFT examples: the training split's scenes (`SFT_SCENES` by default) as (prompt, ground-truth chain,
     VQ codes of the render)."""
-    from gotr1.sft import SFTExample
-
     train, _ = split_scenes(seed, n_train or SFT_SCENES, VAL_SCENES)
-    return [SFTExample(e.prompt, e.chain, e.image_codes) for e in sft_examples(train, bundle)]
+    return sft_examples(train, bundle)
 
 
 def split_prompts(split: str, seed: int = 0) -> list[str]:
