@@ -9,7 +9,10 @@ during the call (inputs excluded).
   - GRPO loss: B=16 sequences of T=300+576 tokens, H in {2048, 4096}, V in {102400, 16384}; with and without
     the weight gradient.
   - Paged decode: batch 32 x 800 tokens, Janus-Pro 1B and 7B heads. `note` gives its K/V read bandwidth as a
-    fraction of the measured device copy bandwidth (read + write bytes of a 1 GiB `copy_`).
+    fraction of the measured device copy bandwidth (read + write bytes of a 1 GiB `copy_`). On CUDA our kernel is
+    timed as the engine runs it, replayed from a CUDA graph (so host launch latency is not counted); the eager
+    reference syncs on the host and cannot be captured. `--decode-sweep` adds one `decode_sweep` row per launch
+    configuration (splits, tile, warps, stages), the data behind the default configuration.
   - Targets: loss `mem_ratio <= 1/8` at V=102400 and `time_ratio <= 0.7`; decode bandwidth >= 0.8 of copy.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default: 3 cpu, 10 cuda)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decode-sweep", action="store_true",
+                        help="also time paged decode at every launch configuration of a small grid (CUDA)")
 
 
 def _rel_err(ours: Any, eager: Any) -> float:
@@ -56,10 +61,14 @@ def _rel_err(ours: Any, eager: Any) -> float:
 
 
 def _compare(name: str, config: str, dtype: torch.dtype, ours: Callable[[], Any], eager: Callable[[], Any],
-             device: str, repeats: int, inner: int = 1) -> dict[str, Any]:
+             device: str, repeats: int, inner: int = 1, graph: bool = False) -> dict[str, Any]:
     """Times are per call; `inner` back-to-back calls per timed sample let a short GPU kernel's launches queue up,
-    so the time is the kernel's rather than Python's launch latency."""
-    t_ours, out_ours = median_time(partial(_calls, ours, inner), device=device, repeats=repeats)
+    so the time is the kernel's rather than Python's launch latency. `graph` (CUDA): ours is captured `inner`
+    times in one CUDA graph and timed by its replays."""
+    if graph and device.startswith("cuda"):
+        t_ours, out_ours = _graph_time(ours, inner, repeats)
+    else:
+        t_ours, out_ours = median_time(partial(_calls, ours, inner), device=device, repeats=repeats)
     t_eager, out_eager = median_time(partial(_calls, eager, inner), device=device, repeats=repeats)
     mem_ours, mem_eager = peak_memory(ours, device=device), peak_memory(eager, device=device)
     return {
@@ -75,6 +84,21 @@ def _calls(fn: Callable[[], Any], n: int) -> Any:
     for _ in range(n - 1):
         fn()
     return fn()
+
+
+def _graph_time(fn: Callable[[], Any], inner: int, repeats: int) -> tuple[float, Any]:
+    """Median seconds of one replay of a CUDA graph holding `inner` calls of `fn` (warmed up and compiled on a side
+    stream first, as capture requires), and the last call's output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _calls(fn, inner)
+    seconds, _ = median_time(graph.replay, device="cuda", warmup=2, repeats=repeats)
+    return seconds, out
 
 
 def _paged_cache(bsz: int, ctx: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, device: str,
@@ -132,17 +156,42 @@ def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
         k_cache, v_cache, table, ctx_lens = _paged_cache(bsz, ctx, hkv, d, 16, dtype, device, gen)
         q = torch.randn(bsz, hq, d, generator=gen).to(device, dtype)
         inputs = (q, k_cache, v_cache, table, ctx_lens)
-        row = _compare("decode", f"{label} B={bsz} ctx={ctx} Hq={hq} Hkv={hkv}", dtype,
-                       partial(paged_decode_attention, *inputs, scale=d**-0.5),
+        config = f"{label} B={bsz} ctx={ctx} Hq={hq} Hkv={hkv}"
+        row = _compare("decode", config, dtype, partial(paged_decode_attention, *inputs, scale=d**-0.5),
                        partial(paged_decode_attention_reference, *inputs, scale=d**-0.5), device, repeats,
-                       inner=20 if copy_bw is not None else 1)
-        if copy_bw is not None:
-            kv_bytes = 2 * bsz * ctx * hkv * d * k_cache.element_size()
-            bw = kv_bytes / (row["ours_ms"] * 1e-3)
-            row["note"] = f"{bw / 1e9:.0f} GB/s = {bw / copy_bw:.2f} of copy ({copy_bw / 1e9:.0f} GB/s)"
-            row["bw_fraction"] = bw / copy_bw
+                       inner=20 if copy_bw is not None else 1, graph=True)
+        kv_bytes = 2 * bsz * ctx * hkv * d * k_cache.element_size()
+        _add_bandwidth(row, kv_bytes, copy_bw)
         rows.append(row)
+        if args.decode_sweep and copy_bw is not None:
+            reference = paged_decode_attention_reference(*inputs, scale=d**-0.5)
+            for splits, block_n, warps, stages, mha_1d in _DECODE_GRID:
+                if mha_1d and hq != hkv:
+                    continue
+                launch = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages, mha_1d=mha_1d)
+                seconds, out = _graph_time(partial(paged_decode_attention, *inputs, scale=d**-0.5, **launch), 20,
+                                           repeats)
+                sweep = {**row, "kernel": "decode_sweep", "config": f"{config} {launch}",
+                         "rel_err": _rel_err(out, reference), "ours_ms": seconds / 20 * 1e3,
+                         "time_ratio": seconds / 20 * 1e3 / row["eager_ms"], "ours_mib": float("nan"),
+                         "mem_ratio": float("nan")}
+                rows.append(_add_bandwidth(sweep, kv_bytes, copy_bw))
     return rows
+
+
+# (num_splits, block_n, num_warps, num_stages, mha_1d) for `--decode-sweep`.
+_DECODE_GRID = [(splits, block_n, warps, stages, True)
+                for splits in (1, 2, 4, 8) for block_n, warps in ((32, 4), (64, 4), (128, 8)) for stages in (2, 3)]
+_DECODE_GRID += [(splits, 64, 4, 2, False) for splits in (1, 2, 4, 8)]
+
+
+def _add_bandwidth(row: dict[str, Any], kv_bytes: int, copy_bw: float | None) -> dict[str, Any]:
+    """K/V bytes read per second over the device copy bandwidth (CUDA rows only)."""
+    if copy_bw is not None:
+        bw = kv_bytes / (row["ours_ms"] * 1e-3)
+        row["note"] = f"{bw / 1e9:.0f} GB/s = {bw / copy_bw:.2f} of copy ({copy_bw / 1e9:.0f} GB/s)"
+        row["bw_fraction"] = bw / copy_bw
+    return row
 
 
 def _bench_prefill(args, device, dtype, gen, repeats) -> list[dict]:

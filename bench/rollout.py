@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
+from pathlib import Path
 
 import torch
 
-from bench.common import median_time, print_table, write_result
+from bench.common import median_time, print_table, synchronize, write_result
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -47,6 +49,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads for both sides (default: 1 on cpu, where it is the faster choice "
                              "for both at the tiny preset; torch's default on cuda)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after timing, profile one more engine rollout: operator table to FILE, device busy "
+                             "time and top operators to the JSON")
 
 
 def copy_bandwidth(device: str) -> float:
@@ -79,6 +84,31 @@ def bandwidth_floor(bundle, *, rows: int, prompt_len: int, reasoning: int, bandw
     mean_bytes = (text_steps * text_bytes + image_steps * image_bytes) / (text_steps + image_steps)
     return {"step_bytes_text": text_bytes, "step_bytes_image": image_bytes, "step_bytes_mean": mean_bytes,
             "floor_ms_per_step": mean_bytes / bandwidth * 1e3, "kv_bytes_per_token": kv_per_token}
+
+
+def profile_rollout(engine: LLMEngine, prompts: list[str], params: SamplingParams, path: str) -> dict:
+    """One engine rollout under torch's profiler. The operator table (by device self time on CUDA, CPU self time
+    otherwise) goes to `path`; returns wall seconds, steps and, on CUDA, the seconds the device spent in kernels:
+    busy / wall far below 1 means the steps are bound by the host (Python, launches, syncs), not the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.runner.device.type == "cuda"
+    steps = engine.num_steps
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        engine.generate(prompts, params, use_tqdm=False)
+        synchronize(str(engine.runner.device))
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    Path(path).write_text(averages.table(sort_by=key, row_limit=40) + "\n")
+    top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:15]
+    result = {"wall_s": wall, "steps": engine.num_steps - steps,
+              "top": [{"name": e.key, "self_ms": getattr(e, key) / 1e3, "calls": e.count} for e in top]}
+    if cuda:
+        result["device_busy_s"] = sum(e.self_device_time_total for e in averages) / 1e6
+        result["device_busy_fraction"] = result["device_busy_s"] / wall
+    return result
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -144,6 +174,8 @@ def run(args: argparse.Namespace) -> dict:
         "step_bytes_mean": floor["step_bytes_mean"], "preemptions": engine.scheduler.num_preemptions,
     }
     metrics["kv_ratio"] = metrics["kv_bytes_engine"] / metrics["kv_bytes_contiguous"]
+    if args.profile:
+        metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
     rows = [
         {"side": "engine", "seconds": t_engine, "groups_per_s": metrics["engine_groups_per_s"],
          "tokens_per_s": metrics["engine_tokens_per_s"], "kv_mib": metrics["kv_bytes_engine"] / 2**20,

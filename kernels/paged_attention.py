@@ -194,7 +194,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, MHA_1D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -209,31 +209,55 @@ def _decode_kernel(
     head = kv_head * GROUP + g
     g_valid = g < GROUP
     d_valid = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
-                mask=g_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32) * qk_scale
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = table_ptr + b * stride_tb
     head_off = kv_head.to(tl.int64) * stride_kh
-    for start_n in range(start, end, BLOCK_N):
-        pos = start_n + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
-        kv_mask = valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        else:  # MHA: q is one row, [1, BLOCK_D]
-            scores = tl.sum(q * k, 1)[None, :]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
-        if USE_DOT:
-            acc += tl.dot(p, v, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(tl.trans(p) * v, 0)[None, :]
+    if MHA_1D:
+        # MHA, one query row: keep scores as a vector in the K tile's row layout, so p broadcasts against V
+        # without a layout conversion per tile.
+        q1 = tl.load(q_ptr + b * stride_qb + kv_head * stride_qh + d, mask=d_valid, other=0.0).to(tl.float32)
+        q1 = q1 * qk_scale
+        m1 = tl.full([1], float("-inf"), tl.float32)
+        l1 = tl.zeros([1], tl.float32)
+        acc1 = tl.zeros([BLOCK_D], tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            pos = start_n + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
+            kv_mask = valid[:, None] & d_valid[None, :]
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            scores = tl.where(valid, tl.sum(k * q1[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m1, tl.max(scores, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m1 - m_safe)
+            p = tl.exp2(scores - m_safe)
+            l1 = l1 * alpha + tl.sum(p, 0)
+            acc1 = acc1 * alpha + tl.sum(p[:, None] * v, 0)
+            m1 = m_new
+        m_i, l_i, acc = m1, l1, acc1[None, :]
+    else:
+        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+                    mask=g_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32) * qk_scale
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for start_n in range(start, end, BLOCK_N):
+            pos = start_n + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
+            kv_mask = valid[:, None] & d_valid[None, :]
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+            if USE_DOT:
+                scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            else:  # MHA: q is one row, [1, BLOCK_D]
+                scores = tl.sum(q * k, 1)[None, :]
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
+            if USE_DOT:
+                acc += tl.dot(p, v, input_precision=DOT_PRECISION)
+            else:
+                acc += tl.sum(tl.trans(p) * v, 0)[None, :]
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty range (context 0) gives 0, not NaN
     o_mask = g_valid[:, None] & d_valid[None, :]
@@ -337,7 +361,9 @@ def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None,
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                           mha_1d: bool = True) -> torch.Tensor:
     """Decode attention: q `[B, Hq, D]`, one new token per sequence, attends its first `context_lens[b]` cached
     tokens (the current token included) through `block_tables [B, max_blocks]`. Returns `[B, Hq, D]` in q's dtype.
 
@@ -354,7 +380,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     max_ctx = block_tables.shape[1] * block_size
-    block_n = 64
     if num_splits is None:
         num_splits = _default_num_splits(q.device, bsz * num_kv_heads, triton.cdiv(max_ctx, block_n))
     if not isinstance(num_splits, int) or num_splits < 1:
@@ -372,7 +397,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), num_warps=4, num_stages=2,
+        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), MHA_1D=mha_1d and not use_dot,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz * num_q_heads,)](

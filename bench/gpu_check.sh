@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything only a GPU can show, in one call (a lent GPU's time is short): the CUDA-only tests, the Triton
+# kernels compiled for real, the rollout engine with CUDA graphs at the Janus-Pro-1B shape, and a profile of it.
+# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final]
+#   sweep: tests, the decode launch-configuration sweep, one timed rollout with a profile;
+#   final (default): tests, every kernel benchmark, the rollout benchmark (2 repeats) with a profile.
+# Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
+# exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
+set -uo pipefail
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final]}"
+mode="${2:-final}"
+python="${PYTHON:-python3}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 GOTR1_CACHE="${GOTR1_CACHE:-/tmp/gotr1-cache}"
+tag="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-' | sed 's/^nvidia-//')"
+echo "device: $tag"
+failed=0
+step() {  # step NAME CMD...: run, log to OUT_DIR/NAME.log, report the time taken
+  local name="$1" start=$SECONDS
+  shift
+  if "$@" >"$out/$name.log" 2>&1; then echo "ok   $name ($((SECONDS - start)) s)"
+  else echo "FAIL $name ($((SECONDS - start)) s)"; tail -25 "$out/$name.log"; failed=1; fi
+}
+
+"$python" -c "from kernels.cfg_sampling import cuda_extension_available as a; print('extension', a())" \
+  >"$out/extension.log" 2>&1 &
+extension=$!
+if [[ "$mode" == sweep ]]; then
+  step decode-sweep "$python" -m bench kernels --device cuda --scale gpu --only decode --decode-sweep \
+    --json "$out/decode-sweep-$tag.json"
+else
+  step kernels "$python" -m bench kernels --device cuda --scale gpu --json "$out/kernels-gpu-$tag.json"
+fi
+wait "$extension"
+echo "cfg_sample extension: $(tail -1 "$out/extension.log")"
+step tests "$python" -m pytest -q -x -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
+  tests/test_paged_attention.py tests/test_kv_cache.py tests/test_cfg_sampling.py \
+  tests/test_engine.py::test_triton_backend_equals_torch_backend
+repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
+step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" \
+  --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|bw_fraction|busy|engine_ms|floor_ms" "$log" | tail -8; done
+exit "$failed"
