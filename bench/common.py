@@ -114,7 +114,7 @@ def write_result(name: str, args: Any, metrics: dict[str, Any], rows: list[dict[
         "rows": rows or [],
     }
     title = f"{name} on {result['env']['device_name']}"
-    print_table(title, [{"metric": k, "value": v} for k, v in metrics.items()])
+    print_table(title, [{"metric": k, "value": v} for k, v in metrics.items() if not isinstance(v, dict)])
     print_table(f"{title}: per case", rows or [])
     if args.json:
         path = Path(args.json)

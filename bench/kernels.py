@@ -12,7 +12,9 @@ during the call (inputs excluded).
     fraction of the measured device copy bandwidth (read + write bytes of a 1 GiB `copy_`). On CUDA our kernel is
     timed as the engine runs it, replayed from a CUDA graph (so host launch latency is not counted); the eager
     reference syncs on the host and cannot be captured. `--decode-sweep` adds one `decode_sweep` row per launch
-    configuration (splits, tile, warps, stages), the data behind the default configuration.
+    configuration (splits, tile, matrix units or not, 16-bit operands or not), the data behind the default.
+  - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
+    and a 16 x 876-token prefill, against transformers' seven-op formula.
   - Targets: loss `mem_ratio <= 1/8` at V=102400 and `time_ratio <= 0.7`; decode bandwidth >= 0.8 of copy.
 """
 from __future__ import annotations
@@ -34,8 +36,9 @@ from kernels.paged_attention import (
     paged_prefill_attention,
     paged_prefill_attention_reference,
 )
+from kernels.rms_norm import rms_norm, rms_norm_reference
 
-KERNELS = ("kv_store", "decode", "prefill", "advantages", "grpo_loss")
+KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "advantages", "grpo_loss")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -61,15 +64,19 @@ def _rel_err(ours: Any, eager: Any) -> float:
 
 
 def _compare(name: str, config: str, dtype: torch.dtype, ours: Callable[[], Any], eager: Callable[[], Any],
-             device: str, repeats: int, inner: int = 1, graph: bool = False) -> dict[str, Any]:
+             device: str, repeats: int, inner: int = 1, graph: str = "") -> dict[str, Any]:
     """Times are per call; `inner` back-to-back calls per timed sample let a short GPU kernel's launches queue up,
-    so the time is the kernel's rather than Python's launch latency. `graph` (CUDA): ours is captured `inner`
-    times in one CUDA graph and timed by its replays."""
-    if graph and device.startswith("cuda"):
-        t_ours, out_ours = _graph_time(ours, inner, repeats)
-    else:
-        t_ours, out_ours = median_time(partial(_calls, ours, inner), device=device, repeats=repeats)
-    t_eager, out_eager = median_time(partial(_calls, eager, inner), device=device, repeats=repeats)
+    so the time is the kernel's rather than Python's launch latency. `graph` (CUDA): "ours" or "both" sides are
+    captured `inner` times in one CUDA graph and timed by its replays (the eager side only where it never syncs)."""
+    cuda = device.startswith("cuda")
+
+    def timed(fn: Callable[[], Any], captured: bool) -> tuple[float, Any]:
+        if captured and cuda:
+            return _graph_time(fn, inner, repeats)
+        return median_time(partial(_calls, fn, inner), device=device, repeats=repeats)
+
+    t_ours, out_ours = timed(ours, graph in ("ours", "both"))
+    t_eager, out_eager = timed(eager, graph == "both")
     mem_ours, mem_eager = peak_memory(ours, device=device), peak_memory(eager, device=device)
     return {
         "kernel": name, "config": config, "dtype": str(dtype).removeprefix("torch."),
@@ -159,16 +166,16 @@ def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
         config = f"{label} B={bsz} ctx={ctx} Hq={hq} Hkv={hkv}"
         row = _compare("decode", config, dtype, partial(paged_decode_attention, *inputs, scale=d**-0.5),
                        partial(paged_decode_attention_reference, *inputs, scale=d**-0.5), device, repeats,
-                       inner=20 if copy_bw is not None else 1, graph=True)
+                       inner=20 if copy_bw is not None else 1, graph="ours")
         kv_bytes = 2 * bsz * ctx * hkv * d * k_cache.element_size()
         _add_bandwidth(row, kv_bytes, copy_bw)
         rows.append(row)
         if args.decode_sweep and copy_bw is not None:
             reference = paged_decode_attention_reference(*inputs, scale=d**-0.5)
-            for splits, block_n, warps, stages, mha_1d in _DECODE_GRID:
-                if mha_1d and hq != hkv:
+            for splits, block_n, use_dot, upcast in _DECODE_GRID:
+                if not use_dot and hq != hkv:
                     continue
-                launch = dict(num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages, mha_1d=mha_1d)
+                launch = dict(num_splits=splits, block_n=block_n, use_dot=use_dot, upcast=upcast)
                 seconds, out = _graph_time(partial(paged_decode_attention, *inputs, scale=d**-0.5, **launch), 20,
                                            repeats)
                 sweep = {**row, "kernel": "decode_sweep", "config": f"{config} {launch}",
@@ -179,10 +186,9 @@ def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
     return rows
 
 
-# (num_splits, block_n, num_warps, num_stages, mha_1d) for `--decode-sweep`.
-_DECODE_GRID = [(splits, block_n, warps, stages, True)
-                for splits in (1, 2, 4, 8) for block_n, warps in ((32, 4), (64, 4), (128, 8)) for stages in (2, 3)]
-_DECODE_GRID += [(splits, 64, 4, 2, False) for splits in (1, 2, 4, 8)]
+# (num_splits, block_n, use_dot, upcast) for `--decode-sweep`.
+_DECODE_GRID = [(splits, block_n, use_dot, upcast) for splits in (1, 2, 4) for block_n in (32, 64)
+                for use_dot, upcast in ((False, True), (True, True), (True, False))]
 
 
 def _add_bandwidth(row: dict[str, Any], kv_bytes: int, copy_bw: float | None) -> dict[str, Any]:
@@ -210,6 +216,19 @@ def _bench_prefill(args, device, dtype, gen, repeats) -> list[dict]:
             "prefill", f"B={bsz} prefix={prefix} new={new} Hq={hq} Hkv={hkv}", dtype,
             partial(paged_prefill_attention, *inputs, scale=d**-0.5, max_seqlen_q=new),
             partial(paged_prefill_attention_reference, *inputs, scale=d**-0.5), device, repeats))
+    return rows
+
+
+def _bench_rms_norm(args, device, dtype, gen, repeats) -> list[dict]:
+    """A decode step's norm (rows x hidden) and a long prefill's; both sides replayed from CUDA graphs on CUDA, as
+    the engine's decode layers run."""
+    shapes = [(5, 40), (96, 300)] if args.scale == "small" else [(32, 2048), (32, 4096), (16 * 876, 4096)]
+    rows = []
+    for n, hidden in shapes:
+        x = (3 * torch.randn(n, hidden, generator=gen)).to(device, dtype)
+        weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(device, dtype)
+        rows.append(_compare("rms_norm", f"rows={n} H={hidden}", dtype, partial(rms_norm, x, weight, 1e-6),
+                             partial(rms_norm_reference, x, weight, 1e-6), device, repeats, inner=20, graph="both"))
     return rows
 
 
@@ -268,6 +287,7 @@ def run(args: argparse.Namespace) -> dict:
     repeats = args.repeats or (10 if device.startswith("cuda") else 3)
     gen = torch.Generator().manual_seed(args.seed)
     benches = {"kv_store": _bench_kv_store, "decode": _bench_decode, "prefill": _bench_prefill,
+               "rms_norm": _bench_rms_norm,
                "advantages": _bench_advantages, "grpo_loss": _bench_grpo_loss}
     wanted = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = set(wanted) - set(benches)

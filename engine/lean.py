@@ -22,6 +22,8 @@ from transformers.activations import GELUActivation, SiLUActivation
 from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
+from kernels.rms_norm import rms_norm
+
 Forward = Callable[[Tensor], Tensor]
 
 
@@ -34,7 +36,8 @@ def _runs_its_own_forward(module: nn.Module) -> bool:
 
 def lean(module: nn.Module) -> Forward:
     """`module`'s forward without module dispatch, equal to `module(x)` (bit for bit: the same ops in the same
-    order; an fp32 `LlamaRMSNorm` as one `F.rms_norm`, which gives its bits), or `module` itself."""
+    order; an fp32 `LlamaRMSNorm` as one `F.rms_norm`, which gives its bits; a 16-bit one on a GPU as the one-kernel
+    `kernels.rms_norm`, within two ulps), or `module` itself."""
     if _runs_its_own_forward(module):
         return module
     kind = type(module)
@@ -50,6 +53,9 @@ def lean(module: nn.Module) -> Forward:
         # In 16 bits transformers rounds to the input dtype before the weight multiply; F.rms_norm does not.
         return functools.partial(F.rms_norm, normalized_shape=module.weight.shape, weight=module.weight,
                                  eps=module.variance_epsilon)
+    if kind is LlamaRMSNorm and module.weight.is_cuda:
+        # 16 bits on a GPU: one Triton launch for transformers' seven, its roundings kept (within an ulp or two).
+        return functools.partial(rms_norm, weight=module.weight, eps=module.variance_epsilon)
     if kind is LlamaMLP:
         gate, up, down, act = (lean(m) for m in (module.gate_proj, module.up_proj, module.down_proj, module.act_fn))
         return lambda x: down(act(gate(x)) * up(x))

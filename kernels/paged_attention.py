@@ -13,9 +13,10 @@ the tiles to fp32 costs nothing that matters.
 Prefill/extend runs one program per (query tile, q head, sequence) with a causal mask on absolute positions. The new
 tokens' K/V are already in the cache, so a shared cached prefix and the new tokens are read the same way.
 
-Everything is computed in fp32: tiles are upcast at load, `tl.dot` runs as TF32 for 16-bit inputs (exact for bf16
-and fp16 values, which TF32 represents exactly) and as IEEE fp32 for fp32 inputs. The softmax is in base 2 with the
-scale folded into q.
+By default everything is computed in fp32: tiles are upcast at load, `tl.dot` runs as TF32 for 16-bit inputs (exact
+for bf16 and fp16 values, which TF32 represents exactly) and as IEEE fp32 for fp32 inputs. Decode can instead feed
+16-bit tiles to the matrix units (fp32 accumulation; `upcast=False`). The softmax is in base 2 with the scale
+folded into q (prefill) or applied to the fp32 scores (decode, so q can stay 16-bit).
 
 The torch references are also the engine's CPU attention backend: vectorised gathers, masked fp32 softmax.
 """
@@ -194,7 +195,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, MHA_1D: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -209,55 +210,34 @@ def _decode_kernel(
     head = kv_head * GROUP + g
     g_valid = g < GROUP
     d_valid = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table_row = table_ptr + b * stride_tb
     head_off = kv_head.to(tl.int64) * stride_kh
-    if MHA_1D:
-        # MHA, one query row: keep scores as a vector in the K tile's row layout, so p broadcasts against V
-        # without a layout conversion per tile.
-        q1 = tl.load(q_ptr + b * stride_qb + kv_head * stride_qh + d, mask=d_valid, other=0.0).to(tl.float32)
-        q1 = q1 * qk_scale
-        m1 = tl.full([1], float("-inf"), tl.float32)
-        l1 = tl.zeros([1], tl.float32)
-        acc1 = tl.zeros([BLOCK_D], tl.float32)
-        for start_n in range(start, end, BLOCK_N):
-            pos = start_n + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
-            kv_mask = valid[:, None] & d_valid[None, :]
-            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            scores = tl.where(valid, tl.sum(k * q1[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m1, tl.max(scores, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m1 - m_safe)
-            p = tl.exp2(scores - m_safe)
-            l1 = l1 * alpha + tl.sum(p, 0)
-            acc1 = acc1 * alpha + tl.sum(p[:, None] * v, 0)
-            m1 = m_new
-        m_i, l_i, acc = m1, l1, acc1[None, :]
-    else:
-        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
-                    mask=g_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32) * qk_scale
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for start_n in range(start, end, BLOCK_N):
-            pos = start_n + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
-            kv_mask = valid[:, None] & d_valid[None, :]
-            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            if USE_DOT:
-                scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            else:  # MHA: q is one row, [1, BLOCK_D]
-                scores = tl.sum(q * k, 1)[None, :]
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
-            if USE_DOT:
-                acc += tl.dot(p, v, input_precision=DOT_PRECISION)
-            else:
-                acc += tl.sum(tl.trans(p) * v, 0)[None, :]
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        rows = _kv_row_offsets(table_row, pos, valid, BLOCK_SIZE, stride_kb, stride_ks) + head_off
+        kv_mask = valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:  # one query row (MHA): a broadcast-multiply-sum, [1, BLOCK_D] x [BLOCK_N, BLOCK_D]
+            scores = tl.sum(q * k, 1)[None, :]
+        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
+        if USE_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(tl.trans(p) * v, 0)[None, :]
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty range (context 0) gives 0, not NaN
     o_mask = g_valid[:, None] & d_valid[None, :]
@@ -362,14 +342,18 @@ def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                           mha_1d: bool = True) -> torch.Tensor:
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, use_dot: bool | None = None,
+                           upcast: bool = True) -> torch.Tensor:
     """Decode attention: q `[B, Hq, D]`, one new token per sequence, attends its first `context_lens[b]` cached
     tokens (the current token included) through `block_tables [B, max_blocks]`. Returns `[B, Hq, D]` in q's dtype.
 
     `num_splits` splits each context for flash-decoding (default: enough programs to fill the GPU). It is fixed by
     host-side shapes, never by `context_lens`, so the call is CUDA-graph safe. A context 0 row gives 0.
     Contexts beyond the block table are clipped to it (no sync to check them); the reference raises instead.
+    Launch knobs (`bench kernels --decode-sweep` times them): `block_n` context positions per tile, `use_dot`
+    matrix units for the scores and P @ V (default: when a KV head serves several query heads; with one, the query
+    row is padded to 16), `upcast` 16-bit tiles to fp32 before the dots (off: 16-bit operands, fp32 accumulation,
+    P rounded to 16 bits as flash-attention does; only with `use_dot`).
     """
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     _check_kernel_inputs(q, k_cache, v_cache)
@@ -384,7 +368,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = _default_num_splits(q.device, bsz * num_kv_heads, triton.cdiv(max_ctx, block_n))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    use_dot = group > 1
+    use_dot = group > 1 if use_dot is None else use_dot
+    if not use_dot and group > 1:
+        raise ValueError(f"use_dot=False takes one query head per KV head, got {group}")
+    if not (upcast or use_dot):
+        raise ValueError("upcast=False needs use_dot=True (the broadcast path multiplies in fp32)")
     block_d = max(16, triton.next_power_of_2(head_dim))
     if num_splits > 1:
         mid_o = torch.empty((bsz, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
@@ -397,7 +385,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), MHA_1D=mha_1d and not use_dot,
+        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

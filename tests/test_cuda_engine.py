@@ -4,12 +4,15 @@ without a GPU; the CPU suite covers the same logic through the torch backend.
 """
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
+from engine.lean import lean
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from gotr1.model import build_preset
 from gotr1.reference import ReferenceGenerator
+from kernels.rms_norm import rms_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,3 +55,14 @@ def test_graphs_equal_eager_when_sampling_mixed_guidance(tiny):
         for a, b in zip(ga.samples, gb.samples):
             assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
             torch.testing.assert_close(a.image_logprobs, b.image_logprobs, rtol=0, atol=1e-4)
+
+
+def test_lean_16_bit_norm_is_the_one_kernel_norm():
+    norm = LlamaRMSNorm(2048, eps=1e-6).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+    forward = lean(norm)
+    assert forward.func is rms_norm
+    x = torch.randn(32, 2048, device="cuda", dtype=torch.bfloat16) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(forward(x).float(), norm(x).float(), rtol=2**-6, atol=1e-6)

@@ -188,6 +188,26 @@ def test_decode_bf16(hq, hkv, d, bs, num_splits):
     assert max_rel_err(out, decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)) < 1e-2
 
 
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("hq,hkv,d,bs", [CONFIGS[0], CONFIGS[1]])
+@pytest.mark.usefixtures("poison")
+def test_decode_launch_variants(hq, hkv, d, bs, upcast):
+    """The matrix-unit path for one query row per KV head (padded to 16) and 16-bit operands, as the sweep runs
+    them: fp32 tight, bf16 in the band (16-bit operands only compiled: the interpreter's bf16 dot is broken)."""
+    cases = [(torch.float32, 1e-5)] + ([(torch.bfloat16, 1e-2)] if upcast or DEVICE.type == "cuda" else [])
+    for dtype, tol in cases:
+        k_cache, v_cache, table, ctx = paged_case(CTX, hkv=hkv, d=d, block_size=bs, dtype=dtype)
+        q = randn(len(CTX), hq, d).to(dtype)
+        for splits, block_n in ((1, 32), (3, 64)):
+            out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=splits,
+                                         block_n=block_n, use_dot=True, upcast=upcast)
+            assert max_rel_err(out, decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)) < tol
+    if hq != hkv or not upcast:
+        message = "upcast=False needs use_dot" if hq == hkv else "one query head per KV head"
+        with pytest.raises(ValueError, match=message):
+            paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, use_dot=False, upcast=upcast)
+
+
 @pytest.mark.usefixtures("poison")
 def test_decode_padding_rows_and_int64_tables():
     """Context 0 (CUDA-graph padding rows) gives 0; int64 tables padded with 0 rather than -1 work too."""

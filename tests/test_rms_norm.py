@@ -1,0 +1,53 @@
+"""The one-kernel RMSNorm against transformers' `LlamaRMSNorm` (fp32 tight, bf16 within two ulps), at odd sizes."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from kernels.rms_norm import rms_norm, rms_norm_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def case(rows: int, hidden: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, LlamaRMSNorm]:
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(rows, hidden, generator=g)).to(DEVICE, dtype)
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(hidden, generator=g))
+    return x, norm.to(DEVICE, dtype)
+
+
+@given(rows=st.integers(1, 9), hidden=st.integers(1, 300), bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_equals_llama_rms_norm(rows, hidden, bf16, seed):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, norm = case(rows, hidden, dtype, seed)
+    out = torch.full_like(x, float("nan"))
+    rms_norm(x, norm.weight, norm.variance_epsilon, out=out)
+    with torch.no_grad():
+        expected = norm(x)
+    assert torch.equal(rms_norm_reference(x, norm.weight, norm.variance_epsilon), expected)
+    # bf16: the fp32 sum's order may move the pre-weight rounding by an ulp, which the weight product can take to two.
+    tol = dict(rtol=2**-6, atol=1e-6) if bf16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.float(), expected.float(), **tol)
+
+
+def test_leading_dims_and_empty():
+    x, norm = case(6, 40, torch.float32)
+    x3 = x.view(2, 3, 40)
+    torch.testing.assert_close(rms_norm(x3, norm.weight, 1e-5), rms_norm_reference(x3, norm.weight, 1e-5),
+                               rtol=1e-6, atol=1e-6)
+    assert rms_norm(x[:0], norm.weight, 1e-5).shape == (0, 40)
+
+
+def test_bad_inputs_raise():
+    x, norm = case(2, 8, torch.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm(x, norm.weight[:4], 1e-5)
+    with pytest.raises(ValueError, match="must match"):
+        rms_norm(x, norm.weight.double(), 1e-5)
+    with pytest.raises(ValueError, match="contiguous along"):
+        rms_norm(x.t(), norm.weight[:2], 1e-5)
+    with pytest.raises(ValueError, match="out must be"):
+        rms_norm(x, norm.weight, 1e-5, out=torch.empty(3, 8, device=DEVICE))
