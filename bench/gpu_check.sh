@@ -34,7 +34,7 @@ fi
 wait "$extension"
 echo "cfg_sample extension: $(tail -1 "$out/extension.log")"
 step tests "$python" -m pytest -q -x -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
-  tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_cfg_sampling.py \
+  tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py tests/test_cfg_sampling.py \
   tests/test_engine.py::test_triton_backend_equals_torch_backend
 repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
 step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" \

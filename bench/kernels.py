@@ -14,7 +14,8 @@ during the call (inputs excluded).
     reference syncs on the host and cannot be captured. `--decode-sweep` adds one `decode_sweep` row per launch
     configuration (splits, tile, matrix units or not, 16-bit operands or not), the data behind the default.
   - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
-    and a 16 x 876-token prefill, against transformers' seven-op formula.
+    and a 16 x 876-token prefill, against transformers' seven-op formula; RoPE (`kernels/rope.py`) likewise on
+    q and k against the engine's five-op torch path.
   - Targets: loss `mem_ratio <= 1/8` at V=102400 and `time_ratio <= 0.7`; decode bandwidth >= 0.8 of copy.
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ from kernels.paged_attention import (
     paged_prefill_attention_reference,
 )
 from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rope import rope, rope_reference
 
-KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "advantages", "grpo_loss")
+KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "rope", "advantages", "grpo_loss")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +234,23 @@ def _bench_rms_norm(args, device, dtype, gen, repeats) -> list[dict]:
     return rows
 
 
+def _bench_rope(args, device, dtype, gen, repeats) -> list[dict]:
+    """RoPE of a decode step's q and k (32 rows, Janus-Pro heads) and a prefill's; both sides graph-replayed on CUDA."""
+    shapes = [(5, 3, 1, 8), (40, 4, 2, 24)] if args.scale == "small" else [(32, 16, 16, 128), (32, 32, 32, 128),
+                                                                            (16 * 300, 32, 32, 128)]
+    rows = []
+    for n, hq, hk, d in shapes:
+        q = torch.randn(n, hq, d, generator=gen).to(device, dtype)
+        k = torch.randn(n, hk, d, generator=gen).to(device, dtype)
+        angles = torch.rand(4096, d, generator=gen) * 6.3
+        cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+        positions = torch.randint(0, 4096, (n,), generator=gen).to(device)
+        inputs = (q, k, cos, sin, positions)
+        rows.append(_compare("rope", f"rows={n} Hq={hq} Hk={hk} D={d}", dtype, partial(rope, *inputs),
+                             partial(rope_reference, *inputs), device, repeats, inner=20, graph="both"))
+    return rows
+
+
 def _bench_advantages(args, device, dtype, gen, repeats) -> list[dict]:
     groups, n, tokens = (4, 16, 64) if args.scale == "small" else (16, 16, 876)
     rewards = torch.rand(groups * n, 4, generator=gen).to(device)
@@ -287,7 +306,7 @@ def run(args: argparse.Namespace) -> dict:
     repeats = args.repeats or (10 if device.startswith("cuda") else 3)
     gen = torch.Generator().manual_seed(args.seed)
     benches = {"kv_store": _bench_kv_store, "decode": _bench_decode, "prefill": _bench_prefill,
-               "rms_norm": _bench_rms_norm,
+               "rms_norm": _bench_rms_norm, "rope": _bench_rope,
                "advantages": _bench_advantages, "grpo_loss": _bench_grpo_loss}
     wanted = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = set(wanted) - set(benches)

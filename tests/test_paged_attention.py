@@ -6,7 +6,6 @@ context or through a wrong table entry fails. Outputs are poisoned through the `
 helpers (`poison`, `gpu_rounding`, `max_rel_err`, `norm_rel_err`) live here, once; the other kernel tests import them.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -21,49 +20,8 @@ from kernels.paged_attention import (
     paged_prefill_attention_reference,
 )
 
-POISON_INT = -(2**31) + 7
 # Data is built on the CPU (seeded generators), then moved here: the kernels compile for real when a GPU is present.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Make every `torch.empty`/`torch.empty_like` during the test return NaN (or a sentinel int), so an output
-    element a kernel forgets to write fails the comparison instead of passing on leftover memory."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(POISON_INT)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-
-
-@pytest.fixture
-def gpu_rounding(monkeypatch):
-    """Triton's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even (LLVM fptrunc); round like
-    the GPU (and torch) so that a bf16 band means the same on CPU and GPU. A no-op when compiling for real."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert = interpreter._convert_float
-
-    def rtne(data, src, dst, mode):
-        if mode is None and src == tl.float32 and dst == tl.bfloat16:
-            bits = np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.uint32).astype(np.uint64)
-            out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            out[np.isnan(np.frombuffer(np.ascontiguousarray(data).tobytes(), dtype=np.float32))] = 0x7FC0
-            return out.reshape(data.shape)
-        return convert(data, src, dst, mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", rtne)
 
 
 def norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,0 +1,83 @@
+"""Rotary position embedding of a step's packed q and k, in one kernel.
+
+transformers' Llama computes `x * cos + rotate_half(x) * sin` in the activations' dtype, rounding after each op;
+the engine's torch path does the same as `x * cos + x[perm] * sin'` (halves swapped, sin's first half negated) on
+`cat([q, k])`: five launches per layer, which cost more than their bytes in a GPU decode step. Here one program
+per (token, head) reads x, its half-swapped self and its position's cos / sin' rows, and rounds to the output dtype
+after each multiply and after the sum, as torch does: bit-identical for 16-bit activations (fp32 ones may be
+fused into a multiply-add by the compiler, within an ulp).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * sin_signed
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                   positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[N, Hq, D]`, k `[N, Hk, D]`, tables `[max_pos, D]` (sin' = sin with its first half negated), positions
+    `[N]` -> rotated (q, k)."""
+    cos = cos.index_select(0, positions).unsqueeze(1)
+    sin_signed = sin_signed.index_select(0, positions).unsqueeze(1)
+    return _rotate(q, cos, sin_signed), _rotate(k, cos, sin_signed)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
+                 NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    valid = d < HEAD_DIM
+    swapped = (d + HEAD_DIM // 2) % HEAD_DIM
+    table = tl.load(pos_ptr + t).to(tl.int64) * stride_table
+    c = tl.load(cos_ptr + table + d, mask=valid, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + table + d, mask=valid, other=0.0).to(tl.float32)
+    if h < NUM_Q_HEADS:
+        src = q_ptr + t * stride_qt + h * stride_qh
+        dst = q_out_ptr + (t * NUM_Q_HEADS + h) * HEAD_DIM
+    else:
+        src = k_ptr + t * stride_kt + (h - NUM_Q_HEADS) * stride_kh
+        dst = k_out_ptr + (t * NUM_K_HEADS + h - NUM_Q_HEADS) * HEAD_DIM
+    dtype = q_out_ptr.dtype.element_ty
+    x = tl.load(src + d, mask=valid, other=0.0).to(tl.float32)
+    xs = tl.load(src + swapped, mask=valid, other=0.0).to(tl.float32)
+    a = (x * c).to(dtype).to(tl.float32)
+    b = (xs * s).to(dtype).to(tl.float32)
+    tl.store(dst + d, (a + b).to(dtype), mask=valid)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_reference` in one launch; returns new contiguous (q, k). Positions are not range-checked on the
+    device (CUDA-graph safe): the caller's positions index its own tables."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must be [N, H, D] with equal N and D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    dim = q.shape[2]
+    if dim % 2 or cos.shape != sin_signed.shape or cos.dim() != 2 or cos.shape[1] != dim:
+        raise ValueError(f"tables must both be [max_pos, {dim}] with an even head dim, got {tuple(cos.shape)} and "
+                         f"{tuple(sin_signed.shape)}")
+    if positions.shape != (q.shape[0],) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"positions must be int32/int64 of shape [{q.shape[0]}], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if len({q.dtype, k.dtype, cos.dtype, sin_signed.dtype}) != 1:
+        raise ValueError(f"q, k and the tables must share a dtype, got {q.dtype}, {k.dtype}, {cos.dtype}, "
+                         f"{sin_signed.dtype}")
+    if q.stride(2) != 1 or k.stride(2) != 1 or not (cos.is_contiguous() and sin_signed.is_contiguous()):
+        raise ValueError("q and k must be contiguous along head_dim, the tables contiguous")
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
+                                                                                      device=k.device)
+    if q.shape[0]:
+        _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
+            q, k, cos, sin_signed, positions, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            cos.stride(0), NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_DIM=dim,
+            BLOCK_D=triton.next_power_of_2(dim), num_warps=1)
+    return q_out, k_out

@@ -1,0 +1,66 @@
+"""The one-kernel RoPE against transformers' Llama `apply_rotary_pos_emb`: bit-identical in bf16 and fp32 here
+(16-bit results round after every op, as torch does), at odd head counts and head dims."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from kernels.rope import rope, rope_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tables(max_pos: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's cos/sin for positions 0..max_pos-1, in `dtype` as its rotary module returns them."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.arange(max_pos).float()[:, None] * inv_freq
+    emb = torch.cat([angles, angles], -1)
+    return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 7), hq=st.integers(1, 5), hk=st.integers(1, 3), half=st.integers(1, 20),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_equals_transformers(poison, gpu_rounding, n, hq, hk, half, bf16, seed):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    dim = 2 * half
+    g = torch.Generator().manual_seed(seed)
+    q = (3 * torch.randn(n, hq, dim, generator=g)).to(DEVICE, dtype)
+    k = (3 * torch.randn(n, hk, dim, generator=g)).to(DEVICE, dtype)
+    positions = torch.randint(0, 500, (n,), generator=g).to(DEVICE)
+    cos, sin = tables(500, dim, dtype)
+    sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], 1)
+    # transformers: [batch, heads, seq, dim] with cos/sin [batch, seq, dim]; one sequence of the n tokens.
+    q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[positions][None],
+                                      sin[positions][None])
+    expected = q_hf[0].transpose(0, 1), k_hf[0].transpose(0, 1)
+    q_ref, k_ref = rope_reference(q, k, cos, sin_signed, positions)
+    q_out, k_out = rope(q, k, cos, sin_signed, positions)
+    for got in ((q_ref, k_ref), (q_out, k_out)):
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_strided_inputs_and_empty():
+    """Views of a fused projection (the engine's q/k come out of `view`s) and zero tokens."""
+    qkv = torch.randn(4, 3 + 1, 8, device=DEVICE)
+    q, k = qkv[:, :3], qkv[:, 3:]
+    cos, sin = tables(16, 8, torch.float32)
+    positions = torch.tensor([0, 5, 5, 15], device=DEVICE)
+    for got, want in zip(rope(q, k, cos, sin, positions), rope_reference(q, k, cos, sin, positions)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert [t.shape for t in rope(q[:0], k[:0], cos, sin, positions[:0])] == [(0, 3, 8), (0, 1, 8)]
+
+
+def test_bad_inputs_raise():
+    cos, sin = tables(16, 8, torch.float32)
+    q, k, pos = torch.randn(2, 2, 8, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE), torch.zeros(2).long()
+    pos = pos.to(DEVICE)
+    with pytest.raises(ValueError, match="equal N and D"):
+        rope(q, k[:1], cos, sin, pos)
+    with pytest.raises(ValueError, match="tables must"):
+        rope(q, k, cos[:, :6], sin[:, :6], pos)
+    with pytest.raises(ValueError, match="positions must"):
+        rope(q, k, cos, sin, pos.float())
+    with pytest.raises(ValueError, match="share a dtype"):
+        rope(q, k, cos.double(), sin.double(), pos)
