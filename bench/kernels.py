@@ -8,11 +8,12 @@ during the call (inputs excluded).
 - `--scale gpu`: the issue's shapes in bf16.
   - GRPO loss: B=16 sequences of T=300+576 tokens, H in {2048, 4096}, V in {102400, 16384}; with and without
     the weight gradient.
-  - Paged decode: batch 32 x 800 tokens, Janus-Pro 1B and 7B heads. `note` gives its K/V read bandwidth as a
-    fraction of the measured device copy bandwidth (read + write bytes of a 1 GiB `copy_`). On CUDA our kernel is
-    timed as the engine runs it, replayed from a CUDA graph (so host launch latency is not counted); the eager
-    reference syncs on the host and cannot be captured. `--decode-sweep` adds one `decode_sweep` row per launch
-    configuration (splits, tile, matrix units or not, 16-bit operands or not), the data behind the default.
+  - Paged decode: batch 32 x 800 tokens, Janus-Pro 1B and 7B heads, and a CFG image step (16 x 876 + 16 x 576).
+    `note` gives its K/V read bandwidth as a fraction of the measured device copy bandwidth (read + write bytes of
+    a 1 GiB `copy_`). On CUDA our kernel is timed as the engine runs it, replayed from a CUDA graph (so host launch
+    latency is not counted); the eager reference syncs on the host and cannot be captured. `--decode-sweep` adds
+    one `decode_sweep` row per launch configuration (splits, tile, matrix units or not, 16-bit operands or not),
+    the data behind the default.
   - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
     and a 16 x 876-token prefill, against transformers' seven-op formula; RoPE (`kernels/rope.py`) likewise on
     q and k against the engine's five-op torch path.
@@ -110,15 +111,17 @@ def _graph_time(fn: Callable[[], Any], inner: int, repeats: int) -> tuple[float,
     return seconds, out
 
 
-def _paged_cache(bsz: int, ctx: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, device: str,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Caches with every sequence's blocks scattered by a random permutation, and its block table."""
-    nblk = -(-ctx // block_size)
+def _paged_cache(bsz: int, ctx: int | tuple[int, ...], hkv: int, d: int, block_size: int, dtype: torch.dtype,
+                 device: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caches with every sequence's blocks scattered by a random permutation, and its block table; `ctx` is every
+    row's context or one per row."""
+    lens = (ctx,) * bsz if isinstance(ctx, int) else ctx
+    nblk = -(-max(lens) // block_size)
     num_blocks = bsz * nblk + 8
     k_cache = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(device, dtype)
     v_cache = torch.randn(num_blocks, block_size, hkv, d, generator=gen).to(device, dtype)
     table = torch.randperm(num_blocks, generator=gen)[:bsz * nblk].view(bsz, nblk).to(device, torch.int32)
-    ctx_lens = torch.full((bsz,), ctx, dtype=torch.int32, device=device)
+    ctx_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     return k_cache, v_cache, table, ctx_lens
 
 
@@ -156,20 +159,24 @@ def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
     """On CUDA each row also gets `bw_fraction`: K/V bytes read per second over the copy bandwidth."""
     # (batch, context, q heads, kv heads, head_dim, label)
     if args.scale == "small":
-        shapes = [(4, 100, 4, 4, 32, "MHA"), (4, 100, 6, 2, 32, "GQA")]
+        shapes = [(4, 100, 4, 4, 32, "MHA"), (4, 100, 6, 2, 32, "GQA"), (4, (100, 100, 40, 40), 4, 4, 32, "MHA CFG")]
     else:
-        shapes = [(32, 800, 16, 16, 128, "Janus-1B"), (32, 800, 32, 32, 128, "Janus-7B")]
+        # The issue's 32 x 800 at both models' heads, and a CFG image step as the engine runs it: 16 conditional
+        # rows (prompt + 300 reasoning + image tokens so far) and their 16 shorter unconditional rows.
+        shapes = [(32, 800, 16, 16, 128, "Janus-1B"), (32, 800, 32, 32, 128, "Janus-7B"),
+                  (32, (876,) * 16 + (576,) * 16, 16, 16, 128, "Janus-1B CFG")]
     copy_bw = _copy_bandwidth(device, repeats) if device.startswith("cuda") else None
     rows = []
     for bsz, ctx, hq, hkv, d, label in shapes:
         k_cache, v_cache, table, ctx_lens = _paged_cache(bsz, ctx, hkv, d, 16, dtype, device, gen)
         q = torch.randn(bsz, hq, d, generator=gen).to(device, dtype)
         inputs = (q, k_cache, v_cache, table, ctx_lens)
-        config = f"{label} B={bsz} ctx={ctx} Hq={hq} Hkv={hkv}"
+        context = ctx if isinstance(ctx, int) else "+".join(f"{ctx.count(c)}x{c}" for c in sorted(set(ctx)))
+        config = f"{label} B={bsz} ctx={context} Hq={hq} Hkv={hkv}"
         row = _compare("decode", config, dtype, partial(paged_decode_attention, *inputs, scale=d**-0.5),
                        partial(paged_decode_attention_reference, *inputs, scale=d**-0.5), device, repeats,
                        inner=20 if copy_bw is not None else 1, graph="ours")
-        kv_bytes = 2 * bsz * ctx * hkv * d * k_cache.element_size()
+        kv_bytes = 2 * int(ctx_lens.sum()) * hkv * d * k_cache.element_size()
         _add_bandwidth(row, kv_bytes, copy_bw)
         rows.append(row)
         if args.decode_sweep and copy_bw is not None:
@@ -325,7 +332,8 @@ def run(args: argparse.Namespace) -> dict:
         metrics["loss_time_ratio_v102400_max"] = max(r["time_ratio"] for r in loss_big)
         metrics["loss_targets_met"] = (metrics["loss_mem_ratio_v102400_max"] <= 1 / 8
                                        and metrics["loss_time_ratio_v102400_max"] <= 0.7)
-    if decode and "bw_fraction" in decode[0]:
-        metrics["decode_bw_fraction_min"] = min(r["bw_fraction"] for r in decode)
+    if decode and "bw_fraction" in decode[0]:  # the target is set at 32 x 800; the CFG step is reported beside it
+        metrics["decode_bw_fraction_min"] = min(r["bw_fraction"] for r in decode if "ctx=800 " in r["config"])
         metrics["decode_target_met"] = metrics["decode_bw_fraction_min"] >= 0.8
+        metrics["decode_cfg_step_bw_fraction"] = min(r["bw_fraction"] for r in decode if "CFG" in r["config"])
     return write_result("kernels", args, metrics, rows)
