@@ -7,12 +7,15 @@ metadata travels in one `AttentionMetadata` (nano-vllm's `Context`) so the model
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 
 import torch
 
 from kernels import kv_cache, paged_attention
+from kernels.native import cpu_library, csrc_source
 
 
 @dataclass(slots=True)
@@ -64,18 +67,38 @@ class AttentionBackend:
         return self.decode(q, k_cache, v_cache, meta, scale)
 
 
+@functools.cache
+def _decode_library() -> ctypes.CDLL | None:
+    lib = cpu_library("decode_attention", csrc_source("decode_attention_cpu.cpp"))
+    if lib is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.gotr1_decode_attention.argtypes = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, p, p, p, i64, i64, i64,
+                                               i64, i64, ctypes.c_float, p]
+        lib.gotr1_decode_attention.restype = ctypes.c_int
+    return lib
+
+
+def _head_rows(x: torch.Tensor) -> torch.Tensor:
+    """fp32 `[rows, heads, dim]` whose heads and dims are packed (a row stride of its own is fine)."""
+    x = x.float()
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
 class TorchBackend(AttentionBackend):
     """Plain torch (the CPU default). Prefill uses the kernels' torch reference (exact fp32 softmax, the oracle
     every backend is tested against). Decode attends through a contiguous fp32 workspace (per layer, keys
     `[row x kv head, dim, position]`, values `[row x kv head, position, dim]`) that persists across steps: while
     the decode rows stay the same sequences, in the same order, each one token longer, a step only writes its
     new K/V into it (the paged cache still gets them too, it stays the source of truth), so a step reads each
-    row's context once per layer and copies nothing. Any other step (new rows, a prefill, a context past the
-    capacity) re-gathers the workspace from the paged cache, all layers at once. A workspace larger than the
-    pool itself counted in fp32 (and than `_WORKSPACE_FLOOR`) is not made: such steps (a large model on CPU)
-    attend through the reference. Cached positions of a `Sequence` never change while it is cached (shared
-    blocks are never written, copy-on-write copies them unchanged), which is what makes the reuse exact.
-    Attention itself is two batched matmuls with the query heads of a KV head as the rows, and an fp32 softmax.
+    row's context once per layer and copies nothing; a context past the capacity moves the workspace into a
+    larger one. Any other step (new rows, a prefill) re-gathers it from the paged cache, all layers at once. A
+    workspace larger than the pool itself counted in fp32 (and than `_WORKSPACE_FLOOR`) is not made: such steps
+    (a large model on CPU) attend through the reference. Cached positions of a `Sequence` never change while it
+    is cached (shared blocks are never written, copy-on-write copies them unchanged), which is what makes the
+    reuse exact. Attention itself is two batched matmuls with the query heads of a KV head as the rows, and an
+    fp32 softmax; on a CPU with a C++ compiler and a head dim that is a multiple of 16 (up to 256) it is one call
+    per layer of csrc/decode_attention_cpu.cpp instead, which also stores the new K/V (keys then tiled by 16
+    positions), in the paged cache too when that is fp32.
     """
 
     name = "torch"
@@ -83,8 +106,13 @@ class TorchBackend(AttentionBackend):
     _WORKSPACE_FLOOR = 64 * 2**20  # bytes a workspace may always take, whatever the pool's size
 
     def __init__(self) -> None:
-        self._k: torch.Tensor | None = None  # [layers, rows * kv heads, head_dim, capacity] fp32 (keys transposed)
+        # [layers, rows * kv heads, head_dim, capacity] fp32 (keys transposed), or [..., capacity / 16, head_dim,
+        # 16] for the C++ kernel (`_tiled`)
+        self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None  # [layers, rows * kv heads, capacity, head_dim] fp32
+        self._tiled = False
+        self._scratch: torch.Tensor | None = None  # the C++ kernel's scores, [4 * capacity] fp32
+        self._shared: torch.Tensor | None = None  # the C++ kernel's [rows, 2]: see `_shared_tiles`
         self._seq_ids: tuple[int, ...] = ()  # the rows the workspace holds, in order
         self._lens: list[int] = []  # positions each row holds
         self._position: torch.Tensor | None = None  # this step's new-token position per row x kv head
@@ -107,9 +135,8 @@ class TorchBackend(AttentionBackend):
 
     # ------------------------------------------------------------------------------------------------ workspace
     def _continues(self, meta: AttentionMetadata) -> bool:
-        """The workspace holds this step's rows up to (not including) their new token, with room for it."""
+        """The workspace holds this step's rows up to (not including) their new token."""
         return (self._k is not None and meta.seq_ids == self._seq_ids
-                and max(meta.host_context_lens) <= self._k.shape[3]
                 and all(c == n + 1 for c, n in zip(meta.host_context_lens, self._lens)))
 
     def needs_block_tables(self, meta):
@@ -120,21 +147,29 @@ class TorchBackend(AttentionBackend):
             self._seq_ids, self._lens = (), []
             return
         heads = kv_cache.shape[4]
-        if self._continues(meta):  # every row one token longer: its new token goes one position further
-            self._position.add_(1)
-            self._write.add_(1)
-        else:
-            self._k = self._v = None
+        continues = self._continues(meta)
+        if not continues or max(meta.host_context_lens) > self._v.shape[2]:  # a new or a larger workspace
             if self._workspace_bytes(kv_cache, meta) > max(kv_cache.numel() * 4, self._WORKSPACE_FLOOR):
+                self._k = self._v = None
                 self._seq_ids, self._lens = (), []  # too big (a large model on CPU): read the pool each step
                 return
+            if continues:
+                self._grow(meta)
+        if continues:  # every row one token longer: its new token goes one position further
+            if not self._tiled:
+                self._position.add_(1)
+                self._write.add_(1)
+        else:
+            self._k = self._v = None
             self._gather(kv_cache, meta)
-            # The new token's position, per row x kv head.
-            self._position = torch.tensor([c - 1 for c in meta.host_context_lens for _ in range(heads)],
-                                          device=kv_cache.device)
-            self._key_index = self._position.view(-1, 1, 1).expand(-1, kv_cache.shape[5], 1)
-            self._write = self._row_offsets + self._position
+            if not self._tiled:  # the new token's position, per row x kv head
+                self._position = torch.tensor([c - 1 for c in meta.host_context_lens for _ in range(heads)],
+                                              device=kv_cache.device)
+                self._key_index = self._position.view(-1, 1, 1).expand(-1, kv_cache.shape[5], 1)
+                self._write = self._row_offsets + self._position
         self._lens = lens = meta.host_context_lens
+        if self._tiled:  # the kernel reads each row's own length
+            return
         self._width = width = max(lens)
         self._mask = None
         if min(lens) != width:
@@ -156,6 +191,7 @@ class TorchBackend(AttentionBackend):
         rows, held = len(meta.host_context_lens), [c - 1 for c in meta.host_context_lens]
         capacity = self._capacity(meta)
         dev = kv_cache.device
+        self._tiled = dev.type == "cpu" and dim % 16 == 0 and dim <= 256 and _decode_library() is not None
         keys = torch.zeros((layers, rows, heads, dim, capacity), dtype=torch.float32, device=dev)
         values = torch.zeros((layers, rows, heads, capacity, dim), dtype=torch.float32, device=dev)
         longest = max(held)
@@ -163,16 +199,57 @@ class TorchBackend(AttentionBackend):
             nblk = -(-longest // block_size)
             table = meta.block_tables[:, :nblk].long().reshape(-1)
             kv = kv_cache.index_select(2, table).view(2, layers, rows, nblk * block_size, heads, dim)[:, :, :, :longest]
-            # Slots past a row's context hold whatever the pool had there: zero, as attention multiplies them by 0.
-            past = torch.arange(longest, device=dev) >= torch.tensor(held, device=dev)[:, None]
-            kv = kv.masked_fill(past[:, :, None, None], 0)
+            if min(held) < longest:  # slots past a row's context hold whatever the pool had there: zero them
+                past = torch.arange(longest, device=dev) >= torch.tensor(held, device=dev)[:, None]
+                kv = kv.masked_fill(past[:, :, None, None], 0)
             keys[..., :longest].copy_(kv[0].permute(0, 1, 3, 4, 2))
             values[:, :, :, :longest].copy_(kv[1].permute(0, 1, 3, 2, 4))
         self._row_offsets = torch.arange(0, rows * heads * capacity, capacity, device=dev)
-        self._k = keys.view(layers, rows * heads, dim, capacity)
+        if self._tiled:
+            tiles = keys.view(layers, rows * heads, dim, capacity // 16, 16).transpose(2, 3)
+            self._k = tiles.contiguous()
+            self._scratch = torch.empty(4 * capacity, dtype=torch.float32, device=dev)
+            self._shared = torch.tensor(self._shared_tiles(meta.block_tables.tolist(), held, block_size))
+        else:
+            self._k = keys.view(layers, rows * heads, dim, capacity)
         self._v = values.view(layers, rows * heads, capacity, dim)
         self._seq_ids = meta.seq_ids
         self.peak_workspace_bytes = max(self.peak_workspace_bytes, 2 * keys.numel() * keys.element_size())
+
+    def _grow(self, meta: AttentionMetadata) -> None:
+        """Move the workspace into one of the capacity `meta` needs: a copy of what it holds, far cheaper than
+        gathering it again."""
+        layers, rows_heads, old, dim = self._v.shape
+        capacity, dev = self._capacity(meta), self._v.device
+        values = torch.zeros((layers, rows_heads, capacity, dim), dtype=torch.float32, device=dev)
+        values[:, :, :old] = self._v
+        if self._tiled:
+            keys = torch.zeros((layers, rows_heads, capacity // 16, dim, 16), dtype=torch.float32, device=dev)
+            keys[:, :, :old // 16] = self._k
+            self._scratch = torch.empty(4 * capacity, dtype=torch.float32, device=dev)
+        else:
+            keys = torch.zeros((layers, rows_heads, dim, capacity), dtype=torch.float32, device=dev)
+            keys[..., :old] = self._k
+            self._row_offsets = torch.arange(0, rows_heads * capacity, capacity, device=dev)
+            self._write = self._row_offsets + self._position
+        self._k, self._v = keys, values
+        self.peak_workspace_bytes = max(self.peak_workspace_bytes, 2 * keys.numel() * keys.element_size())
+
+    @staticmethod
+    def _shared_tiles(tables: list[list[int]], held: list[int], block_size: int) -> list[tuple[int, int]]:
+        """Per row: the first row of its run (consecutive rows whose block tables start alike) and how many
+        16-position tiles of it they share, positions both hold in the same blocks (so the same K/V: shared blocks
+        are never written)."""
+        shared, first = [], 0
+        for row, table in enumerate(tables):
+            common = 0
+            limit = min(held[row], held[first])
+            while common < limit and table[common // block_size] == tables[first][common // block_size]:
+                common += block_size
+            if row == first or min(common, limit) < 16:
+                first, common = row, 0
+            shared.append((first, min(common, limit) // 16))
+        return shared
 
     def decode(self, q, k_cache, v_cache, meta, scale):
         return paged_attention.paged_decode_attention_reference(q, k_cache, v_cache, meta.block_tables,
@@ -181,9 +258,26 @@ class TorchBackend(AttentionBackend):
     def forward(self, layer, q, k, v, k_cache, v_cache, meta, scale):
         if meta.is_prefill or self._k is None:
             return super().forward(layer, q, k, v, k_cache, v_cache, meta, scale)
-        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         rows, num_q_heads, dim = q.shape
-        kw, vw = self._k[layer], self._v[layer]  # [rows * kv heads, dim, capacity], [rows * kv heads, capacity, dim]
+        kw, vw = self._k[layer], self._v[layer]  # this layer's workspace keys and values
+        if self._tiled:
+            fp32_cache = k_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            if not fp32_cache:
+                self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+            qf, kf, vf = _head_rows(q), _head_rows(k), _head_rows(v)
+            slots = meta.slot_mapping.to(torch.int64).contiguous()
+            lens = meta.context_lens.to(torch.int32).contiguous()
+            out = torch.empty((rows, num_q_heads, dim), dtype=torch.float32)
+            status = _decode_library().gotr1_decode_attention(
+                qf.data_ptr(), qf.stride(0), kf.data_ptr(), kf.stride(0), vf.data_ptr(), vf.stride(0),
+                k_cache.data_ptr() if fp32_cache else None, v_cache.data_ptr() if fp32_cache else None,
+                slots.data_ptr(), k_cache.shape[0] * k_cache.shape[1], kw.data_ptr(), vw.data_ptr(),
+                lens.data_ptr(), self._shared.data_ptr(), out.data_ptr(), rows, k.shape[1],
+                num_q_heads // k.shape[1], dim, vw.shape[1], scale, self._scratch.data_ptr())
+            if status:
+                raise IndexError(f"slot_mapping holds a slot outside the KV pool of {k_cache.shape[0]} blocks")
+            return out.to(q.dtype)
+        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         kw.scatter_(2, self._key_index, k.reshape(kw.shape[0], dim, 1).float())
         vw.view(-1, dim).index_copy_(0, self._write, v.reshape(-1, dim).float())
         width = self._width

@@ -34,8 +34,10 @@ class Sampler:
                 floats.append((p.cfg_weight if image else 1.0,
                                p.image_temperature if image else p.text_temperature, p.top_p))
                 ints.append((p.top_k, s.key))
-            cfg_weight, temperature, top_p = torch.tensor(floats, dtype=torch.float32, device=self.device).T
-            top_k, seeds = torch.tensor(ints, dtype=torch.int64, device=self.device).T
+            # Each setting contiguous (not a column view): the CPU sampling kernel reads seeds as a plain array.
+            cfg_weight, temperature, top_p = torch.tensor(floats, dtype=torch.float32,
+                                                          device=self.device).T.contiguous()
+            top_k, seeds = torch.tensor(ints, dtype=torch.int64, device=self.device).T.contiguous()
             cached = self._fixed[image] = rows, dict(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k,
                                                      top_p=top_p, seeds=seeds)
         counters = host_tensor([len(s.cond) for s in samples], torch.int64, self.device)

@@ -26,23 +26,25 @@ boundary.  Filter semantics (shared by the sort-based references and the sort-fr
 
 Entry points: `cfg_sample` (picks the CUDA kernel for CUDA tensors when csrc/ builds, else `cfg_sample_torch`, the
 vectorised torch path), `cfg_sample_reference` (one row at a time, sorting-based, explicit uniforms: the oracle),
-`philox_uniforms`, `top_k_mask` / `top_p_mask` and their `*_reference` twins, `cuda_extension_available`.
+`philox_uniforms`, `top_k_mask` / `top_p_mask` and their `*_reference` twins, `cuda_extension_available`. On a CPU
+the torch path runs its float work and Gumbel-max in csrc/cfg_sample_cpu.cpp (`kernels.native` builds it), with the
+same bits; without a compiler it stays in torch ops.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from kernels.native import CSRC, cache_dir, cpu_library, csrc_source
+
 logger = logging.getLogger(__name__)
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Radix-select digit widths (most significant first) over 32-bit order keys; csrc/cfg_sample.cu uses the same.
 _RADIX_LEVELS = ((21, 11), (10, 11), (0, 10))  # (shift, bits)
@@ -152,6 +154,61 @@ def _philox_gumbel(seeds: Tensor, counters: Tensor, groups: Tensor) -> Tensor:
     bits = torch.stack([lanes[0], words[0], lanes[1], words[1]], dim=-1)
     odd = (bits >> 8).bitwise_or_(1).bitwise_and_(0xFFFFFF)  # (x >> 9) * 2 + 1, as in `philox_uniforms`
     return odd.double().mul_(2.0**-24).log_().neg_().log_().neg_().float()
+
+
+@functools.cache
+def _sample_cpu_library() -> ctypes.CDLL | None:
+    lib = cpu_library("cfg_sample", csrc_source("cfg_sample_cpu.cpp"), ("-ffp-contract=off",))
+    if lib is not None:
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.gotr1_scale.argtypes = [p, i64, p, i64, p, p, i64, i64, p, p]
+        lib.gotr1_scale.restype = None
+        lib.gotr1_sample.argtypes = [p, i64, p, p, p, p, i64, i64, p, p]
+        lib.gotr1_sample.restype = None
+        lib.gotr1_gumbel.argtypes = [p, i64, p]
+        lib.gotr1_gumbel.restype = None
+    return lib
+
+
+def _scale(cond: Tensor, uncond: Tensor | None, cfg_weight: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(mixed / T, cond / T) in fp32, `t` [R] (the second is the first when unpaired)."""
+    s = _mix(cond, uncond, cfg_weight.float()[:, None]) / t[:, None]
+    return s, (s if uncond is None else cond.float() / t[:, None])
+
+
+def _scale_cpu(lib: ctypes.CDLL, cond: Tensor, uncond: Tensor | None, cfg_weight: Tensor,
+               t: Tensor) -> tuple[Tensor, Tensor]:
+    """`_scale` in csrc/cfg_sample_cpu.cpp."""
+    rows, vocab = cond.shape
+    cond = cond.float() if cond.stride(1) == 1 else cond.float().contiguous()  # rows of unit stride
+    if uncond is not None:
+        uncond = uncond.float() if uncond.stride(1) == 1 else uncond.float().contiguous()
+    w, t = cfg_weight.float().contiguous(), t.contiguous()
+    s = torch.empty((rows, vocab), dtype=torch.float32)
+    if uncond is None:
+        lib.gotr1_scale(cond.data_ptr(), cond.stride(0), None, 0, w.data_ptr(), t.data_ptr(), rows, vocab,
+                        s.data_ptr(), None)
+        return s, s
+    scaled = torch.empty((rows, vocab), dtype=torch.float32)
+    lib.gotr1_scale(cond.data_ptr(), cond.stride(0), uncond.data_ptr(), uncond.stride(0), w.data_ptr(), t.data_ptr(),
+                    rows, vocab, s.data_ptr(), scaled.data_ptr())
+    return s, scaled
+
+
+def _sample_cpu(lib: ctypes.CDLL, s: Tensor, keep: Tensor | None, greedy: list[bool], seeds: Tensor,
+                counters: Tensor) -> Tensor:
+    """`_sampling_keys(...).argmax(-1)` on the sampled rows, `s.argmax(-1)` on the greedy ones, in
+    csrc/cfg_sample_cpu.cpp."""
+    rows, vocab = s.shape
+    s = s if s.stride(1) == 1 else s.contiguous()
+    keep = None if keep is None else keep.contiguous().view(torch.uint8)
+    flags = torch.tensor([not g for g in greedy], dtype=torch.uint8)
+    seeds, counters = seeds.to(torch.int64).contiguous(), counters.to(torch.int64).contiguous()
+    tokens = torch.empty(rows, dtype=torch.int64)
+    scratch = torch.empty(2 * vocab, dtype=torch.int32)
+    lib.gotr1_sample(s.data_ptr(), s.stride(0), None if keep is None else keep.data_ptr(), flags.data_ptr(),
+                     seeds.data_ptr(), counters.data_ptr(), rows, vocab, tokens.data_ptr(), scratch.data_ptr())
+    return tokens
 
 
 def _sampling_keys(s: Tensor, keep: Tensor | None, seeds: Tensor, counters: Tensor) -> Tensor:
@@ -359,33 +416,41 @@ def cfg_sample_torch(cond_logits: Tensor, uncond_logits: Tensor | None, *, cfg_w
                   counters=counters)
     _check_inputs(cond_logits, uncond_logits, params, validate)
     rows, vocab = cond_logits.shape
-    mixed = _mix(cond_logits, uncond_logits, cfg_weight.float()[:, None])
-    greedy = temperature == 0
-    t = torch.where(greedy, 1.0, temperature.float())[:, None]
-    s = mixed / t
-    filter_k = ~greedy & (top_k > 0) & (top_k < vocab)
-    filter_p = ~greedy & (top_p.float() < 1)
+    # Which rows are greedy or filtered, decided on the host: three small copies instead of a dozen tiny ops and
+    # as many device syncs (a CPU decode step pays per op).
+    greedy = [x == 0 for x in temperature.tolist()]
+    sampled = [r for r, g in enumerate(greedy) if not g]  # Philox runs for these rows only
+    t = temperature.float() if len(sampled) == rows else torch.where(temperature == 0, 1.0, temperature.float())
+    lib = _sample_cpu_library() if cond_logits.device.type == "cpu" and rows else None
+    if lib is None:
+        s, scaled_cond = _scale(cond_logits, uncond_logits, cfg_weight, t)
+    else:
+        s, scaled_cond = _scale_cpu(lib, cond_logits, uncond_logits, cfg_weight, t)
+    top_k = [k if not g and 0 < k < vocab else 0 for g, k in zip(greedy, top_k.tolist())]
+    top_p = [p if not g and p < 1 else 1.0 for g, p in zip(greedy, top_p.float().tolist())]
     keep = None
-    if bool(filter_k.any()):
-        keep = top_k_mask(s, torch.where(filter_k, top_k, 0))
-    if bool(filter_p.any()):
+    if any(top_k):
+        keep = top_k_mask(s, torch.tensor(top_k, device=s.device))
+    if min(top_p, default=1.0) < 1:
         masked = s if keep is None else s.masked_fill(~keep, -math.inf)
-        keep_p = top_p_mask(torch.softmax(masked, dim=-1), torch.where(filter_p, top_p.float(), 1.0))
+        keep_p = top_p_mask(torch.softmax(masked, dim=-1), torch.tensor(top_p, device=s.device))
         keep = keep_p if keep is None else keep & keep_p
-    sampled = (~greedy).nonzero().squeeze(1)  # Philox runs for these rows only
-    if sampled.numel() == rows > 0:
-        keys = _sampling_keys(s, keep, seeds, counters)
+    if lib is not None:
+        tokens = _sample_cpu(lib, s, keep, greedy, seeds, counters)
     else:
         keys = s
-        if sampled.numel():
-            part = _sampling_keys(s.index_select(0, sampled), None if keep is None else keep.index_select(0, sampled),
-                                  seeds.index_select(0, sampled), counters.index_select(0, sampled))
-            keys = s.index_copy(0, sampled, part)
-    tokens = keys.argmax(dim=-1)
+        if len(sampled) == rows > 0:
+            keys = _sampling_keys(s, keep, seeds, counters)
+        elif sampled:
+            index = torch.tensor(sampled, device=s.device)
+            part = _sampling_keys(s.index_select(0, index), None if keep is None else keep.index_select(0, index),
+                                  seeds.index_select(0, index), counters.index_select(0, index))
+            keys = s.index_copy(0, index, part)
+        tokens = keys.argmax(dim=-1)
     mixed_logprobs = torch.log_softmax(s, dim=-1).gather(1, tokens[:, None])[:, 0]
     if uncond_logits is None:
         return SampleOutput(tokens, mixed_logprobs, mixed_logprobs.clone())
-    logprobs = torch.log_softmax(cond_logits.float() / t, dim=-1).gather(1, tokens[:, None])[:, 0]
+    logprobs = torch.log_softmax(scaled_cond, dim=-1).gather(1, tokens[:, None])[:, 0]
     return SampleOutput(tokens, logprobs, mixed_logprobs)
 
 
@@ -406,13 +471,12 @@ def _extension():
         archs = {80, 90} | ({major * 10 + minor} if major < 8 else set())
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in sorted(archs)]
         gencode.append("-gencode=arch=compute_90,code=compute_90")  # PTX for newer GPUs
-        cache = Path(os.environ.get("GOTR1_CACHE", Path.home() / ".cache" / "gotr1")) / "torch_extensions"
-        build_dir = cache / "cfg_sample"
+        build_dir = cache_dir("torch_extensions") / "cfg_sample"
         build_dir.mkdir(parents=True, exist_ok=True)
         return load(name="gotr1_cfg_sample",
-                    sources=[str(_CSRC / "cfg_sample.cu"), str(_CSRC / "cfg_sample_binding.cpp")],
+                    sources=[str(CSRC / "cfg_sample.cu"), str(CSRC / "cfg_sample_binding.cpp")],
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *gencode],
-                    extra_include_paths=[str(_CSRC)], build_directory=str(build_dir), verbose=False)
+                    extra_include_paths=[str(CSRC)], build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # a missing nvcc, a compiler error, an ABI mismatch: all mean "use the torch path"
         logger.warning("cfg_sample: CUDA extension unavailable (%s: %s); using the torch path",
                        type(exc).__name__, exc)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_paged_attention import DEVICE, max_rel_err, poison  # noqa: F401  (poison is a fixture)
+from test_paged_attention import DEVICE, max_rel_err
 
 from kernels.advantages import REWARD_COLUMNS, group_advantages, group_advantages_reference
 

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kernels.cfg_sampling as cfg_sampling
 from kernels.cfg_sampling import (
     SampleOutput,
     cfg_sample,
@@ -101,8 +102,12 @@ def test_philox_uniforms_range_determinism_batch_invariance():
 
 @pytest.mark.parametrize("paired", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_torch_path_equals_reference(paired, dtype):
-    """Greedy and sampled rows, per-row temperature / top-k / top-p, in one call: bitwise equal."""
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_torch_path_equals_reference(monkeypatch, paired, dtype, cpu_kernels):
+    """Greedy and sampled rows, per-row temperature / top-k / top-p, in one call: bitwise equal, with the C++
+    kernels the torch path uses on a CPU (where a compiler builds them) and without."""
+    if not cpu_kernels:
+        monkeypatch.setattr(cfg_sampling, "_sample_cpu_library", lambda: None)
     cond, uncond, params = make_batch(21, 300, paired=paired, dtype=dtype, seed=1)
     out = cfg_sample_torch(cond, uncond, **params)
     ref = reference(cond, uncond, params)

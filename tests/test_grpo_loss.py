@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_paged_attention import DEVICE, gpu_rounding, max_rel_err, norm_rel_err, poison  # noqa: F401  (fixtures)
+from test_paged_attention import DEVICE, max_rel_err, norm_rel_err
 
 from kernels.grpo_loss import LOSS_TYPES, fused_grpo_loss, grpo_loss_reference
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_paged_attention import DEVICE, gpu_rounding  # noqa: F401  (gpu_rounding is a fixture)
+from test_paged_attention import DEVICE
 
 from kernels.kv_cache import store_kvcache, store_kvcache_reference
 
