@@ -254,7 +254,7 @@ class ModelRunner:
 
         RoPE runs once per layer on q and k together: `x cos + rotate_half(x) sin` as `x cos + x[perm] sin'`
         (`sin'` = sin with its first half negated), the same products and sum as transformers', so bit-equal;
-        16-bit on a GPU, the same roundings in one kernel (`kernels.rope`), bit-equal too."""
+        16-bit on a GPU, the same roundings in one kernel (`kernels.rope`), within an ulp."""
         n, d = h.shape[0], self.head_dim
         if not self.fused_rope:
             cos = self.cos.index_select(0, positions).unsqueeze(1)

@@ -4,8 +4,9 @@ transformers' Llama computes `x * cos + rotate_half(x) * sin` in the activations
 the engine's torch path does the same as `x * cos + x[perm] * sin'` (halves swapped, sin's first half negated) on
 `cat([q, k])`: five launches per layer, which cost more than their bytes in a GPU decode step. Here one program
 per (token, head) reads x, its half-swapped self and its position's cos / sin' rows, and rounds to the output dtype
-after each multiply and after the sum, as torch does: bit-identical for 16-bit activations (fp32 ones may be
-fused into a multiply-add by the compiler, within an ulp).
+after each multiply and after the sum, as torch does. Under the interpreter (with the GPU's round-to-nearest) that
+is bit-identical to torch in bf16 and fp32; compiled, the multiply-adds may be contracted, and results differ from
+torch's by up to an ulp of the output dtype (an H200 showed both).
 """
 from __future__ import annotations
 
