@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -21,6 +22,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash; `$GOTR1_GIT_COMMIT` where the tree has no .git (a copy sent to a GPU machine)."""
+    if os.environ.get("GOTR1_GIT_COMMIT"):
+        return os.environ["GOTR1_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)

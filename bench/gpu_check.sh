@@ -13,6 +13,8 @@ mode="${2:-final}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 GOTR1_CACHE="${GOTR1_CACHE:-/tmp/gotr1-cache}"
+# The copy sent to a GPU machine has no .git: pass the commit along (GOTR1_GIT_COMMIT=$(git rev-parse --short HEAD)).
+export GOTR1_GIT_COMMIT="${GOTR1_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 tag="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-' | sed 's/^nvidia-//')"
 echo "device: $tag"
 failed=0
