@@ -22,7 +22,7 @@ from transformers.activations import GELUActivation, SiLUActivation
 from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import cpu_rms_norm_available, rms_norm, rms_norm_cpu
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -35,9 +35,10 @@ def _runs_its_own_forward(module: nn.Module) -> bool:
 
 
 def lean(module: nn.Module) -> Forward:
-    """`module`'s forward without module dispatch, equal to `module(x)` (bit for bit: the same ops in the same
-    order; an fp32 `LlamaRMSNorm` as one `F.rms_norm`, which gives its bits; a 16-bit one on a GPU as the one-kernel
-    `kernels.rms_norm`, within two ulps), or `module` itself."""
+    """`module`'s forward without module dispatch, equal to `module(x)`: bit for bit (the same ops in the same
+    order) except for `LlamaRMSNorm`, which is one native call on a CPU in fp32 (`kernels.rms_norm.rms_norm_cpu`;
+    `F.rms_norm`, with its bits, where that cannot be built or on a GPU) and the one-kernel Triton norm for 16 bits
+    on a GPU, each within a few ulps; or `module` itself."""
     if _runs_its_own_forward(module):
         return module
     kind = type(module)
@@ -50,6 +51,9 @@ def lean(module: nn.Module) -> Forward:
     if kind is GELUActivation:
         return module.act
     if kind is LlamaRMSNorm and module.weight.dtype == torch.float32:
+        if module.weight.device.type == "cpu" and cpu_rms_norm_available():
+            # One native call for the composite's half-dozen ops, within a few ulps (the sum's order).
+            return functools.partial(rms_norm_cpu, weight=module.weight, eps=module.variance_epsilon)
         # In 16 bits transformers rounds to the input dtype before the weight multiply; F.rms_norm does not.
         return functools.partial(F.rms_norm, normalized_shape=module.weight.shape, weight=module.weight,
                                  eps=module.variance_epsilon)

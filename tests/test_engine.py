@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
 from engine.lean import lean
@@ -114,7 +115,7 @@ def test_host_tensor_equals_torch_tensor(case):
 
 def test_lean_forwards_equal_module_forwards(odd):
     """Every module the engine runs through `engine.lean` takes the direct path and gives the module's own bits
-    (fp32, random weights, odd sizes, an odd number of rows)."""
+    (fp32, random weights, odd sizes, an odd number of rows); RMSNorm's native CPU call within 5e-7 relative."""
     janus = odd.model
     lm = janus.model.language_model
     g = torch.Generator().manual_seed(0)
@@ -137,7 +138,10 @@ def test_lean_forwards_equal_module_forwards(odd):
             f = lean(module)
             assert f is not module, type(module).__name__
             out = f(x)
-            assert torch.equal(out, module(x)), type(module).__name__
+            if isinstance(module, LlamaRMSNorm):
+                torch.testing.assert_close(out, module(x), rtol=5e-7, atol=1e-7)
+            else:
+                assert torch.equal(out, module(x)), type(module).__name__
             assert out.isfinite().all()
 
 

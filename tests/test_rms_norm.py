@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rms_norm import cpu_rms_norm_available, rms_norm, rms_norm_cpu, rms_norm_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -52,3 +52,24 @@ def test_bad_inputs_raise():
         rms_norm(x.t(), norm.weight[:2], 1e-5)
     with pytest.raises(ValueError, match="out must be"):
         rms_norm(x, norm.weight, 1e-5, out=torch.empty(3, 8, device=DEVICE))
+
+
+@pytest.mark.skipif(not cpu_rms_norm_available(), reason="no C++ compiler: the engine keeps F.rms_norm")
+@given(rows=st.integers(0, 9), hidden=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_cpu_path_equals_torch_within_ulps(rows, hidden, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(rows, hidden, generator=g)
+    weight = 1 + 0.5 * torch.randn(hidden, generator=g)
+    expected = torch.nn.functional.rms_norm(x, [hidden], weight, 1e-6)
+    torch.testing.assert_close(rms_norm_cpu(x, weight, 1e-6), expected, rtol=5e-7, atol=1e-7)
+    strided = torch.randn(rows, hidden + 3, generator=g)[:, :hidden]  # a row stride of its own
+    torch.testing.assert_close(rms_norm_cpu(strided, weight, 1e-6),
+                               torch.nn.functional.rms_norm(strided, [hidden], weight, 1e-6), rtol=5e-7, atol=1e-7)
+
+
+@pytest.mark.skipif(not cpu_rms_norm_available(), reason="no C++ compiler")
+def test_cpu_path_rejects_other_inputs():
+    with pytest.raises(ValueError, match="fp32 CPU"):
+        rms_norm_cpu(torch.randn(2, 8).double(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="contiguous along"):
+        rms_norm_cpu(torch.randn(8, 2).t(), torch.ones(8), 1e-6)
