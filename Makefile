@@ -22,4 +22,5 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench-cpu: $(STAMP)
-	for b in rollout kernels reward sampling; do $(PY) -m bench $$b --device cpu --json bench/results/$$b-cpu.json || exit 1; done
+	$(PY) -m bench rollout --preset tiny --device cpu --repeats 5 --json bench/results/rollout-tiny-cpu.json
+	for b in kernels reward sampling; do $(PY) -m bench $$b --device cpu --json bench/results/$$b-cpu.json || exit 1; done

@@ -23,18 +23,8 @@ from kernels.cfg_sampling import SampleOutput, cfg_sample_torch
 from kernels.native import cpu_library
 from kernels.paged_attention import paged_decode_attention_reference
 
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every `torch.empty` the code under test asks for comes back NaN (or -1): outputs and scratch a kernel
-    leaves unwritten show."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan if t.is_floating_point() else -1)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+# Every `torch.empty` the code under test asks for comes back poisoned (conftest): unwritten outputs show.
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def decode_library():
