@@ -6,9 +6,10 @@ per-sequence block table; `num_q_heads` is a multiple of `num_kv_heads` (MHA or 
 Decode is flash-decoding: stage 1 runs one program per (sequence, kv head, context split). Each program keeps the whole
 query group of that kv head in its tile, so K/V are read once per kv head. It walks its share of the context in
 tiles gathered through the block table, with an online softmax in fp32. When there are several splits it writes a
-normalised partial output plus its log-sum-exp, and stage 2 merges the splits. With MHA the group is one row, so the
-scores are a broadcast-multiply-sum on CUDA cores instead of a 1-row `tl.dot`. Decode is memory-bound, so upcasting
-the tiles to fp32 costs nothing that matters.
+normalised partial output plus its log-sum-exp, and stage 2 merges the splits. On a GPU in 16 bits the scores and
+P @ V run on the matrix units with 16-bit operands, an MHA query row padded to 16: on an H200 that reads K/V at 0.93
+of copy bandwidth, where fp32 tiles reduced with broadcast multiplies reached 0.66-0.71 (same bytes: the upcasts and
+cross-thread reductions, presumably, were the limit).
 
 Prefill/extend runs one program per (query tile, q head, sequence) with a causal mask on absolute positions. The new
 tokens' K/V are already in the cache, so a shared cached prefix and the new tokens are read the same way.
@@ -342,8 +343,7 @@ def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2, use_dot: bool | None = None,
-                           upcast: bool | None = None) -> torch.Tensor:
+                           block_n: int = 64, use_dot: bool | None = None, upcast: bool | None = None) -> torch.Tensor:
     """Decode attention: q `[B, Hq, D]`, one new token per sequence, attends its first `context_lens[b]` cached
     tokens (the current token included) through `block_tables [B, max_blocks]`. Returns `[B, Hq, D]` in q's dtype.
 
@@ -354,7 +354,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     matrix units for the scores and P @ V (with one query head per KV head the query row is padded to 16), `upcast`
     16-bit tiles to fp32 before the dots (off: 16-bit operands, fp32 accumulation, P rounded to 16 bits as
     flash-attention does; only with `use_dot`). Defaults: 16-bit inputs on a GPU take the matrix units with 16-bit
-    operands (on an H200 at 32 x 800 tokens 0.90-0.92 of copy bandwidth, against 0.66-0.71 for fp32 tiles with a
+    operands (on an H200 at 32 x 800 tokens 0.90-0.93 of copy bandwidth, against 0.66-0.71 for fp32 tiles with a
     broadcast multiply: `decode_sweep` rows of bench/results/kernels-gpu-h200.json); otherwise fp32 tiles, matrix
     units only for grouped queries (the interpreter's 16-bit dot is broken, fp32 inputs need IEEE dots).
     """
@@ -390,8 +390,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), UPCAST=upcast,
-        num_warps=num_warps, num_stages=num_stages,
+        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), UPCAST=upcast, num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz * num_q_heads,)](
