@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import kv_cache, paged_attention
-from kernels.native import cpu_library, csrc_source
+from kernels.native import F32, I64, P, csrc_library
 
 
 @dataclass(slots=True)
@@ -67,15 +67,10 @@ class AttentionBackend:
         return self.decode(q, k_cache, v_cache, meta, scale)
 
 
-@functools.cache
+@functools.cache  # a hot path: no re-hashing of the signatures per call
 def _decode_library() -> ctypes.CDLL | None:
-    lib = cpu_library("decode_attention", csrc_source("decode_attention_cpu.cpp"))
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.gotr1_decode_attention.argtypes = [p, i64, p, i64, p, i64, p, p, p, i64, p, p, p, p, p, i64, i64, i64,
-                                               i64, i64, ctypes.c_float, p]
-        lib.gotr1_decode_attention.restype = ctypes.c_int
-    return lib
+    return csrc_library("decode_attention_cpu.cpp", (("gotr1_decode_attention", ctypes.c_int, (
+        P, I64, P, I64, P, I64, P, P, P, I64, P, P, P, P, P, I64, I64, I64, I64, I64, F32, P)),))
 
 
 def _head_rows(x: torch.Tensor) -> torch.Tensor:

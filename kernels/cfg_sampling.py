@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.native import CSRC, cache_dir, cpu_library, csrc_source
+from kernels.native import CSRC, I64, P, cache_dir, csrc_library
 
 logger = logging.getLogger(__name__)
 
@@ -156,18 +156,11 @@ def _philox_gumbel(seeds: Tensor, counters: Tensor, groups: Tensor) -> Tensor:
     return odd.double().mul_(2.0**-24).log_().neg_().log_().neg_().float()
 
 
-@functools.cache
+@functools.cache  # a hot path: no re-hashing of the signatures per call
 def _sample_cpu_library() -> ctypes.CDLL | None:
-    lib = cpu_library("cfg_sample", csrc_source("cfg_sample_cpu.cpp"), ("-ffp-contract=off",))
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.gotr1_scale.argtypes = [p, i64, p, i64, p, p, i64, i64, p, p]
-        lib.gotr1_scale.restype = None
-        lib.gotr1_sample.argtypes = [p, i64, p, p, p, p, i64, i64, p, p]
-        lib.gotr1_sample.restype = None
-        lib.gotr1_gumbel.argtypes = [p, i64, p]
-        lib.gotr1_gumbel.restype = None
-    return lib
+    return csrc_library("cfg_sample_cpu.cpp", (("gotr1_scale", None, (P, I64, P, I64, P, P, I64, I64, P, P)),
+                                               ("gotr1_sample", None, (P, I64, P, P, P, P, I64, I64, P, P)),
+                                               ("gotr1_gumbel", None, (P, I64, P))), ("-ffp-contract=off",))
 
 
 def _scale(cond: Tensor, uncond: Tensor | None, cfg_weight: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# ctypes argument types of the CPU kernels' entry points: pointers (`tensor.data_ptr()`), int64, float.
+P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 def cache_dir(kind: str) -> Path:
@@ -28,8 +30,6 @@ def cache_dir(kind: str) -> Path:
     return Path(os.environ.get("GOTR1_CACHE", Path.home() / ".cache" / "gotr1")) / kind
 
 
-def csrc_source(filename: str) -> str:
-    return (CSRC / filename).read_text()
 
 
 def _cpu_identity() -> str:
@@ -69,3 +69,16 @@ def cpu_library(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.C
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("cpu kernel %s: build or load failed (%s); using the torch path", name, detail)
         return None
+
+
+@functools.cache
+def csrc_library(filename: str, functions: tuple[tuple[str, type | None, tuple[type, ...]], ...],
+                 flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """`csrc/filename` through `cpu_library`, each `(name, restype, argtypes)` of `functions` declared on it (ctypes
+    would otherwise pass every int as a C int); None where it cannot be built."""
+    lib = cpu_library(Path(filename).stem, (CSRC / filename).read_text(), flags)
+    if lib is not None:
+        for name, restype, argtypes in functions:
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, list(argtypes)
+    return lib

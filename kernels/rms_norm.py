@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.native import cpu_library, csrc_source
+from kernels.native import F32, I64, P, csrc_library
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,14 +63,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Te
     return out
 
 
-@functools.cache
+@functools.cache  # a hot path: no re-hashing of the signatures per call
 def _cpu_library() -> ctypes.CDLL | None:
-    lib = cpu_library("rms_norm", csrc_source("rms_norm_cpu.cpp"), ("-ffp-contract=off",))
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.gotr1_rms_norm.argtypes = [p, i64, p, i64, i64, ctypes.c_float, p]
-        lib.gotr1_rms_norm.restype = None
-    return lib
+    return csrc_library("rms_norm_cpu.cpp", (("gotr1_rms_norm", None, (P, I64, P, I64, I64, F32, P)),),
+                        ("-ffp-contract=off",))
 
 
 def cpu_rms_norm_available() -> bool:
