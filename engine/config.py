@@ -16,6 +16,11 @@ class EngineConfig:
     `max_num_seqs` bounds the rows of one step (an image-phase sample is two rows, conditional + unconditional,
     unless its `cfg_weight` is 1);
     `max_num_batched_tokens` bounds the tokens of one prefill step (a single prefill larger than that runs alone).
+    `num_scheduler_steps` (vLLM's multi-step scheduling) is the most decode steps one `step()` runs back to back
+    when every row of a step is in the image phase: their schedule is fixed (one token per row until the image
+    is complete), so the steps run without returning to the host, each sampled token fed to the next step on the
+    device, and the host syncs once per window instead of once per step. Requests added meanwhile wait for the
+    window's end; 1 turns it off.
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
@@ -28,6 +33,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 16384
     max_model_len: int | None = None
+    num_scheduler_steps: int = 16
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -48,6 +54,8 @@ class EngineConfig:
                              f"{self.max_num_seqs!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
+        if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be a positive int, got {self.num_scheduler_steps!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
                              f"{self.attention_backend!r}")

@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, host_tensor
 from engine.outputs import GroupOutput, SampleOutput
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Group, Sample, Sequence, sample_key
 from gotr1.chain import parse_chain
 from gotr1.model import JanusBundle
@@ -83,20 +83,58 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------------ stepping
     def step(self) -> list[GroupOutput]:
-        """One forward (a prefill or a decode step); returns the requests that finished with it."""
+        """One scheduled batch: a prefill, or a decode step, or `num_steps` decode steps back to back; returns the
+        requests that finished with it."""
         batch = self.scheduler.schedule()
-        self.num_steps += 1
+        self.num_steps += batch.num_steps
         self.peak_used_blocks = max(self.peak_used_blocks, self.block_manager.num_used_blocks)
-        text_logits, cond_logits, uncond_logits = self.runner.run(batch)
-        text_tokens, text_lps = [], []
-        image_tokens, image_lps, mixed_lps = [], [], []
-        if text_logits is not None:
-            text_tokens, text_lps = self.sampler.sample_text(text_logits, batch.text_samples)
-        if cond_logits is not None:
-            image_tokens, image_lps, mixed_lps = self.sampler.sample_image(cond_logits, uncond_logits,
-                                                                           batch.image_samples)
-        finished = self.scheduler.postprocess(batch, text_tokens, text_lps, image_tokens, image_lps, mixed_lps)
-        return [self._output(g) for g in finished]
+        return [self._output(g) for g in self._run(batch)]
+
+    @torch.inference_mode()
+    def _run(self, batch: ScheduledBatch) -> list[Group]:
+        """Forward and sample each step of the batch. The tokens one step samples are the next step's inputs
+        without leaving the device (an image token feeds its conditional and its unconditional row), so the host
+        queues every step and reads all their tokens in one copy at the end, then appends them step by step."""
+        text_samples, image_samples = batch.text_samples, batch.image_samples
+        paired = None
+        if 0 < len(batch.uncond_rows) < len(image_samples):
+            paired = self.sampler.paired_rows(image_samples)
+        order = self._feed_order(batch) if batch.num_steps > 1 else None
+        ids, sampled = None, []
+        for step in range(batch.num_steps):
+            text_logits, cond, uncond = self.runner.run(batch, step, ids)
+            parts = []
+            if text_logits is not None:
+                parts.append(self.sampler.text_tensors(text_logits, text_samples, step))
+            if cond is not None:
+                parts.append(self.sampler.image_tensors(cond, uncond, image_samples, step, paired))
+            # (a batch that only grows the shared unconditional prefix samples nothing)
+            sampled.append(torch.cat([p.flatten() for p in parts]) if parts else
+                           torch.zeros(0, dtype=torch.float64, device=self.runner.device))
+            if step + 1 < batch.num_steps:
+                tokens = [p[0] for p in parts]
+                if batch.uncond_rows:
+                    tokens.append(tokens[-1] if paired is None else tokens[-1].index_select(0, paired))
+                ids = torch.cat(tokens).long()
+                ids = ids if order is None else ids.index_select(0, order)
+        num_text, num_image = len(text_samples), len(image_samples)
+        finished = []
+        for values in torch.stack(sampled).tolist():  # one device sync for the whole batch
+            text, image = values[:2 * num_text], values[2 * num_text:]
+            finished += self.scheduler.postprocess(
+                batch, [int(t) for t in text[:num_text]], text[num_text:], [int(t) for t in image[:num_image]],
+                image[num_image:2 * num_image], image[2 * num_image:])
+        return finished
+
+    def _feed_order(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Where each row's next input sits in `[text tokens, image tokens, image tokens of the unconditional
+        rows]` (None: in row order already, as in an image-only step)."""
+        order = [0] * len(batch.seqs)
+        for i, row in enumerate(batch.text_rows + batch.cond_rows + batch.uncond_rows):
+            order[row] = i
+        if order == list(range(len(order))):
+            return None
+        return host_tensor(order, torch.int64, self.runner.device)
 
     def generate(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[GroupOutput]:

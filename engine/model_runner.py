@@ -37,6 +37,19 @@ def unwrap(model: torch.nn.Module) -> JanusForConditionalGeneration:
 
 
 @dataclass(slots=True)
+class StepInputs:
+    """One forward's inputs on the device: token ids (None when the caller feeds them), positions, which rows
+    are image tokens (None: none; True: all), attention metadata, and the rows whose hidden state the heads read
+    (None: all; a prefill's last token per row)."""
+
+    ids: torch.Tensor | None
+    positions: torch.Tensor
+    image_mask: torch.Tensor | bool | None
+    meta: AttentionMetadata
+    last: torch.Tensor | None
+
+
+@dataclass(slots=True)
 class LayerForwards:
     """One decoder layer's modules as `engine.lean` calls."""
 
@@ -49,13 +62,19 @@ class LayerForwards:
     mlp: Forward
 
 
-def host_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.tensor(values, dtype=dtype, device=device)` for int32/int64 in a third of the time (one buffer copy
-    instead of a per-element conversion): step metadata is built on the host every step."""
+_ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f", torch.bool: "b"}
+
+
+def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values, dtype=dtype, device=device)` for int64/int32/float32/bool in a third of the time (one
+    buffer copy instead of a per-element conversion): step metadata is built on the host every step. To a GPU it
+    goes through pinned memory without blocking: a plain copy from pageable memory waits for all queued work, so
+    the host could never prepare a step while the device runs the one before."""
     if not values:  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=dtype, device=device)
-    t = torch.frombuffer(array("q" if dtype == torch.int64 else "i", values), dtype=dtype)
-    return t if device.type == "cpu" else t.to(device)
+    t = torch.frombuffer(array(_ARRAY_CODES[dtype], values), dtype=torch.int8 if dtype == torch.bool else dtype)
+    t = t.view(torch.bool) if dtype == torch.bool else t
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 class ModelRunner:
@@ -63,6 +82,7 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._steps: list[StepInputs] = []  # the current batch's steps, prepared by its step 0
         self._module_key: tuple = ()
         self.bind(model)
         tc = self.janus.config.text_config
@@ -150,20 +170,29 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Forward the batch; returns (text logits per `text_rows`, conditional image logits per `cond_rows`,
-        unconditional ones per `uncond_rows` or None when there are none), in the model's dtype."""
-        if batch.copies:
-            self._copy_blocks(batch.copies)
-        ids, positions, image_mask, meta, last = self._prepare(batch)
+    def run(self, batch: ScheduledBatch, step: int = 0,
+            ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Forward step `step` of the batch (only a multi-step batch has more than step 0); returns (text logits
+        per `text_rows`, conditional image logits per `cond_rows`, unconditional ones per `uncond_rows` or None
+        when there are none), in the model's dtype. Step 0 applies the block copies and sends every step's
+        metadata at once; a later step's input tokens are `ids`, the ones the step before sampled (one per row,
+        on the device: the host does not wait for them)."""
+        if step == 0:
+            if batch.copies:
+                self._copy_blocks(batch.copies)
+            self._steps = self._prepare(batch)
+        elif ids is None:
+            raise ValueError(f"step {step} of a multi-step batch needs the input ids the step before sampled")
+        inputs = self._steps[step]
+        meta = inputs.meta
         self.backend.begin_step(self.kv_cache, meta)
-        h = self._embed(ids, image_mask)
+        h = self._embed(inputs.ids if ids is None else ids, inputs.image_mask)
         if self.use_cuda_graphs and not meta.is_prefill and len(batch.seqs) <= self.graph_sizes[-1]:
-            h = self._replay(h, positions, meta)
+            h = self._replay(h, inputs.positions, meta)
         else:
-            h = self._layers(h, positions, meta)
-        if last is not None:
-            h = h.index_select(0, last)
+            h = self._layers(h, inputs.positions, meta)
+        if inputs.last is not None:
+            h = h.index_select(0, inputs.last)
         text = cond = uncond = None
         if batch.text_rows:
             text = self.text_head(self.final_norm(self._rows(h, batch.text_rows)))
@@ -181,12 +210,14 @@ class ModelRunner:
             return h[first:first + len(rows)]
         return h.index_select(0, host_tensor(rows, torch.int64, h.device))
 
-    def _prepare(self, batch: ScheduledBatch):
-        """Step metadata from the rows, built in Python and sent as two tensors (int64 per token, int32 per row:
-        context lengths + padded block tables, the latter only when the backend needs them): per-step host
-        overhead is what bounds small models. A decode step (one token per row) takes a loop-free path."""
+    def _prepare(self, batch: ScheduledBatch) -> list[StepInputs]:
+        """Each step's inputs, built in Python and sent as two tensors (int64 per token, int32 per row: context
+        lengths + padded block tables, the latter only when the backend needs them): per-step host overhead is
+        what bounds small models. Decode steps (one token per row; step j of a multi-step batch feeds position
+        `start + j`, through the same block tables) take a loop-free path."""
         bs = self.block_size
         seqs, starts = batch.seqs, batch.starts
+        num_rows, num_steps = len(seqs), batch.num_steps
         if batch.is_prefill:
             ids: list[int] = []
             positions: list[int] = []
@@ -201,30 +232,36 @@ class ModelRunner:
             context_lens = [s + q for s, q in zip(starts, batch.query_lens)]
         else:
             ids = [seq.token_ids[p] for seq, p in zip(seqs, starts)]
-            positions = starts
-            slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, starts)]
-            image = [p >= seq.image_start for seq, p in zip(seqs, starts)]
-            context_lens = [p + 1 for p in starts]
-        num_rows, num_tokens = len(seqs), len(ids)
+            positions = starts if num_steps == 1 else [p + j for j in range(num_steps) for p in starts]
+            slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs * num_steps, positions)]
+            image = [p >= seq.image_start for seq, p in zip(seqs * num_steps, positions)]
+            context_lens = [p + 1 for p in positions]
+        num_tokens = len(ids)
         dev = self.device
         per_token = host_tensor(ids + positions + slots, torch.int64, dev)
-        meta = AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=per_token[2 * num_tokens:],
-                                 context_lens=None, block_tables=None, seq_ids=tuple(s.seq_id for s in seqs),
-                                 host_context_lens=context_lens)
+        positions_t, slots_t = per_token[num_tokens:].chunk(2)
+        seq_ids = tuple(s.seq_id for s in seqs)
+        metas = [AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=slots_t[j * num_rows:(j + 1) * num_rows]
+                                   if num_steps > 1 else slots_t, context_lens=None, block_tables=None,
+                                   seq_ids=seq_ids, host_context_lens=context_lens[j * num_rows:(j + 1) * num_rows])
+                 for j in range(num_steps)]
         per_row = context_lens
         width = 0
-        if self.backend.needs_block_tables(meta):
+        if self.backend.needs_block_tables(metas[0]):
             width = max(len(seq.block_table) for seq in seqs)
             per_row = list(context_lens)
             for seq in seqs:
                 per_row += seq.block_table
                 per_row += [0] * (width - len(seq.block_table))
         per_row = host_tensor(per_row, torch.int32, dev)
-        meta.context_lens = per_row[:num_rows]
-        if width:
-            meta.block_tables = per_row[num_rows:].view(num_rows, width)
+        lens_t = per_row[:len(context_lens)]
+        tables = per_row[len(context_lens):].view(num_rows, width) if width else None
+        for j, meta in enumerate(metas):
+            meta.context_lens = lens_t[j * num_rows:(j + 1) * num_rows]
+            meta.block_tables = tables
         last = None
         if batch.is_prefill:
+            meta = metas[0]
             cu_q, cu_k = [0], [0]
             for q, c in zip(batch.query_lens, context_lens):
                 cu_q.append(cu_q[-1] + q)
@@ -233,10 +270,16 @@ class ModelRunner:
             meta.cu_seqlens_q, meta.cu_seqlens_k = cu[:num_rows + 1], cu[num_rows + 1:]
             meta.max_seqlen_q, meta.max_seqlen_k = max(batch.query_lens), max(context_lens)
             last = meta.cu_seqlens_q[1:].long() - 1
-        image_mask = None
-        if any(image):
-            image_mask = True if all(image) else torch.tensor(image, device=dev)
-        return per_token[:num_tokens], per_token[num_tokens:2 * num_tokens], image_mask, meta, last
+        return [StepInputs(per_token[:num_tokens] if j == 0 else None,
+                           positions_t[j * num_rows:(j + 1) * num_rows] if num_steps > 1 else positions_t,
+                           self._image_mask(image[j * num_rows:(j + 1) * num_rows] if num_steps > 1 else image),
+                           meta, last) for j, meta in enumerate(metas)]
+
+    def _image_mask(self, image: list[bool]) -> torch.Tensor | bool | None:
+        """`StepInputs.image_mask` of a step's per-token modality (a tensor only when it mixes both)."""
+        if not any(image):
+            return None
+        return True if all(image) else host_tensor(image, torch.bool, self.device)
 
     def _embed(self, ids: torch.Tensor, image_mask: torch.Tensor | bool | None) -> torch.Tensor:
         """Text tokens through `embed_tokens`, image tokens through the generation embeddings + aligner."""
@@ -282,8 +325,8 @@ class ModelRunner:
             for s, t in copies:
                 self.kv_cache[:, :, t] = self.kv_cache[:, :, s]
             return
-        index = torch.tensor(src, device=self.device)
-        self.kv_cache[:, :, torch.tensor(dst, device=self.device)] = self.kv_cache[:, :, index]
+        index = host_tensor(list(src + dst), torch.int64, self.device)
+        self.kv_cache[:, :, index[len(src):]] = self.kv_cache[:, :, index[:len(src)]]
 
     # ------------------------------------------------------------------------------------------------ CUDA graphs
     def _capture(self) -> None:

@@ -2,6 +2,7 @@
 `kernels.cfg_sampling.cfg_sample` call for the text rows and one for the image pairs of a step.
 
 Settings are checked once, by `SamplingParams`, so the kernel's per-step value checks (a device sync) are off.
+Results stay on the device: the engine brings a whole (multi-)step's tokens to the host in one copy.
 Random numbers are counter-based: row r draws from (its sample's key, the position of the token it samples),
 so a sample's tokens are the same whatever else shares its batch, and after preemption and recompute.
 """
@@ -22,35 +23,37 @@ class Sampler:
         # usually sample the same rows, so only the counters (token positions) are sent again.
         self._fixed: dict[bool, tuple[tuple[Sample, ...], dict[str, torch.Tensor]]] = {}
 
-    def _settings(self, samples: list[Sample], image: bool) -> dict[str, torch.Tensor]:
+    def _settings(self, samples: list[Sample], image: bool, step: int) -> dict[str, torch.Tensor]:
         """The rows' settings as tensors: the fixed ones (two host-to-device copies, one float, one int) when the
-        rows changed since the last step of this phase, and the counters."""
+        rows changed since the last step of this phase, and the counters (step `step` of a multi-step batch
+        samples each row's token one position further than the host's rows say)."""
         rows = tuple(samples)
         cached = self._fixed.get(image)
         if cached is None or cached[0] != rows:
             floats, ints = [], []
             for s in samples:
                 p = s.group.params
-                floats.append((p.cfg_weight if image else 1.0,
-                               p.image_temperature if image else p.text_temperature, p.top_p))
-                ints.append((p.top_k, s.key))
+                floats += (p.cfg_weight if image else 1.0, p.image_temperature if image else p.text_temperature,
+                           p.top_p)
+                ints += (p.top_k, s.key)
             # Each setting contiguous (not a column view): the CPU sampling kernel reads seeds as a plain array.
-            cfg_weight, temperature, top_p = torch.tensor(floats, dtype=torch.float32,
-                                                          device=self.device).T.contiguous()
-            top_k, seeds = torch.tensor(ints, dtype=torch.int64, device=self.device).T.contiguous()
+            cfg_weight, temperature, top_p = host_tensor(floats, torch.float32, self.device).view(-1, 3).T.contiguous()
+            top_k, seeds = host_tensor(ints, torch.int64, self.device).view(-1, 2).T.contiguous()
             cached = self._fixed[image] = rows, dict(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k,
                                                      top_p=top_p, seeds=seeds)
-        counters = host_tensor([len(s.cond) for s in samples], torch.int64, self.device)
+        counters = host_tensor([len(s.cond) + step for s in samples], torch.int64, self.device)
         return dict(cached[1], counters=counters)
 
     @torch.inference_mode()
-    def sample_text(self, logits: torch.Tensor, samples: list[Sample]) -> tuple[list[int], list[float]]:
-        """One reasoning token per row. `<begin_of_image>` is banned below `min_reasoning_tokens` and forced at
-        `max_reasoning_tokens`; the log-prob reported for those rows is still the policy's own,
-        `log_softmax(logits / T)[token]`, the quantity a teacher-forced forward gives the GRPO loss."""
-        settings = self._settings(samples, image=False)
-        banned = [i for i, s in enumerate(samples) if s.suppress_boi]
-        forced = [i for i, s in enumerate(samples) if s.force_boi]
+    def text_tensors(self, logits: torch.Tensor, samples: list[Sample], step: int = 0) -> torch.Tensor:
+        """One reasoning token per row, left on the device as `[2, rows]` float64: tokens and log-probs (float64
+        holds every token id exactly, so one copy brings both to the host). `<begin_of_image>` is banned below
+        `min_reasoning_tokens` and forced at `max_reasoning_tokens`; the log-prob reported for those rows is still
+        the policy's own, `log_softmax(logits / T)[token]`, the quantity a teacher-forced forward gives the GRPO
+        loss."""
+        settings = self._settings(samples, image=False, step=step)
+        banned = [i for i, s in enumerate(samples) if s.suppress_boi(step)]
+        forced = [i for i, s in enumerate(samples) if s.force_boi(step)]
         raw = logits
         if banned:
             logits = logits.clone()
@@ -75,21 +78,24 @@ class Sampler:
             t = torch.where(t == 0, 1.0, t)[:, None]
             policy = torch.log_softmax(pick(raw).float() / t, dim=-1).gather(1, pick(tokens)[:, None])[:, 0]
             logprobs = policy if every else logprobs.index_copy(0, rows, policy)
-        tokens, logprobs = torch.stack([tokens.double(), logprobs.double()]).tolist()  # one device sync
-        return [int(t) for t in tokens], logprobs
+        return torch.stack([tokens.double(), logprobs.double()])
+
+    def paired_rows(self, samples: list[Sample]) -> torch.Tensor:
+        """Indices of the samples that have an unconditional row, in the order of the step's `uncond_rows`."""
+        return host_tensor([i for i, s in enumerate(samples) if s.uncond is not None], torch.int64, self.device)
 
     @torch.inference_mode()
-    def sample_image(self, cond: torch.Tensor, uncond: torch.Tensor | None,
-                     samples: list[Sample]) -> tuple[list[int], list[float], list[float]]:
-        """One image token per sample, sampled from `u + w (c - u)`; log-probs on both cond and mixed logits.
+    def image_tensors(self, cond: torch.Tensor, uncond: torch.Tensor | None, samples: list[Sample], step: int = 0,
+                      paired: torch.Tensor | None = None) -> torch.Tensor:
+        """One image token per sample, sampled from `u + w (c - u)`, left on the device as `[3, samples]` float64:
+        tokens, log-probs of the conditional logits, log-probs of the mixed logits (float64 holds every token id
+        exactly, so one copy brings all three to the host).
 
-        `uncond` holds the rows of the samples that have one, in order (None: no sample has). In a step that mixes
-        both kinds, a sample without one is paired with its own conditional logits: `c == u` mixes to `c` exactly,
-        as the unpaired kernel path does, and keeps one kernel call per step."""
+        `uncond` holds the rows of the samples that have one, in order (None: no sample has); `paired` is
+        `paired_rows(samples)` when the caller has it. In a step that mixes both kinds, a sample without one is
+        paired with its own conditional logits: `c == u` mixes to `c` exactly, as the unpaired kernel path does,
+        and keeps one kernel call per step."""
         if uncond is not None and uncond.shape[0] < len(samples):
-            paired = torch.tensor([i for i, s in enumerate(samples) if s.uncond is not None], device=cond.device)
-            uncond = cond.index_copy(0, paired, uncond)
-        out = cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True))
-        tokens, logprobs, mixed = torch.stack([out.tokens.double(), out.logprobs.double(),
-                                               out.mixed_logprobs.double()]).tolist()  # one device sync
-        return [int(t) for t in tokens], logprobs, mixed
+            uncond = cond.index_copy(0, self.paired_rows(samples) if paired is None else paired, uncond)
+        out = cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True, step=step))
+        return torch.stack([out.tokens.double(), out.logprobs.double(), out.mixed_logprobs.double()])

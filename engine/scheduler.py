@@ -22,7 +22,7 @@ from engine.sequence import Group, Sample, SampleStatus, Sequence
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One forward: the rows with their new tokens, the block copies to apply first, and what each row's last
+    """One forward (or `num_steps` decode forwards of the same rows): the rows with their new tokens, the block copies to apply first, and what each row's last
     hidden state is for: a text token of `text_samples[i]`, or the image token of `image_samples[i]` (its
     conditional row `cond_rows[i]`; `uncond_rows` holds the unconditional rows of the guided ones, in order)."""
 
@@ -37,6 +37,7 @@ class ScheduledBatch:
     uncond_rows: list[int] = field(default_factory=list)
     image_samples: list[Sample] = field(default_factory=list)
     prefilled_groups: list[Group] = field(default_factory=list)
+    num_steps: int = 1  # decode steps run back to back (row r feeds position `starts[r] + j` in step j)
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +58,7 @@ class Scheduler:
                  boi_id: int):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.num_scheduler_steps = config.num_scheduler_steps
         self.block_manager = block_manager
         self.bos_id, self.pad_id, self.boi_id = bos_id, pad_id, boi_id
         self.waiting: deque[Group | Sample] = deque()
@@ -276,7 +278,33 @@ class Scheduler:
             rows += 1 + pair
         for seq, copies in uncond:
             batch.uncond_rows.append(batch.add_row(seq, copies))
+        self._multi_step(batch)
         return batch
+
+    def _multi_step(self, batch: ScheduledBatch) -> None:
+        """Let a decode step run as `num_steps` steps in one go (vLLM's multi-step scheduling), their slots
+        allocated now (at most one block per row ahead of need; with blocks short it stays one step, never a
+        preemption for a longer window). An image row takes one token per step whatever it samples, so the window
+        ends no later than the first image is complete. A text row may sample `<begin_of_image>` inside the
+        window: its later steps are wasted (their tokens are dropped, their KV lies past the row's tokens and is
+        overwritten before anything reads it); the window ends no later than the step that forces it."""
+        if self.num_scheduler_steps == 1:
+            return
+        k = self.num_scheduler_steps
+        for s in batch.image_samples:
+            k = min(k, s.group.num_image_tokens - s.num_image_tokens)
+        for s in batch.text_samples:
+            k = min(k, s.group.params.max_reasoning_tokens - s.num_reasoning_tokens + 1)
+        if k < 2:
+            return
+        bm = self.block_manager
+        if sum(bm.blocks_needed(seq.block_table, seq.num_cached_tokens, k - 1) for seq in batch.seqs) \
+                > bm.num_free_blocks:
+            return
+        for seq in batch.seqs:
+            batch.copies.extend(bm.append(seq, k - 1))
+            seq.num_cached_tokens += k - 1
+        batch.num_steps = k
 
     def _make_room(self, need: int, protected: set[int] = frozenset()) -> bool:
         """Preempt the most recently admitted samples outside `protected` (ids) until `need` blocks are free."""
@@ -318,7 +346,8 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, text_tokens: list[int], text_logprobs: list[float],
                     image_tokens: list[int], image_logprobs: list[float],
                     image_mixed_logprobs: list[float]) -> list[Group]:
-        """Append the sampled tokens; returns the groups that finished with this step."""
+        """Append the sampled tokens of one step (once per step of a multi-step batch, in order); returns the
+        groups that finished with it."""
         bm = self.block_manager
         for group in batch.prefilled_groups:  # the samples fork the prompt's KV, computed once
             prompt = group.prompt_seq
@@ -328,11 +357,14 @@ class Scheduler:
             bm.free(prompt)
             group.prompt_seq = None
         for s, tok, lp in zip(batch.text_samples, text_tokens, text_logprobs, strict=True):
-            forced = s.force_boi
+            if s.in_image_phase:  # sampled `<begin_of_image>` in an earlier step of this batch: the rest is waste
+                continue
+            forced = s.force_boi()
             s.cond.token_ids.append(tok)
             s.text_logprobs.append(lp)
             if tok == self.boi_id:
                 s.cond.image_start = len(s.cond)
+                s.cond.num_cached_tokens = len(s.cond) - 1  # a multi-step batch ran past it
                 s.boi_forced = forced
         finished: list[Group] = []
         done = False

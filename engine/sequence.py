@@ -89,15 +89,14 @@ class Sample:
     def image_token_ids(self) -> list[int]:
         return self.cond.token_ids[self.cond.image_start:] if self.in_image_phase else []
 
-    @property
-    def suppress_boi(self) -> bool:
-        """`<begin_of_image>` may not be sampled yet (transformers' `min_new_tokens` rule)."""
-        return self.num_reasoning_tokens < self.group.params.min_reasoning_tokens
+    def suppress_boi(self, ahead: int = 0) -> bool:
+        """`<begin_of_image>` may not be sampled yet (transformers' `min_new_tokens` rule), `ahead` tokens from now
+        (step `ahead` of a multi-step batch, whose tokens the host appends at its end)."""
+        return self.num_reasoning_tokens + ahead < self.group.params.min_reasoning_tokens
 
-    @property
-    def force_boi(self) -> bool:
+    def force_boi(self, ahead: int = 0) -> bool:
         """The reasoning budget is spent: the next text token is `<begin_of_image>`, whatever the logits say."""
-        return self.num_reasoning_tokens >= self.group.params.max_reasoning_tokens
+        return self.num_reasoning_tokens + ahead >= self.group.params.max_reasoning_tokens
 
 
 @dataclass(eq=False)

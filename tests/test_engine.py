@@ -16,7 +16,7 @@ from engine.lean import lean
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Group, Sequence
 from gotr1.model import build_preset
 from gotr1.reference import ReferenceGenerator
@@ -255,11 +255,11 @@ def test_mixed_text_image_batches_equal_each_sample_alone(tiny, engine, monkeypa
     kinds = []
     run = engine.runner.run
 
-    def spy(batch):
+    def spy(batch, *step):
         pairs = len(batch.uncond_rows)
         kinds.append((bool(batch.text_samples), bool(batch.image_samples), batch.is_prefill,
                       0 < pairs < len(batch.image_samples)))
-        return run(batch)
+        return run(batch, *step)
 
     monkeypatch.setattr(engine.runner, "run", spy)
     together = engine.generate(PROMPTS, params, use_tqdm=False)
@@ -295,13 +295,13 @@ def test_cfg_weight_1_runs_no_uncond_rows_and_equals_the_cfg_path(tiny, engine, 
     sched, bm, run = engine.scheduler, engine.block_manager, engine.runner.run
     steps = []
 
-    def spy(batch):
+    def spy(batch, *step):
         groups = sched.groups.values()
         held = {b for g in groups for s in g.samples for b in s.cond.block_table}
         held |= {b for g in groups if g.prompt_seq is not None for b in g.prompt_seq.block_table}
         steps.append((len(batch.seqs), len(batch.uncond_rows), sched.uncond_prefix is not None,
                       bm.num_used_blocks - len(held)))
-        return run(batch)
+        return run(batch, *step)
 
     monkeypatch.setattr(engine.runner, "run", spy)
     ours = engine.generate(PROMPTS, params, use_tqdm=False)
@@ -328,9 +328,65 @@ def test_cfg_weight_1_runs_no_uncond_rows_and_equals_the_cfg_path(tiny, engine, 
     assert ours[1].samples[0].image_tokens.tolist() != ours[1].samples[1].image_tokens.tolist()  # sampled
 
 
+@pytest.fixture(scope="module")
+def eager_to_draw(tiny):
+    """The tiny preset with an `lm_head` bias that makes `<begin_of_image>` about 9% likely per reasoning token
+    (a random tiny model almost never samples it), so reasoning ends at random lengths."""
+    bundle = build_preset("tiny", image_size=64)
+    head = bundle.model.lm_head
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[bundle.boi_id] = 4.0
+    return bundle
+
+
+@pytest.mark.parametrize("num_kv_blocks", [2000, 60])
+def test_multi_step_batches_equal_single_steps(eager_to_draw, monkeypatch, num_kv_blocks):
+    """Multi-step windows (tokens fed back on the device, one host sync per window; text rows that sample BOI
+    early run wasted steps) give the single-step engine's tokens, on a roomy pool and on one that preempts. A
+    lock-step request (min = max reasoning) decodes in the same batches either way: its log-probs are bit-equal;
+    the others share steps with different rows, so theirs may move by a float rounding."""
+    tiny = eager_to_draw
+    params = [SamplingParams(n=3, max_reasoning_tokens=14, text_temperature=1.5, cfg_weight=5.0, seed=1,
+                             decode_images=False),
+              SamplingParams(n=2, max_reasoning_tokens=9, min_reasoning_tokens=3, text_temperature=1.2, top_k=20,
+                             cfg_weight=1.0, seed=9, decode_images=False)]
+    lockstep = SamplingParams(n=3, max_reasoning_tokens=7, min_reasoning_tokens=7, seed=4, decode_images=False)
+    wasted = []
+    postprocess = Scheduler.postprocess
+
+    def spy(self, batch, *args):
+        wasted.append(sum(s.in_image_phase for s in batch.text_samples))
+        return postprocess(self, batch, *args)
+
+    monkeypatch.setattr(Scheduler, "postprocess", spy)
+    runs = {}
+    for k in (1, 16):
+        eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=num_kv_blocks, block_size=4, num_scheduler_steps=k))
+        calls = []
+        step = eng.step
+        monkeypatch.setattr(eng, "step", lambda: calls.append(1) or step())
+        runs[k] = (eng.generate(PROMPTS, params, use_tqdm=False), eng.generate(PROMPTS[:1], lockstep, use_tqdm=False),
+                   len(calls), eng.num_steps, eng.scheduler.num_preemptions, eng.block_manager.num_used_blocks)
+        assert (sum(wasted) > 0) == (k > 1)  # BOI sampled inside a window, its row idle till the window ended
+        wasted.clear()
+    (single, single_lock, *single_counts), (multi, multi_lock, calls, forwards, preemptions, used) = runs[1], runs[16]
+    assert used == 0 and 2 * calls < forwards and (preemptions > 0) == (num_kv_blocks == 60)
+    for group, ref in zip(multi + multi_lock, single + single_lock):
+        for s, r in zip(group.samples, ref.samples):
+            assert s.reasoning_ids == r.reasoning_ids and s.boi_forced == r.boi_forced
+            assert torch.equal(s.image_tokens, r.image_tokens)
+            for x, y in ((s.text_logprobs, r.text_logprobs), (s.image_logprobs, r.image_logprobs),
+                         (s.image_mixed_logprobs, r.image_mixed_logprobs)):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    for s, r in zip(multi_lock[0].samples, single_lock[0].samples):
+        assert torch.equal(s.text_logprobs, r.text_logprobs) and torch.equal(s.image_logprobs, r.image_logprobs)
+        assert torch.equal(s.image_mixed_logprobs, r.image_mixed_logprobs)
+
+
 def test_prompt_kv_is_computed_once_and_uncond_prefix_is_shared(tiny):
     bs = 4
-    eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=bs))
+    eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=bs, num_scheduler_steps=1))  # steps seen
     params = SamplingParams(n=4, max_reasoning_tokens=5, min_reasoning_tokens=5, seed=0, decode_images=False)
     rids = [eng.add_request(p, params) for p in PROMPTS]
     bm = eng.block_manager

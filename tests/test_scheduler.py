@@ -30,7 +30,6 @@ class FakeModel:
     def step(self, sched: Scheduler):
         batch = sched.schedule()
         self.steps.append(batch)
-        bs = self.bm.block_size
         assert batch.is_prefill or len(batch.seqs) <= sched.max_num_seqs
         assert [batch.seqs[r] for r in batch.cond_rows] == [s.cond for s in batch.image_samples]
         assert [batch.seqs[r] for r in batch.uncond_rows] == [s.uncond for s in batch.image_samples
@@ -38,24 +37,37 @@ class FakeModel:
         if not batch.is_prefill:  # unconditional rows last: an image step's heads read one slice
             n = len(batch.seqs)
             assert batch.uncond_rows == list(range(n - len(batch.uncond_rows), n))
+        # a multi-step window ends no later than the first image completes or the first forced BOI
+        assert batch.num_steps == 1 or not batch.is_prefill
+        assert all(batch.num_steps <= s.group.num_image_tokens - s.num_image_tokens for s in batch.image_samples)
+        assert all(not s.force_boi(batch.num_steps - 2) for s in batch.text_samples)
         for src, dst in batch.copies:
             self.slots[dst] = list(self.slots[src])
+        finished = []
+        for step in range(batch.num_steps):  # the host appends after each step here, the engine after the last
+            finished += self._step(sched, batch, step)
+        return finished
+
+    def _step(self, sched: Scheduler, batch, step: int):
+        bs = self.bm.block_size
         for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
             assert q >= 1 and (batch.is_prefill or q == 1)
-            for p in range(start, start + q):
+            for p in range(start + step, start + step + q):
                 block = seq.block_table[p // bs]
                 assert self.bm.ref_counts[block] == 1, "a shared block was written"
-                self.slots[block][p % bs] = tuple(seq.token_ids[:p + 1])
+                # past the row's tokens: a text row that sampled BOI earlier in this window (a wasted step)
+                self.slots[block][p % bs] = tuple(seq.token_ids[:p + 1]) if p < len(seq) else ("wasted", p)
         for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
-            ctx = [self.slots[seq.block_table[p // bs]][p % bs] for p in range(start + q)]
-            assert ctx == [tuple(seq.token_ids[:p + 1]) for p in range(start + q)], "a row read foreign KV"
+            if start + step + q <= len(seq):
+                ctx = [self.slots[seq.block_table[p // bs]][p % bs] for p in range(start + step + q)]
+                assert ctx == [tuple(seq.token_ids[:p + 1]) for p in range(start + step + q)], "read foreign KV"
         text = []
         for s in batch.text_samples:
             rng = random.Random(hash((s.key, tuple(s.cond.token_ids))))
             tok = BOI if rng.random() < 0.3 else rng.randrange(10, 40)
-            if s.force_boi:
+            if s.force_boi():
                 tok = BOI
-            elif s.suppress_boi and tok == BOI:
+            elif s.suppress_boi() and tok == BOI:
                 tok = 10
             text.append(tok)
         image = []
@@ -84,9 +96,9 @@ def make_group(rid, prompt_len, n, max_r, min_r, cfg_weight=5.0, *, num_image_to
 
 
 def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_tokens=4096, num_image_tokens=4,
-        arrivals=None):
+        arrivals=None, num_scheduler_steps=1):
     config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max_num_batched_tokens)
+                          max_num_batched_tokens=max_num_batched_tokens, num_scheduler_steps=num_scheduler_steps)
     bm = BlockManager(num_blocks, block_size)
     sched = Scheduler(config, bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
@@ -118,9 +130,11 @@ group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6))
 @given(specs=st.lists(group_spec, min_size=1, max_size=4), block_size=st.sampled_from([1, 2, 3, 4, 8]),
        num_image_tokens=st.integers(1, 6), spare=st.integers(0, 12), max_num_seqs=st.integers(2, 12),
        max_num_batched_tokens=st.integers(1, 40), arrivals=st.lists(st.integers(0, 12), min_size=4, max_size=4),
-       data=st.data())
+       num_scheduler_steps=st.sampled_from([1, 2, 3, 16]))
 def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_image_tokens, spare, max_num_seqs,
-                                                     max_num_batched_tokens, arrivals, data):
+                                                     max_num_batched_tokens, arrivals, num_scheduler_steps):
+    """Any pool from the least that fits, any arrival order, batch limits and multi-step windows: the tokens of a
+    single-step run on a roomy pool."""
     roomy, _, _ = run(specs, num_blocks=4096, block_size=block_size, num_image_tokens=num_image_tokens)
     bm = BlockManager(1, block_size)
     sched = Scheduler(EngineConfig(block_size=block_size), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
@@ -128,7 +142,7 @@ def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_imag
                 for s in specs)
     tight, sched, _ = run(specs, num_blocks=least + spare, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, num_image_tokens=num_image_tokens,
-                          arrivals=arrivals[:len(specs)])
+                          arrivals=arrivals[:len(specs)], num_scheduler_steps=num_scheduler_steps)
     assert tight == roomy
     for rid, samples in tight.items():
         n, max_r, min_r = specs[int(rid)][1:4]
@@ -153,7 +167,8 @@ def test_prompt_blocks_are_computed_once_per_group():
     """Prefill allocates the prompt's blocks once; the first decode step of n samples copies only the partial
     last prompt block (n - 1 copies: the last sample writes it in place) and shares the full ones."""
     bm = BlockManager(100, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=100), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=100, num_scheduler_steps=1), bm, bos_id=BOS,
+                      pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
     sched.add(make_group("g", 10, 4, 6, 6, num_image_tokens=3, seed=0))  # prompt: 2 full blocks + 2 tokens
     model.step(sched)
@@ -169,9 +184,33 @@ def test_prompt_blocks_are_computed_once_per_group():
     assert len({s.cond.block_table[2] for s in samples}) == 4
 
 
+def test_multi_step_windows_end_at_forced_boi_and_complete_images():
+    """A group in lock-step (4 samples, exactly 6 reasoning tokens) decodes its text in one window that ends with
+    the forced BOI, holding at most one block per row past its need, and its 3 image tokens in another."""
+    bm = BlockManager(100, 4)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=100), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    model = FakeModel(bm)
+    group = make_group("g", 10, 4, 6, 6, num_image_tokens=3, seed=0)
+    sched.add(group)
+    model.step(sched)  # the prompt's prefill samples each first reasoning token
+    model.step(sched)
+    window = model.steps[-1]
+    assert not window.is_prefill and window.num_steps == 6 and len(window.text_samples) == 4
+    # positions 10..15 written: the partial prompt block copied for 3 samples, one new block each
+    assert bm.num_used_blocks == 3 + 3 + 4
+    for s in group.samples:
+        assert len(s.reasoning_ids) == 7 and s.reasoning_ids[-1] == BOI and s.boi_forced
+        assert s.cond.num_cached_tokens == len(s.cond) - 1 == 16
+    while sched.has_unfinished():
+        model.step(sched)
+    assert [(b.is_prefill, b.num_steps) for b in model.steps[2:]] == [(True, 1), (False, 3)]  # prefix, image
+    assert bm.num_used_blocks == 0
+
+
 def test_uncond_prefix_is_computed_once_and_shared_by_every_group():
     bm = BlockManager(400, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400, num_scheduler_steps=1), bm, bos_id=BOS,
+                      pad_id=PAD, boi_id=BOI)  # single steps: the moment all 7 samples hold pairs is seen
     model = FakeModel(bm)
     sched.add(make_group("a", 9, 3, 5, 5, num_image_tokens=8, seed=1))  # every cond row: 9 + 5 + 1 = 15 tokens
     sched.add(make_group("b", 6, 4, 3, 0, num_image_tokens=8, seed=2))  # shorter rows, reach BOI earlier
@@ -247,7 +286,7 @@ def test_cfg_weight_1_takes_no_uncond_rows_prefix_or_blocks():
         held = {b for s in group.samples for b in s.cond.block_table}
         held |= set(group.prompt_seq.block_table) if group.prompt_seq is not None else set()
         assert bm.num_used_blocks == len(held)
-        image_rows += len(batch.image_samples)
+        image_rows += len(batch.image_samples) * batch.num_steps
     assert image_rows == 4 * 8 and bm.num_used_blocks == 0
     with pytest.raises(ValueError, match=r"image tokens\), the pool has 10"):  # no unconditional rows named
         Scheduler(EngineConfig(block_size=4, num_kv_blocks=10), BlockManager(10, 4), bos_id=BOS, pad_id=PAD,
