@@ -22,9 +22,10 @@ from engine.sequence import Group, Sample, SampleStatus, Sequence
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One forward (or `num_steps` decode forwards of the same rows): the rows with their new tokens, the block copies to apply first, and what each row's last
-    hidden state is for: a text token of `text_samples[i]`, or the image token of `image_samples[i]` (its
-    conditional row `cond_rows[i]`; `uncond_rows` holds the unconditional rows of the guided ones, in order)."""
+    """One forward (or `num_steps` decode forwards of the same rows): the rows with their new tokens, the block
+    copies to apply first, and what each row's last hidden state is for: a text token of `text_samples[i]`, or
+    the image token of `image_samples[i]` (its conditional row `cond_rows[i]`; `uncond_rows` holds the
+    unconditional rows of the guided ones, in order)."""
 
     is_prefill: bool
     seqs: list[Sequence] = field(default_factory=list)
