@@ -4,7 +4,9 @@ Each group is one prompt with N samples: exactly R reasoning tokens (min = max, 
 the forced `<begin_of_image>`, then all image tokens with CFG. Both sides sample (temperatures 1, no top-k/top-p,
 GoT-R1's recipe) with the same torch thread count; `hf_match` comes from a separate small greedy run whose tokens
 must be equal on both sides (it also warms both up). The timed rollouts alternate engine / transformers, so load
-from other processes on a shared machine hits both alike; each side's figure is its median.
+from other processes on a shared machine hits both alike; each side's figure is its median. A third side is the
+same engine with multi-step decoding off (`num_scheduler_steps=1`: a host sync after every step), so the gain of
+keeping the device fed is measured in the same run; its tokens must equal the multi-step engine's.
 
 Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
 contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
@@ -44,6 +46,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--num-scheduler-steps", type=int, default=EngineConfig().num_scheduler_steps,
+                        help="decode steps per host sync (the engine's multi-step window)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both sides (default: 1 on cpu, where it is the faster choice "
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     # Half the free GPU memory for the KV pool: the reference generator runs in the same process afterwards.
     config = EngineConfig(block_size=args.block_size, attention_backend=args.attention_backend,
                           enforce_eager=args.enforce_eager or not args.device.startswith("cuda"),
-                          gpu_memory_utilization=0.5)
+                          gpu_memory_utilization=0.5, num_scheduler_steps=args.num_scheduler_steps)
     engine = LLMEngine(bundle, config)
     reference = ReferenceGenerator(bundle)
 
@@ -136,17 +140,26 @@ def run(args: argparse.Namespace) -> dict:
     r = args.reasoning_tokens
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
-    engine.peak_used_blocks, engine.num_steps = 0, 0
-    engine_times, hf_times = [], []
-    for _ in range(args.repeats):
+    def rollout(num_scheduler_steps: int) -> tuple[float, list]:
+        engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
                              device=args.device, warmup=0, repeats=1)
-        engine_times.append(t)
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
+        return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
+
+    engine_times, single_times, hf_times = [], [], []
+    for _ in range(args.repeats):
+        t, single_tokens = rollout(1)
+        single_times.append(t)
+        engine.peak_used_blocks, steps = 0, engine.num_steps
+        t, tokens = rollout(args.num_scheduler_steps)
+        steps = engine.num_steps - steps
+        engine_times.append(t)
+        if tokens != single_tokens:
+            raise AssertionError("multi-step and single-step rollouts of the same seed sampled different tokens")
         hf_times.append(median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
                                     repeats=1)[0])
-    t_engine, t_hf = statistics.median(engine_times), statistics.median(hf_times)
-    steps = engine.num_steps / args.repeats
+    t_engine, t_single, t_hf = (statistics.median(x) for x in (engine_times, single_times, hf_times))
 
     prompt_len = max(len(ids) for ids in bundle.encode_prompts(prompts, r))
     tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
@@ -159,8 +172,10 @@ def run(args: argparse.Namespace) -> dict:
         "reasoning_tokens": r, "image_tokens": bundle.num_image_tokens, "cfg_weight": args.cfg,
         "attention_backend": engine.runner.backend.name, "cuda_graphs": engine.runner.use_cuda_graphs,
         "threads": torch.get_num_threads(), "hf_match": hf_match,
+        "num_scheduler_steps": args.num_scheduler_steps,
         "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
-        "engine_s_runs": engine_times, "hf_s_runs": hf_times,
+        "engine_single_step_s": t_single, "multi_step_speedup": t_single / t_engine,
+        "engine_s_runs": engine_times, "engine_single_step_s_runs": single_times, "hf_s_runs": hf_times,
         "engine_groups_per_s": args.groups / t_engine, "hf_groups_per_s": args.groups / t_hf,
         "engine_tokens_per_s": args.groups * tokens_per_group / t_engine,
         "hf_tokens_per_s": args.groups * tokens_per_group / t_hf,
@@ -180,6 +195,9 @@ def run(args: argparse.Namespace) -> dict:
         {"side": "engine", "seconds": t_engine, "groups_per_s": metrics["engine_groups_per_s"],
          "tokens_per_s": metrics["engine_tokens_per_s"], "kv_mib": metrics["kv_bytes_engine"] / 2**20,
          "ms_per_step": engine_ms_per_step, "speedup": metrics["speedup_vs_hf"], "hf_match": hf_match},
+        {"side": "engine, single-step", "seconds": t_single, "groups_per_s": args.groups / t_single,
+         "tokens_per_s": args.groups * tokens_per_group / t_single, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
+         "ms_per_step": t_single / steps * 1e3, "speedup": t_hf / t_single, "hf_match": hf_match},
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},

@@ -49,6 +49,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="default: the engine's sizing")
+    parser.add_argument("--num-scheduler-steps", type=int, default=EngineConfig().num_scheduler_steps,
+                        help="decode steps per host sync")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds, per request")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
         bundle = load_model(args.preset, dtype=dtype, device=args.device, seed=args.seed)
     # Half the free GPU memory for each KV pool: the offline engine runs in the same process.
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=0.45,
-                          enforce_eager=not args.device.startswith("cuda"))
+                          enforce_eager=not args.device.startswith("cuda"),
+                          num_scheduler_steps=args.num_scheduler_steps)
     app = create_app(bundle, config, ServerConfig(max_n=max(args.n, 1), max_queue=2 * max(levels)))
     rows, served = [], {}
     # The clients run in a child process: in this one they would compete with the server for the GIL.

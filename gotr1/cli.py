@@ -247,7 +247,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(bundle, args.adapter)
     engine_config = EngineConfig(**{k: v for k, v in (("block_size", args.block_size),
-                                                      ("num_kv_blocks", args.num_kv_blocks)) if v is not None})
+                                                      ("num_kv_blocks", args.num_kv_blocks),
+                                                      ("num_scheduler_steps", args.num_scheduler_steps))
+                                    if v is not None})
     defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
     serve(bundle, host=args.host, port=args.port, engine_config=engine_config,
           config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue, **defaults))
@@ -325,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, help="requests in flight at once; more get 429")
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: sized to memory)")
     srv.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default: engine's)")
+    srv.add_argument("--num-scheduler-steps", type=int, default=None,
+                     help="decode steps per host sync (default: the engine's 16); new requests wait for the "
+                          "current window, so fewer steps trade throughput for time to first token")
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -43,14 +43,17 @@ def test_graphed_greedy_equals_reference_generator(tiny):
             assert s.image_tokens.tolist() == r.image_tokens.tolist()
 
 
-def test_graphs_equal_eager_when_sampling_mixed_guidance(tiny):
-    """Seeded sampling with top-k/top-p, one guided and one unguided group in the same batch: CUDA graphs and
-    eager steps give the same tokens and log-probs."""
+@pytest.mark.parametrize("num_scheduler_steps", [16, 1])
+def test_graphs_equal_eager_when_sampling_mixed_guidance(tiny, num_scheduler_steps):
+    """Seeded sampling with top-k/top-p, one guided and one unguided group in the same batch: CUDA graphs (with
+    multi-step windows: tokens fed back on the device, step metadata sent without blocking) and eager single
+    steps give the same tokens and log-probs."""
     guided = SamplingParams(n=3, text_temperature=0.9, image_temperature=1.0, top_k=40, top_p=0.9, cfg_weight=4.0,
                             max_reasoning_tokens=5, seed=3, decode_images=False)
     unguided = SamplingParams(n=2, cfg_weight=1.0, max_reasoning_tokens=5, seed=4, decode_images=False)
-    outs = [_engine(tiny, enforce_eager=eager).generate(PROMPTS, [guided, unguided], use_tqdm=False)
-            for eager in (False, True)]
+    outs = [_engine(tiny, enforce_eager=eager, num_scheduler_steps=steps).generate(PROMPTS, [guided, unguided],
+                                                                                   use_tqdm=False)
+            for eager, steps in ((False, num_scheduler_steps), (True, 1))]
     for ga, gb in zip(*outs):
         for a, b in zip(ga.samples, gb.samples):
             assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
