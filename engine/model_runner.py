@@ -240,10 +240,17 @@ class ModelRunner:
         dev = self.device
         per_token = host_tensor(ids + positions + slots, torch.int64, dev)
         positions_t, slots_t = per_token[num_tokens:].chunk(2)
+        step_tokens = len(positions) // num_steps  # a decode step's: one per row
+
+        def tokens_of(x, j: int):
+            return x[j * step_tokens:(j + 1) * step_tokens]
+
+        def rows_of(x, j: int):
+            return x[j * num_rows:(j + 1) * num_rows]
+
         seq_ids = tuple(s.seq_id for s in seqs)
-        metas = [AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=slots_t[j * num_rows:(j + 1) * num_rows]
-                                   if num_steps > 1 else slots_t, context_lens=None, block_tables=None,
-                                   seq_ids=seq_ids, host_context_lens=context_lens[j * num_rows:(j + 1) * num_rows])
+        metas = [AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=tokens_of(slots_t, j), context_lens=None,
+                                   block_tables=None, seq_ids=seq_ids, host_context_lens=rows_of(context_lens, j))
                  for j in range(num_steps)]
         per_row = context_lens
         width = 0
@@ -254,10 +261,9 @@ class ModelRunner:
                 per_row += seq.block_table
                 per_row += [0] * (width - len(seq.block_table))
         per_row = host_tensor(per_row, torch.int32, dev)
-        lens_t = per_row[:len(context_lens)]
         tables = per_row[len(context_lens):].view(num_rows, width) if width else None
         for j, meta in enumerate(metas):
-            meta.context_lens = lens_t[j * num_rows:(j + 1) * num_rows]
+            meta.context_lens = rows_of(per_row, j)
             meta.block_tables = tables
         last = None
         if batch.is_prefill:
@@ -270,10 +276,8 @@ class ModelRunner:
             meta.cu_seqlens_q, meta.cu_seqlens_k = cu[:num_rows + 1], cu[num_rows + 1:]
             meta.max_seqlen_q, meta.max_seqlen_k = max(batch.query_lens), max(context_lens)
             last = meta.cu_seqlens_q[1:].long() - 1
-        return [StepInputs(per_token[:num_tokens] if j == 0 else None,
-                           positions_t[j * num_rows:(j + 1) * num_rows] if num_steps > 1 else positions_t,
-                           self._image_mask(image[j * num_rows:(j + 1) * num_rows] if num_steps > 1 else image),
-                           meta, last) for j, meta in enumerate(metas)]
+        return [StepInputs(per_token[:num_tokens] if j == 0 else None, tokens_of(positions_t, j),
+                           self._image_mask(tokens_of(image, j)), meta, last) for j, meta in enumerate(metas)]
 
     def _image_mask(self, image: list[bool]) -> torch.Tensor | bool | None:
         """`StepInputs.image_mask` of a step's per-token modality (a tensor only when it mixes both)."""
