@@ -254,7 +254,7 @@ class ModelRunner:
                  for j in range(num_steps)]
         per_row = context_lens
         width = 0
-        if self.backend.needs_block_tables(metas[0]):
+        if self.backend.needs_block_tables(metas):
             width = max(len(seq.block_table) for seq in seqs)
             per_row = list(context_lens)
             for seq in seqs:

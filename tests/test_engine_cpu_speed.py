@@ -298,3 +298,25 @@ def test_rollouts_equal_with_and_without_the_cpu_kernels(monkeypatch):
         for x, y in ((a.text_logprobs, b.text_logprobs), (a.image_logprobs, b.image_logprobs),
                      (a.image_mixed_logprobs, b.image_mixed_logprobs)):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_scheduler_steps", [1, 16])
+def test_workspace_outgrowing_its_bound_falls_back_to_the_paged_cache(monkeypatch, num_scheduler_steps):
+    """A row's context crosses the workspace's capacity (256 positions) mid-rollout and the larger workspace would
+    exceed its bound (the pool itself here): the steps from then on read the paged cache, which the metadata must
+    then carry. Same tokens, same log-probs to float rounding, as with a workspace that may grow."""
+    tiny = build_preset("tiny")  # 576 image tokens: contexts reach 600
+    params = SamplingParams(n=1, cfg_weight=1.0, max_reasoning_tokens=8, seed=0, decode_images=False)
+
+    def rollout():
+        engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=40, block_size=16, num_scheduler_steps=num_scheduler_steps))
+        [group] = engine.generate(["a red cat"], params, use_tqdm=False)
+        return group.samples[0], engine.runner.backend
+
+    roomy, backend = rollout()
+    assert backend._k is not None
+    monkeypatch.setattr(TorchBackend, "_WORKSPACE_FLOOR", 0)
+    bounded, backend = rollout()
+    assert backend._k is None and backend.peak_workspace_bytes > 0  # a workspace first, the paged cache later
+    assert bounded.reasoning_ids == roomy.reasoning_ids and torch.equal(bounded.image_tokens, roomy.image_tokens)
+    torch.testing.assert_close(bounded.image_logprobs, roomy.image_logprobs, rtol=0, atol=1e-5)
