@@ -38,13 +38,14 @@ def unwrap(model: torch.nn.Module) -> JanusForConditionalGeneration:
 
 @dataclass(slots=True)
 class StepInputs:
-    """One forward's inputs on the device: token ids (None when the caller feeds them), positions, which rows
-    are image tokens (None: none; True: all), attention metadata, and the rows whose hidden state the heads read
-    (None: all; a prefill's last token per row)."""
+    """One forward's inputs on the device: token ids (None when the caller feeds them), positions, which tokens
+    are image tokens (`modality`: None, none; True, all; else the indices of the text and of the image tokens),
+    attention metadata, and the rows whose hidden state the heads read (None: all; a prefill's last token per
+    row)."""
 
     ids: torch.Tensor | None
     positions: torch.Tensor
-    image_mask: torch.Tensor | bool | None
+    modality: tuple[torch.Tensor, torch.Tensor] | bool | None
     meta: AttentionMetadata
     last: torch.Tensor | None
 
@@ -62,18 +63,17 @@ class LayerForwards:
     mlp: Forward
 
 
-_ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f", torch.bool: "b"}
+_ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
 
 
 def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.tensor(values, dtype=dtype, device=device)` for int64/int32/float32/bool in a third of the time (one
-    buffer copy instead of a per-element conversion): step metadata is built on the host every step. To a GPU it
-    goes through pinned memory without blocking: a plain copy from pageable memory waits for all queued work, so
-    the host could never prepare a step while the device runs the one before."""
+    """`torch.tensor(values, dtype=dtype, device=device)` for int64/int32/float32 in a third of the time (one buffer
+    copy instead of a per-element conversion): step metadata is built on the host every step. To a GPU it goes
+    through pinned memory without blocking: a plain copy from pageable memory waits for all queued work, so the
+    host could never prepare a step while the device runs the one before."""
     if not values:  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=dtype, device=device)
-    t = torch.frombuffer(array(_ARRAY_CODES[dtype], values), dtype=torch.int8 if dtype == torch.bool else dtype)
-    t = t.view(torch.bool) if dtype == torch.bool else t
+    t = torch.frombuffer(array(_ARRAY_CODES[dtype], values), dtype=dtype)
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
@@ -186,7 +186,7 @@ class ModelRunner:
         inputs = self._steps[step]
         meta = inputs.meta
         self.backend.begin_step(self.kv_cache, meta)
-        h = self._embed(inputs.ids if ids is None else ids, inputs.image_mask)
+        h = self._embed(inputs.ids if ids is None else ids, inputs.modality)
         if self.use_cuda_graphs and not meta.is_prefill and len(batch.seqs) <= self.graph_sizes[-1]:
             h = self._replay(h, inputs.positions, meta)
         else:
@@ -277,24 +277,29 @@ class ModelRunner:
             meta.max_seqlen_q, meta.max_seqlen_k = max(batch.query_lens), max(context_lens)
             last = meta.cu_seqlens_q[1:].long() - 1
         return [StepInputs(per_token[:num_tokens] if j == 0 else None, tokens_of(positions_t, j),
-                           self._image_mask(tokens_of(image, j)), meta, last) for j, meta in enumerate(metas)]
+                           self._modality(tokens_of(image, j)), meta, last) for j, meta in enumerate(metas)]
 
-    def _image_mask(self, image: list[bool]) -> torch.Tensor | bool | None:
-        """`StepInputs.image_mask` of a step's per-token modality (a tensor only when it mixes both)."""
+    def _modality(self, image: list[bool]) -> tuple[torch.Tensor, torch.Tensor] | bool | None:
+        """`StepInputs.modality` of a step's tokens (is each an image token?)."""
         if not any(image):
             return None
-        return True if all(image) else host_tensor(image, torch.bool, self.device)
+        if all(image):
+            return True
+        text_index = [i for i, x in enumerate(image) if not x]
+        index = host_tensor(text_index + [i for i, x in enumerate(image) if x], torch.int64, self.device)
+        return index[:len(text_index)], index[len(text_index):]
 
-    def _embed(self, ids: torch.Tensor, image_mask: torch.Tensor | bool | None) -> torch.Tensor:
-        """Text tokens through `embed_tokens`, image tokens through the generation embeddings + aligner."""
-        if image_mask is None:
+    def _embed(self, ids: torch.Tensor, modality: tuple[torch.Tensor, torch.Tensor] | bool | None) -> torch.Tensor:
+        """Text tokens through `embed_tokens`, image tokens through the generation embeddings + aligner. A step
+        with both gathers and scatters by index (a boolean mask would cost a device sync)."""
+        if modality is None:
             return self.embed_text(ids)
-        if image_mask is True:
+        if modality is True:
             return self.embed_image(ids)
+        text, image = modality
         h = torch.empty((ids.shape[0], self.hidden_size), dtype=self.dtype, device=self.device)
-        h[~image_mask] = self.embed_text(ids[~image_mask])
-        h[image_mask] = self.embed_image(ids[image_mask])
-        return h
+        h.index_copy_(0, text, self.embed_text(ids.index_select(0, text)))
+        return h.index_copy_(0, image, self.embed_image(ids.index_select(0, image)))
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The decoder stack on packed tokens `h [Ntok, hidden]` (the final norm is left to the heads).

@@ -105,8 +105,11 @@ def test_runner_logits_match_transformers_forward(preset, request):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from([(torch.int32, 2**31), (torch.int64, 2**63)]).flatmap(
-    lambda kind: st.tuples(st.just(kind[0]), st.lists(st.integers(-kind[1], kind[1] - 1), max_size=40))))
+@given(st.one_of(
+    st.sampled_from([(torch.int32, 2**31), (torch.int64, 2**63)]).flatmap(
+        lambda kind: st.tuples(st.just(kind[0]), st.lists(st.integers(-kind[1], kind[1] - 1), max_size=40))),
+    st.tuples(st.just(torch.float32), st.lists(st.floats(allow_nan=False, max_value=3e38, min_value=-3e38),
+                                               max_size=40))))
 def test_host_tensor_equals_torch_tensor(case):
     dtype, values = case
     t = host_tensor(values, dtype, torch.device("cpu"))
