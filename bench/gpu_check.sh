@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one call (a lent GPU's time is short): the CUDA-only tests, the Triton
 # kernels compiled for real, the rollout engine with CUDA graphs at the Janus-Pro-1B shape, and a profile of it.
-# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final]
+# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine]
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
-#   profile, then the tests.
+#   profile, then the tests;
+#   engine: the rollout benchmark (2 repeats) with a profile and the tests, no kernel benchmark.
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
-out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final]}"
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final|engine]}"
 mode="${2:-final}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -31,7 +32,7 @@ extension=$!
 if [[ "$mode" == sweep ]]; then
   step decode-sweep "$python" -m bench kernels --device cuda --scale gpu --only decode --decode-sweep \
     --json "$out/decode-sweep-$tag.json"
-else
+elif [[ "$mode" == final ]]; then
   step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --json "$out/kernels-gpu-$tag.json"
 fi
 wait "$extension"
@@ -42,5 +43,5 @@ step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cud
 step tests "$python" -m pytest -x -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
   tests/test_cfg_sampling.py tests/test_engine.py::test_triton_backend_equals_torch_backend
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|bw_fraction|busy|engine_ms|floor_ms" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|bw_fraction|busy|engine_ms|floor_ms" "$log" | tail -8; done
 exit "$failed"

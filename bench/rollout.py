@@ -204,6 +204,6 @@ def run(args: argparse.Namespace) -> dict:
     ]
     print_table("rollout: KV memory and the decode-step bandwidth floor", [{
         k: metrics[k] for k in ("threads", "kv_bytes_engine", "attention_workspace_bytes", "kv_bytes_contiguous",
-                                "kv_ratio", "engine_steps",
+                                "kv_ratio", "engine_steps", "multi_step_speedup",
                                 "engine_ms_per_step", "floor_ms_per_step", "floor_fraction", "preemptions")}])
     return write_result("rollout", args, metrics, rows)
