@@ -11,7 +11,10 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.sampling_params import SamplingParams
 
 LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -100,11 +103,7 @@ class GRPOConfig(TrainConfig):
             f"loss_type must be one of {LOSS_TYPES}": self.loss_type in LOSS_TYPES,
             f"scale_rewards must be one of {SCALE_REWARDS}": self.scale_rewards in SCALE_REWARDS,
             "max_reasoning_tokens must be >= 1": self.max_reasoning_tokens >= 1,
-            "cfg_weight must be >= 0": self.cfg_weight >= 0,
-            "text_temperature must be >= 0": self.text_temperature >= 0,
-            "image_temperature must be >= 0": self.image_temperature >= 0,
-            "top_k must be >= 0": self.top_k >= 0,
-            "top_p must be in (0, 1]": 0 < self.top_p <= 1,
+            **_sampling_checks(self),
             f"reward_combination must be one of {REWARD_COMBINATIONS}": self.reward_combination in REWARD_COMBINATIONS,
             "reward_weights must hold 4 numbers (R_PI, R_sem, R_spa, R_RI)": len(self.reward_weights) == 4,
             "prompts_per_step * num_generations must be divisible by gradient_accumulation_steps":
@@ -150,11 +149,28 @@ class EvalConfig:
     def validate(self) -> None:
         _raise_failed({
             "n must be >= 1": self.n >= 1,
-            "temperatures must be >= 0": self.text_temperature >= 0 and self.image_temperature >= 0,
-            "cfg_weight must be >= 0": self.cfg_weight >= 0,
             "max_reasoning_tokens must be >= 1": self.max_reasoning_tokens >= 1,
+            **_sampling_checks(self),
             f"reward_combination must be one of {REWARD_COMBINATIONS}": self.reward_combination in REWARD_COMBINATIONS,
         })
+
+
+def sampling_params(config: GRPOConfig | EvalConfig, *, n: int, seed: int) -> SamplingParams:
+    """The engine's settings for one request: the `SamplingParams` fields `config` declares (the rest at their
+    defaults), with the request's group size and seed (a config's own `n`/`seed` mean something else)."""
+    from engine.sampling_params import SamplingParams  # the engine (torch, transformers) only when sampling
+
+    names = {f.name for f in fields(SamplingParams)} & {f.name for f in fields(config)} - {"n", "seed"}
+    return SamplingParams(n=n, seed=seed, **{name: getattr(config, name) for name in names})
+
+
+def _sampling_checks(config: GRPOConfig | EvalConfig) -> dict[str, bool]:
+    """`SamplingParams`'s own checks of the sampling fields, as a failed check (its message) or none."""
+    try:
+        sampling_params(config, n=1, seed=0)
+    except ValueError as exc:
+        return {str(exc): False}
+    return {}
 
 
 def _raise_failed(checks: dict[str, bool]) -> None:

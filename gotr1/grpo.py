@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gotr1 import checkpoint as ckpt
 from gotr1.artifacts import save_groups
-from gotr1.config import GRPOConfig
+from gotr1.config import GRPOConfig, sampling_params
 from gotr1.data import PromptStream
 from gotr1.model import JanusBundle
 from gotr1.plot import plot_curves
@@ -105,13 +105,9 @@ class GRPOTrainer(ckpt.Checkpointed):
         return (self.config.seed * 1_000_003 + self.step * 10_007 + index) % (2**62)
 
     def rollout(self, prompts: list[str], first_index: int):
-        from engine import SamplingParams
-
         c = self.config
-        params = [SamplingParams(n=c.num_generations, text_temperature=c.text_temperature,
-                                 image_temperature=c.image_temperature, top_k=c.top_k, top_p=c.top_p,
-                                 cfg_weight=c.cfg_weight, max_reasoning_tokens=c.max_reasoning_tokens,
-                                 seed=self.request_seed(first_index + i)) for i in range(len(prompts))]
+        params = [sampling_params(c, n=c.num_generations, seed=self.request_seed(first_index + i))
+                  for i in range(len(prompts))]
         self.bundle.model.eval()
         with torch.no_grad():
             return self.engine.generate(prompts, params, use_tqdm=False)

@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from gotr1.config import GRPOConfig, SFTConfig, add_config_args, build_config
+from gotr1.config import EvalConfig, GRPOConfig, SFTConfig, add_config_args, build_config, sampling_params
 
 
 def parse(cls, argv):
@@ -50,3 +50,19 @@ def test_invalid_values_fail_before_any_work(tmp_path):
         parse(GRPOConfig, ["--use-lora", "maybe"])
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         build_config(SFTConfig, parse(SFTConfig, ["--per-device-train-batch-size", "0"]))
+
+
+def test_sampling_fields_become_the_engines_sampling_params():
+    """The configs' sampling fields reach the engine as they are (the request's own n and seed, never the training
+    seed), and are checked by `SamplingParams` itself, with the other failures."""
+    c = GRPOConfig(seed=123, text_temperature=0.7, image_temperature=1.3, top_k=40, top_p=0.9, cfg_weight=4.0,
+                   max_reasoning_tokens=50)
+    p = sampling_params(c, n=16, seed=7)
+    assert (p.n, p.seed, p.text_temperature, p.image_temperature, p.top_k, p.top_p, p.cfg_weight,
+            p.max_reasoning_tokens) == (16, 7, 0.7, 1.3, 40, 0.9, 4.0, 50)
+    e = sampling_params(EvalConfig(n=4, seed=9, cfg_weight=2.0), n=4, seed=10)
+    assert (e.n, e.seed, e.cfg_weight, e.top_k, e.top_p, e.max_reasoning_tokens) == (4, 10, 2.0, 0, 1.0, 96)
+    with pytest.raises(ValueError, match="loss_type must be one of.*image_temperature must be >= 0"):
+        GRPOConfig(loss_type="ppo", image_temperature=-1.0).validate()
+    with pytest.raises(ValueError, match="n must be >= 1.*text_temperature must be >= 0"):
+        EvalConfig(n=0, text_temperature=-0.5).validate()

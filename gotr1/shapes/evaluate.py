@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gotr1.config import EvalConfig
+from gotr1.config import EvalConfig, sampling_params
 from gotr1.rewards.combine import combine
 from gotr1.rewards.protocol import COMPONENTS, reward_samples
 from gotr1.shapes.judge import ShapesJudge, Verdict, breakdown, summarise
@@ -44,16 +44,13 @@ def evaluate(bundle, prompts: Sequence[str], config: EvalConfig | None = None, e
              progress: bool = True) -> EvalResult:
     """Generate `config.n` samples per prompt and judge them. Prompts are checked against the world's grammar
     first (`PromptParseError` names the line), so nothing is generated for a file that cannot be scored."""
-    from engine import LLMEngine, SamplingParams
+    from engine import LLMEngine
 
     config = config or EvalConfig()
     if not prompts:
         raise ValueError("no prompts to evaluate")
     parse_prompts(prompts)
-    params = [SamplingParams(n=config.n, text_temperature=config.text_temperature,
-                             image_temperature=config.image_temperature, cfg_weight=config.cfg_weight,
-                             max_reasoning_tokens=config.max_reasoning_tokens, seed=config.seed + i)
-              for i in range(len(prompts))]
+    params = [sampling_params(config, n=config.n, seed=config.seed + i) for i in range(len(prompts))]
     was_training = bundle.model.training
     bundle.model.eval()
     with torch.no_grad():
