@@ -16,11 +16,10 @@ class EngineConfig:
     `max_num_seqs` bounds the rows of one step (an image-phase sample is two rows, conditional + unconditional,
     unless its `cfg_weight` is 1);
     `max_num_batched_tokens` bounds the tokens of one prefill step (a single prefill larger than that runs alone).
-    `num_scheduler_steps` (vLLM's multi-step scheduling) is the most decode steps one `step()` runs back to back
-    when every row of a step is in the image phase: their schedule is fixed (one token per row until the image
-    is complete), so the steps run without returning to the host, each sampled token fed to the next step on the
-    device, and the host syncs once per window instead of once per step. Requests added meanwhile wait for the
-    window's end; 1 turns it off.
+    `num_scheduler_steps` (vLLM's multi-step scheduling) is the most decode steps one `step()` runs back to back:
+    each sampled token is fed to the next step on the device and the host syncs once per window instead of once
+    per token (a window ends by the time an image completes or a forced `<begin_of_image>`; a row that samples
+    one earlier idles to the window's end). Requests added meanwhile wait for the window's end; 1 turns it off.
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
