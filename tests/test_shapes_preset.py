@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from bench.shapes import summarise
 from gotr1.cli import main
 from gotr1.config import EvalConfig
 from gotr1.model import load_model
@@ -138,3 +139,8 @@ def test_cli_train_preset_shapes_evaluates_before_and_after(tmp_path, capsys):
     assert (run / "reward_curves.png").is_file() and (run / "checkpoint-2").is_dir()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert "total change" in capsys.readouterr().out
+    metrics, rows = summarise(run)  # what `python -m bench shapes` records of such a run
+    before, after = report["step 0"]["summary"]["overall"], report["step 2"]["summary"]["overall"]
+    assert metrics["steps"] == 2 and metrics["before"]["overall"] == before and metrics["after"]["overall"] == after
+    assert metrics["total_change"]["overall"] == pytest.approx(after["total"] / before["total"] - 1)
+    assert len(metrics["train_reward_mean_per_50_steps"]) == 1 and rows[-1]["category"] == "overall"
