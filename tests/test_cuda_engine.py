@@ -2,6 +2,8 @@
 CUDA sampling kernel, cfg_weight 1 rows without an unconditional row in the same batch as guided ones. Skipped
 without a GPU; the CPU suite covers the same logic through the torch backend.
 """
+import warnings
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -12,6 +14,7 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from gotr1.model import build_preset
 from gotr1.reference import ReferenceGenerator
+from kernels.cfg_sampling import cuda_extension_available
 from kernels.rms_norm import rms_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -93,3 +96,28 @@ def test_bf16_fused_rope_and_norms_track_transformers():
         clear[-1] = False
     picks = logits.argmax(-1).tolist()
     assert all(p == t for p, t, c in zip(picks, sample.reasoning_ids, clear) if c)
+
+
+def test_a_decode_window_syncs_with_the_host_once(tiny):
+    """Multi-step decode keeps the host ahead of the device: a 16-step window (graph replays, sampling, tokens fed
+    back on the device, step metadata sent through pinned memory) makes exactly one synchronizing CUDA call, the
+    read of its tokens at the end (torch's sync debug mode reports each one)."""
+    if not cuda_extension_available():
+        pytest.skip("the fused sampling extension did not build: the torch sampling path syncs by design")
+    engine = _engine(tiny)
+    params = SamplingParams(n=4, max_reasoning_tokens=40, min_reasoning_tokens=40, seed=0, decode_images=False)
+    engine.generate(PROMPTS[:1], params, use_tqdm=False)  # warm-up: graphs captured, kernels compiled
+    engine.add_request(PROMPTS[0], params)
+    engine.step()  # the prompt's prefill (its layout checks sync; prefill is not graphed)
+    steps = engine.num_steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert engine.num_steps - steps == 16
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    engine.abort(next(iter(engine.scheduler.groups)))
