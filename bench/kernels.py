@@ -17,6 +17,10 @@ during the call (inputs excluded).
   - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
     and a 16 x 876-token prefill, against transformers' seven-op formula; RoPE (`kernels/rope.py`) likewise on
     q and k against the engine's five-op torch path.
+  - Skinny matmul (`kernels/skinny_matmul.py`): a decode step's projections (16 and 32 rows; Janus-Pro 1B and 7B
+    q/k/v/o, gate/up and down shapes) against `F.linear` (cuBLAS), both graph-replayed; `bw_fraction` is the
+    weight bytes per second over the copy bandwidth. `--matmul-sweep` adds a `skinny_matmul_sweep` row per tile
+    and split at the 1B image step's shapes (32 rows).
   - Targets: loss `mem_ratio <= 1/8` at V=102400 and `time_ratio <= 0.7`; decode bandwidth >= 0.8 of copy.
 """
 from __future__ import annotations
@@ -40,8 +44,9 @@ from kernels.paged_attention import (
 )
 from kernels.rms_norm import rms_norm, rms_norm_reference
 from kernels.rope import rope, rope_reference
+from kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 
-KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "rope", "advantages", "grpo_loss")
+KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "rope", "skinny_matmul", "advantages", "grpo_loss")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +55,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per side (default: 3 cpu, 10 cuda)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--matmul-sweep", action="store_true",
+                        help="CUDA: also time every skinny-matmul launch configuration (tile, split, stages)")
     parser.add_argument("--decode-sweep", action="store_true",
                         help="also time paged decode at every launch configuration of a small grid (CUDA)")
 
@@ -307,13 +314,52 @@ def _loss_step(fn, hidden, weight, inputs, weight_grad, **kw):
     return loss.detach(), h.grad, w.grad
 
 
+def _bench_skinny_matmul(args, device, dtype, gen, repeats) -> list[dict]:
+    """A decode step's projections: ours and `F.linear` both graph-replayed on CUDA, with the weight read's
+    bandwidth; `--matmul-sweep` times every launch configuration of `_MATMUL_GRID` too."""
+    # (rows, out features, in features, label)
+    if args.scale == "small":
+        shapes = [(8, 96, 128, "small"), (32, 160, 200, "small")]
+    else:
+        shapes = [(m, n, k, f"{label} {proj}") for m in (16, 32)
+                  for label, hidden, inter in (("Janus-1B", 2048, 5632), ("Janus-7B", 4096, 11008))
+                  for proj, n, k in (("qkvo", hidden, hidden), ("gate/up", inter, hidden), ("down", hidden, inter))]
+    copy_bw = _copy_bandwidth(device, repeats) if device.startswith("cuda") else None
+    inner = 20 if copy_bw is not None else 1
+    rows = []
+    for m, n, k, label in shapes:
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        weight = (torch.randn(n, k, generator=gen) / k**0.5).to(device, dtype)
+        config = f"{label} M={m} N={n} K={k}"
+        row = _compare("skinny_matmul", config, dtype, partial(skinny_matmul, x, weight),
+                       partial(torch.nn.functional.linear, x, weight), device, repeats, inner=inner, graph="both")
+        weight_bytes = weight.numel() * weight.element_size()
+        rows.append(_add_bandwidth(row, weight_bytes, copy_bw))
+        if args.matmul_sweep and copy_bw is not None and m == 32 and label.startswith("Janus-1B"):  # 1B image step
+            reference = skinny_matmul_reference(x, weight)
+            for block_n, block_k, split_k, stages in _MATMUL_GRID:
+                launch = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=stages)
+                seconds, out = _graph_time(partial(skinny_matmul, x, weight, **launch), inner, repeats)
+                sweep = {**row, "kernel": "skinny_matmul_sweep", "config": f"{config} {launch}",
+                         "rel_err": _rel_err(out, reference), "ours_ms": seconds / inner * 1e3,
+                         "time_ratio": seconds / inner * 1e3 / row["eager_ms"], "ours_mib": float("nan"),
+                         "mem_ratio": float("nan")}
+                rows.append(_add_bandwidth(sweep, weight_bytes, copy_bw))
+    return rows
+
+
+# (block_n, block_k, split_k, num_stages) for `--matmul-sweep`.
+_MATMUL_GRID = [(block_n, block_k, split_k, 4) for block_n in (32, 64, 128) for block_k in (128, 256)
+                for split_k in (1, 2, 4, 8)]
+
+
 def run(args: argparse.Namespace) -> dict:
     device = args.device
     dtype = torch.float32 if args.scale == "small" else torch.bfloat16
     repeats = args.repeats or (10 if device.startswith("cuda") else 3)
     gen = torch.Generator().manual_seed(args.seed)
     benches = {"kv_store": _bench_kv_store, "decode": _bench_decode, "prefill": _bench_prefill,
-               "rms_norm": _bench_rms_norm, "rope": _bench_rope,
+               "rms_norm": _bench_rms_norm, "rope": _bench_rope, "skinny_matmul": _bench_skinny_matmul,
                "advantages": _bench_advantages, "grpo_loss": _bench_grpo_loss}
     wanted = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = set(wanted) - set(benches)
@@ -332,6 +378,9 @@ def run(args: argparse.Namespace) -> dict:
         metrics["loss_time_ratio_v102400_max"] = max(r["time_ratio"] for r in loss_big)
         metrics["loss_targets_met"] = (metrics["loss_mem_ratio_v102400_max"] <= 1 / 8
                                        and metrics["loss_time_ratio_v102400_max"] <= 0.7)
+    matmul = [r for r in rows if r["kernel"] == "skinny_matmul"]
+    if matmul:  # below 1: faster than cuBLAS at every decode shape
+        metrics["skinny_matmul_time_ratio_max"] = max(r["time_ratio"] for r in matmul)
     if decode and "bw_fraction" in decode[0]:  # the target is set at 32 x 800; the CFG step is reported beside it
         metrics["decode_bw_fraction_min"] = min(r["bw_fraction"] for r in decode if "ctx=800 " in r["config"])
         metrics["decode_target_met"] = metrics["decode_bw_fraction_min"] >= 0.8

@@ -20,6 +20,9 @@ class EngineConfig:
     each sampled token is fed to the next step on the device and the host syncs once per window instead of once
     per token (a window ends by the time an image completes or a forced `<begin_of_image>`; a row that samples
     one earlier idles to the window's end). Requests added meanwhile wait for the window's end; 1 turns it off.
+    `skinny_matmul` runs the projections of decode steps (at most 64 rows) through `kernels.skinny_matmul` instead
+    of `F.linear` (cuBLAS); off until a GPU benchmark (`python -m bench kernels --only skinny_matmul`) shows it
+    faster.
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
@@ -33,6 +36,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 16384
     max_model_len: int | None = None
     num_scheduler_steps: int = 16
+    skinny_matmul: bool = False
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -34,16 +34,17 @@ def _runs_its_own_forward(module: nn.Module) -> bool:
                 or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 
 
-def lean(module: nn.Module) -> Forward:
+def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear) -> Forward:
     """`module`'s forward without module dispatch, equal to `module(x)`: bit for bit (the same ops in the same
     order) except for `LlamaRMSNorm`, which is one native call on a CPU in fp32 (`kernels.rms_norm.rms_norm_cpu`;
     `F.rms_norm`, with its bits, where that cannot be built or on a GPU) and the one-kernel Triton norm for 16 bits
-    on a GPU, each within a few ulps; or `module` itself."""
+    on a GPU, each within a few ulps; or `module` itself. `linear` (`F.linear`'s signature) runs every plain
+    `nn.Linear` inside it."""
     if _runs_its_own_forward(module):
         return module
     kind = type(module)
     if kind is nn.Linear:
-        return functools.partial(F.linear, weight=module.weight, bias=module.bias)
+        return functools.partial(linear, weight=module.weight, bias=module.bias)
     if kind is nn.Embedding and module.max_norm is None:  # max_norm renormalises the weight in place: call it
         return functools.partial(F.embedding, weight=module.weight)
     if kind is SiLUActivation or kind is nn.SiLU:
@@ -61,13 +62,15 @@ def lean(module: nn.Module) -> Forward:
         # 16 bits on a GPU: one Triton launch for transformers' seven, its roundings kept (within an ulp or two).
         return functools.partial(rms_norm, weight=module.weight, eps=module.variance_epsilon)
     if kind is LlamaMLP:
-        gate, up, down, act = (lean(m) for m in (module.gate_proj, module.up_proj, module.down_proj, module.act_fn))
+        gate, up, down, act = (lean(m, linear) for m in (module.gate_proj, module.up_proj, module.down_proj,
+                                                         module.act_fn))
         return lambda x: down(act(gate(x)) * up(x))
     if kind is JanusVQVAEHead:
-        proj, act, head = (lean(m) for m in (module.proj_out, module.activation_fn, module.vision_head))
+        proj, act, head = (lean(m, linear) for m in (module.proj_out, module.activation_fn, module.vision_head))
         return lambda x: head(act(proj(x)))
     if kind is JanusVQVAEAlignerMLP:
-        fc1, act, hidden = lean(module.fc1), lean(module.activation_fn), [lean(m) for m in module.hidden_layers]
+        fc1, act = lean(module.fc1, linear), lean(module.activation_fn)
+        hidden = [lean(m, linear) for m in module.hidden_layers]
 
         def aligner(x: Tensor) -> Tensor:
             x = fc1(x)

@@ -14,10 +14,12 @@ outside the graph. Graphs are recaptured when the model's modules or adapter sta
 """
 from __future__ import annotations
 
+import functools
 from array import array
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import JanusForConditionalGeneration
 
 from engine.attention import AttentionMetadata, select_backend
@@ -25,6 +27,7 @@ from engine.config import EngineConfig
 from engine.lean import Forward, lean
 from engine.scheduler import ScheduledBatch
 from kernels.rope import rope
+from kernels.skinny_matmul import linear as skinny_linear
 
 
 def unwrap(model: torch.nn.Module) -> JanusForConditionalGeneration:
@@ -121,17 +124,18 @@ class ModelRunner:
         lm = janus.model.language_model
         self.janus = janus
         self.layers = list(lm.layers)
-        self.forwards = [LayerForwards(*map(lean, (layer.input_layernorm, layer.self_attn.q_proj,
+        call = functools.partial(lean, linear=skinny_linear if self.config.skinny_matmul else F.linear)
+        self.forwards = [LayerForwards(*map(call, (layer.input_layernorm, layer.self_attn.q_proj,
                                                    layer.self_attn.k_proj, layer.self_attn.v_proj,
                                                    layer.self_attn.o_proj, layer.post_attention_layernorm,
                                                    layer.mlp))) for layer in self.layers]
-        self.final_norm = lean(lm.norm)
+        self.final_norm = call(lm.norm)
         self.embed_tokens = lm.embed_tokens
-        self.embed_text = lean(lm.embed_tokens)
-        generation_embeddings, aligner = lean(janus.model.generation_embeddings), lean(janus.model.generation_aligner)
+        self.embed_text = call(lm.embed_tokens)
+        generation_embeddings, aligner = call(janus.model.generation_embeddings), call(janus.model.generation_aligner)
         self.embed_image = lambda ids: aligner(generation_embeddings(ids))  # prepare_embeddings_for_image_generation
-        self.text_head = lean(janus.lm_head)
-        self.image_head = lean(janus.model.generation_head)
+        self.text_head = call(janus.lm_head)
+        self.image_head = call(janus.model.generation_head)
         self.rotary_emb = lm.rotary_emb
         if self.rotary_emb.rope_type in ("dynamic", "longrope"):
             raise NotImplementedError(f"rope_type {self.rotary_emb.rope_type!r} depends on the sequence length; "

@@ -31,8 +31,9 @@ def _engine(tiny, **kw) -> LLMEngine:
     return LLMEngine(tiny, EngineConfig(num_kv_blocks=200, block_size=16, attention_backend="triton", **kw))
 
 
-def test_graphed_greedy_equals_reference_generator(tiny):
-    engine = _engine(tiny)
+@pytest.mark.parametrize("skinny_matmul", [False, True])
+def test_graphed_greedy_equals_reference_generator(tiny, skinny_matmul):
+    engine = _engine(tiny, skinny_matmul=skinny_matmul)
     assert engine.runner.use_cuda_graphs
     params = SamplingParams(n=2, text_temperature=0, image_temperature=0, cfg_weight=5.0,
                             max_reasoning_tokens=6, decode_images=False)

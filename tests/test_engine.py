@@ -388,6 +388,25 @@ def test_multi_step_batches_equal_single_steps(eager_to_draw, monkeypatch, num_k
         assert torch.equal(s.image_mixed_logprobs, r.image_mixed_logprobs)
 
 
+def test_skinny_matmul_projections_equal_f_linear(tiny, monkeypatch):
+    """`EngineConfig.skinny_matmul`: projections and heads of steps with at most 64 rows (decode steps, short
+    prefills) through `kernels.skinny_matmul` (Triton's interpreter here); greedy tokens equal the default
+    engine's, log-probs to float rounding (the sums' order differs)."""
+    import kernels.skinny_matmul as module
+
+    calls = []
+    real = module.skinny_matmul
+    monkeypatch.setattr(module, "skinny_matmul", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
+    params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=3, decode_images=False)
+    default, skinny = (LLMEngine(tiny, EngineConfig(num_kv_blocks=100, block_size=16, skinny_matmul=flag)).generate(
+        PROMPTS[:1], params, use_tqdm=False)[0] for flag in (False, True))
+    assert calls and min(calls) <= 4  # decode steps: 2 samples, CFG pairs
+    for a, b in zip(default.samples, skinny.samples):
+        assert a.reasoning_ids == b.reasoning_ids and torch.equal(a.image_tokens, b.image_tokens)
+        for x, y in ((a.text_logprobs, b.text_logprobs), (a.image_logprobs, b.image_logprobs)):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
 def test_prompt_kv_is_computed_once_and_uncond_prefix_is_shared(tiny):
     bs = 4
     eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=bs, num_scheduler_steps=1))  # steps seen
