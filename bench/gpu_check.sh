@@ -5,7 +5,8 @@
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, then the tests;
-#   engine: the rollout benchmark (2 repeats) with a profile and the tests, no kernel benchmark.
+#   engine: the skinny-matmul benchmark with its sweep, the rollout benchmark (2 repeats) with a profile, the
+#   tests.
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
@@ -33,7 +34,11 @@ if [[ "$mode" == sweep ]]; then
   step decode-sweep "$python" -m bench kernels --device cuda --scale gpu --only decode --decode-sweep \
     --json "$out/decode-sweep-$tag.json"
 elif [[ "$mode" == final ]]; then
-  step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --json "$out/kernels-gpu-$tag.json"
+  step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --matmul-sweep \
+    --json "$out/kernels-gpu-$tag.json"
+else
+  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
+    --json "$out/skinny-matmul-gpu-$tag.json"
 fi
 wait "$extension"
 echo "cfg_sample extension: $(tail -1 "$out/extension.log")"
@@ -42,6 +47,7 @@ step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cud
   --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
+  tests/test_skinny_matmul.py \
   tests/test_cfg_sampling.py tests/test_engine.py::test_triton_backend_equals_torch_backend
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|bw_fraction|busy|engine_ms|floor_ms" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms" "$log" | tail -8; done
 exit "$failed"

@@ -48,6 +48,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--num-scheduler-steps", type=int, default=EngineConfig().num_scheduler_steps,
                         help="decode steps per host sync (the engine's multi-step window)")
+    parser.add_argument("--skinny-matmul", action="store_true",
+                        help="decode projections through kernels.skinny_matmul (EngineConfig.skinny_matmul)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both sides (default: 1 on cpu, where it is the faster choice "
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     # Half the free GPU memory for the KV pool: the reference generator runs in the same process afterwards.
     config = EngineConfig(block_size=args.block_size, attention_backend=args.attention_backend,
                           enforce_eager=args.enforce_eager or not args.device.startswith("cuda"),
-                          gpu_memory_utilization=0.5, num_scheduler_steps=args.num_scheduler_steps)
+                          gpu_memory_utilization=0.5, num_scheduler_steps=args.num_scheduler_steps,
+                          skinny_matmul=args.skinny_matmul)
     engine = LLMEngine(bundle, config)
     reference = ReferenceGenerator(bundle)
 
