@@ -45,7 +45,7 @@ class Sampler:
         return dict(cached[1], counters=counters)
 
     @torch.inference_mode()
-    def text_tensors(self, logits: torch.Tensor, samples: list[Sample], step: int = 0) -> torch.Tensor:
+    def text_tensors(self, logits: torch.Tensor, samples: list[Sample], step: int) -> torch.Tensor:
         """One reasoning token per row, left on the device as `[2, rows]` float64: tokens and log-probs (float64
         holds every token id exactly, so one copy brings both to the host). `<begin_of_image>` is banned below
         `min_reasoning_tokens` and forced at `max_reasoning_tokens`; the log-prob reported for those rows is still
@@ -85,17 +85,17 @@ class Sampler:
         return host_tensor([i for i, s in enumerate(samples) if s.uncond is not None], torch.int64, self.device)
 
     @torch.inference_mode()
-    def image_tensors(self, cond: torch.Tensor, uncond: torch.Tensor | None, samples: list[Sample], step: int = 0,
-                      paired: torch.Tensor | None = None) -> torch.Tensor:
+    def image_tensors(self, cond: torch.Tensor, uncond: torch.Tensor | None, samples: list[Sample], step: int,
+                      paired: torch.Tensor | None) -> torch.Tensor:
         """One image token per sample, sampled from `u + w (c - u)`, left on the device as `[3, samples]` float64:
         tokens, log-probs of the conditional logits, log-probs of the mixed logits (float64 holds every token id
         exactly, so one copy brings all three to the host).
 
-        `uncond` holds the rows of the samples that have one, in order (None: no sample has); `paired` is
-        `paired_rows(samples)` when the caller has it. In a step that mixes both kinds, a sample without one is
-        paired with its own conditional logits: `c == u` mixes to `c` exactly, as the unpaired kernel path does,
-        and keeps one kernel call per step."""
+        `uncond` holds the rows of the samples that have one, in order (None: no sample has); when only some have
+        one, `paired` is `paired_rows(samples)`. In such a step a sample without one is paired with its own
+        conditional logits: `c == u` mixes to `c` exactly, as the unpaired kernel path does, and keeps one kernel
+        call per step."""
         if uncond is not None and uncond.shape[0] < len(samples):
-            uncond = cond.index_copy(0, self.paired_rows(samples) if paired is None else paired, uncond)
+            uncond = cond.index_copy(0, paired, uncond)
         out = cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True, step=step))
         return torch.stack([out.tokens.double(), out.logprobs.double(), out.mixed_logprobs.double()])
