@@ -8,8 +8,15 @@ to the first `image` event; p50/p99 over the level's requests (with few requests
 maximum). Per level also: samples/s over its wall time, engine steps, and the fraction of the wall time the
 engine spent inside steps.
 
-Throughput is compared with `LLMEngine.generate` of the largest level's requests (no HTTP, no PNG, images
-decoded inside the engine), all in one call (its best case) and in chunks of the largest concurrency;
+With `--request-rate R`, an open-loop level follows (vLLM's `benchmark_serving --request-rate`): requests
+arrive at Poisson times of rate R whatever the server's state, so they land in the middle of multi-step decode
+windows. It runs on the same arrival times and seeds with the server's window interrupts (a request that arrives ends
+the window at its next step) and without them (it waits for the rest of the window), `--open-loop-rounds`
+times each, alternating; each side's percentiles pool its rounds' requests. `ttft_p50_ratio_uninterrupted`
+is the second side's TTFT p50 over the first's.
+
+Throughput is compared with `LLMEngine.generate` of the largest closed level's requests (no HTTP, no PNG,
+images decoded inside the engine), all in one call (its best case) and in chunks of the largest concurrency;
 `match_offline` says whether the server's tokens equal the offline ones (same seeds). On a small CPU the
 clients still share the cores with the server.
 """
@@ -20,6 +27,7 @@ import json
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -51,6 +59,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="default: the engine's sizing")
     parser.add_argument("--num-scheduler-steps", type=int, default=EngineConfig().num_scheduler_steps,
                         help="decode steps per host sync")
+    parser.add_argument("--request-rate", type=float, default=0.0,
+                        help="requests/s of an open-loop Poisson level, run with and without window interrupts "
+                             "(0: none)")
+    parser.add_argument("--open-loop-requests", type=int, default=32, help="requests of the open-loop level")
+    parser.add_argument("--open-loop-rounds", type=int, default=3,
+                        help="open-loop runs per side, alternating; percentiles pool their requests")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds, per request")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,6 +127,26 @@ def _level(url: str, args: argparse.Namespace, concurrency: int, offset: int,
     return time.perf_counter() - start, results  # type: ignore[return-value]
 
 
+def _open_loop(url: str, args: argparse.Namespace, offset: int) -> tuple[float, list[dict]]:
+    """`--open-loop-requests` requests sent at seeded Poisson arrival times of rate `--request-rate`, each on its
+    own thread; returns (wall seconds, per-request results)."""
+    n = args.open_loop_requests
+    arrivals = np.cumsum(np.random.default_rng(args.seed).exponential(1.0 / args.request_rate, n))
+    bodies = [_body(args, offset + i) for i in range(n)]
+    timeout = httpx.Timeout(args.request_timeout)
+
+    def send(i: int) -> dict:
+        time.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
+        return _stream_one(client, bodies[i])
+
+    with httpx.Client(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=n)) as client:
+        with ThreadPoolExecutor(n) as pool:
+            start = time.perf_counter()
+            futures = [pool.submit(send, i) for i in range(n)]
+            results = [f.result(timeout=arrivals[-1] + args.request_timeout * n) for f in futures]
+    return time.perf_counter() - start, results
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -124,6 +158,9 @@ def run(args: argparse.Namespace) -> dict:
     if not levels or min(levels) < 1 or args.rounds < 1:
         raise ValueError(f"--concurrency needs positive counts and --rounds >= 1, got {args.concurrency!r}, "
                          f"{args.rounds}")
+    if not args.request_rate >= 0 or min(args.open_loop_requests, args.open_loop_rounds) < 1:
+        raise ValueError(f"--request-rate must be >= 0, --open-loop-requests and --open-loop-rounds >= 1, got "
+                         f"{args.request_rate}, {args.open_loop_requests}, {args.open_loop_rounds}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     if args.image_size is not None:
         if args.preset != "tiny":
@@ -135,7 +172,8 @@ def run(args: argparse.Namespace) -> dict:
     config = EngineConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, gpu_memory_utilization=0.45,
                           enforce_eager=not args.device.startswith("cuda"),
                           num_scheduler_steps=args.num_scheduler_steps)
-    app = create_app(bundle, config, ServerConfig(max_n=max(args.n, 1), max_queue=2 * max(levels)))
+    max_queue = max(2 * max(levels), args.open_loop_requests)
+    app = create_app(bundle, config, ServerConfig(max_n=max(args.n, 1), max_queue=max_queue))
     rows, served = [], {}
     # The clients run in a child process: in this one they would compete with the server for the GIL.
     with BackgroundServer(app) as server, multiprocessing.get_context("spawn").Pool(1) as clients:
@@ -146,17 +184,40 @@ def run(args: argparse.Namespace) -> dict:
         level(1, 10**6, 1)  # warm-up
         offset = 0
         steps = app.state.server.metrics.step_seconds
-        for c in levels:
+
+        def timed(run_level: Callable[[], tuple[float, list[dict]]]) -> tuple[float, list[dict], int, float]:
+            """(wall, results, engine steps, seconds inside steps) of one run."""
             count, busy = steps.count, steps.sum
-            wall, results = level(c, offset, args.rounds)
-            samples = len(results) * args.n
+            wall, results = run_level()
+            return wall, results, steps.count - count, steps.sum - busy
+
+        def row(name: str | int, runs: list[tuple[float, list[dict], int, float]]) -> list[dict]:
+            """One table row over `runs` pooled: percentiles over all their requests, rates over their walls."""
+            wall, steps_run, busy = (sum(r[i] for r in runs) for i in (0, 2, 3))
+            results = [x for r in runs for x in r[1]]
             ttft, tti = [r["ttft"] for r in results], [r["tti"] for r in results]
-            rows.append({"concurrency": c, "requests": len(results), "ttft_p50_s": _pct(ttft, 50),
+            rows.append({"concurrency": name, "requests": len(results), "ttft_p50_s": _pct(ttft, 50),
                          "ttft_p99_s": _pct(ttft, 99), "tti_p50_s": _pct(tti, 50), "tti_p99_s": _pct(tti, 99),
-                         "samples_per_s": samples / wall, "wall_s": wall, "steps": steps.count - count,
-                         "engine_busy": (steps.sum - busy) / wall})
-            served[c] = (offset, results)
-            offset += len(results)
+                         "samples_per_s": len(results) * args.n / wall, "wall_s": wall, "steps": steps_run,
+                         "engine_busy": busy / wall})
+            return results
+
+        for c in levels:
+            served[c] = (offset, row(c, [timed(lambda c=c, o=offset: level(c, o, args.rounds))]))
+            offset += len(served[c][1])
+        open_loop = []
+        if args.request_rate:
+            worker = app.state.server.worker
+            runs: dict[bool, list] = {True: [], False: []}
+            for _ in range(args.open_loop_rounds):  # alternating, on the same arrival times and seeds
+                for interrupt in runs:
+                    worker.interrupt_windows = interrupt
+                    runs[interrupt].append(timed(lambda: clients.apply_async(_open_loop, (
+                        server.url, args, offset)).get(timeout=args.request_timeout * args.open_loop_requests + 60)))
+            worker.interrupt_windows = True
+            for interrupt, side in runs.items():
+                name = f"poisson {args.request_rate:g}/s{'' if interrupt else ', windows not interrupted'}"
+                open_loop.append(row(name, side))
 
     # The offline engine on the largest level's requests.
     top = max(levels)
@@ -183,6 +244,9 @@ def run(args: argparse.Namespace) -> dict:
             "engine_busy": float("nan")})
     match = all([(s.reasoning_ids, s.image_tokens.tolist()) for s in g.samples] == r["tokens"]
                 for g, r in zip(offline, results))
+    if open_loop:  # interrupted windows or not, the same requests give the same tokens
+        match = match and all(r["tokens"] == open_loop[0][i % args.open_loop_requests]["tokens"]
+                              for side in open_loop for i, r in enumerate(side))
     top_rate = next(r for r in rows if r["concurrency"] == top)["samples_per_s"]
     metrics = {"preset": args.preset, "dtype": str(dtype).removeprefix("torch."),
                "image_tokens": bundle.num_image_tokens, "n": args.n, "reasoning_tokens": args.reasoning_tokens,
@@ -191,4 +255,10 @@ def run(args: argparse.Namespace) -> dict:
                **{f"served_vs_{k}": top_rate / v for k, v in offline_rates.items()}, "match_offline": match,
                **{f"{k}_c{r['concurrency']}": r[k] for r in rows[:len(levels)]
                   for k in ("ttft_p50_s", "ttft_p99_s", "tti_p50_s", "tti_p99_s", "samples_per_s")}}
+    if open_loop:
+        cut, whole = rows[len(levels):len(levels) + 2]
+        metrics |= {"request_rate": args.request_rate, "open_loop_rounds": args.open_loop_rounds,
+                    **{f"{k}_open_loop{suffix}": r[k] for r, suffix in ((cut, ""), (whole, "_uninterrupted"))
+                       for k in ("ttft_p50_s", "ttft_p99_s", "tti_p50_s", "samples_per_s")},
+                    "ttft_p50_ratio_uninterrupted": whole["ttft_p50_s"] / cut["ttft_p50_s"]}
     return write_result("serve", args, metrics, rows)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -85,16 +85,17 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------------------------------------ stepping
-    def step(self) -> list[GroupOutput]:
+    def step(self, interrupt: Callable[[], bool] | None = None) -> list[GroupOutput]:
         """One scheduled batch: a prefill, or a decode step, or `num_steps` decode steps back to back; returns the
-        requests that finished with it."""
+        requests that finished with it. `interrupt`, asked on the host before each further step of a window, ends
+        the window early when it returns True: a server passes "a request arrived", so the request's prefill
+        waits for one step, not for the rest of the window."""
         batch = self.scheduler.schedule()
-        self.num_steps += batch.num_steps
         self.peak_used_blocks = max(self.peak_used_blocks, self.block_manager.num_used_blocks)
-        return [self._output(g) for g in self._run(batch)]
+        return [self._output(g) for g in self._run(batch, interrupt)]
 
     @torch.inference_mode()
-    def _run(self, batch: ScheduledBatch) -> list[Group]:
+    def _run(self, batch: ScheduledBatch, interrupt: Callable[[], bool] | None = None) -> list[Group]:
         """Forward and sample each step of the batch. The tokens one step samples are the next step's inputs
         without leaving the device (an image token feeds its conditional and its unconditional row), so the host
         queues every step and reads all their tokens in one copy at the end, then appends them step by step."""
@@ -115,11 +116,14 @@ class LLMEngine:
             sampled.append(torch.cat([p.flatten() for p in parts]) if parts else
                            torch.zeros(0, dtype=torch.float64, device=self.runner.device))
             if step + 1 < batch.num_steps:
+                if interrupt is not None and interrupt():
+                    break
                 tokens = [p[0] for p in parts]
                 if batch.uncond_rows:
                     tokens.append(tokens[-1] if paired is None else tokens[-1].index_select(0, paired))
                 ids = torch.cat(tokens).long()
                 ids = ids if order is None else ids.index_select(0, order)
+        self.num_steps += len(sampled)
         num_text, num_image = len(text_samples), len(image_samples)
         finished = []
         for values in torch.stack(sampled).tolist():  # one device sync for the whole batch
@@ -127,6 +131,8 @@ class LLMEngine:
             finished += self.scheduler.postprocess(
                 batch, [int(t) for t in text[:num_text]], text[num_text:], [int(t) for t in image[:num_image]],
                 image[num_image:2 * num_image], image[2 * num_image:])
+        if len(sampled) < batch.num_steps:
+            self.scheduler.cut_window(batch)
         return finished
 
     def _feed_order(self, batch: ScheduledBatch) -> torch.Tensor | None:

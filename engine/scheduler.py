@@ -307,6 +307,13 @@ class Scheduler:
             seq.num_cached_tokens += k - 1
         batch.num_steps = k
 
+    def cut_window(self, batch: ScheduledBatch) -> None:
+        """After a window that ran fewer than its `num_steps` steps (the engine was interrupted): each row's
+        unrun steps are uncached again (their KV was never written), so the next step feeds the row's last token.
+        The slots stay allocated (at most one block per row ahead of need) and are the next steps' slots."""
+        for seq in batch.seqs:
+            seq.num_cached_tokens = min(seq.num_cached_tokens, len(seq) - 1)
+
     def _make_room(self, need: int, protected: set[int] = frozenset()) -> bool:
         """Preempt the most recently admitted samples outside `protected` (ids) until `need` blocks are free."""
         bm = self.block_manager

@@ -252,7 +252,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     if v is not None})
     defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
     serve(bundle, host=args.host, port=args.port, engine_config=engine_config,
-          config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue, **defaults))
+          config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue, interrupt_windows=args.interrupt_windows,
+                              **defaults))
     return 0
 
 
@@ -328,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: sized to memory)")
     srv.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default: engine's)")
     srv.add_argument("--num-scheduler-steps", type=int, default=None,
-                     help="decode steps per host sync (default: the engine's 16); new requests wait for the "
-                          "current window, so fewer steps trade throughput for time to first token")
+                     help="decode steps per host sync (default: the engine's 16)")
+    srv.add_argument("--interrupt-windows", action=argparse.BooleanOptionalAction, default=True,
+                     help="a request arriving during a multi-step window ends it at the next step (default: on; "
+                          "off, a new request waits for the rest of the window)")
     srv.set_defaults(func=cmd_serve)
     return parser
 

@@ -3,6 +3,8 @@
 Most tests use the 64 px variant (16 image tokens); one runs the real 576-token geometry.
 """
 import dataclasses
+import functools
+import itertools
 import math
 
 import pytest
@@ -346,9 +348,10 @@ def eager_to_draw(tiny):
 @pytest.mark.parametrize("num_kv_blocks", [2000, 48])
 def test_multi_step_batches_equal_single_steps(eager_to_draw, monkeypatch, num_kv_blocks):
     """Multi-step windows (tokens fed back on the device, one host sync per window; text rows that sample BOI
-    early run wasted steps) give the single-step engine's tokens, on a roomy pool and on one that preempts. A
-    lock-step request (min = max reasoning) decodes in the same batches either way: its log-probs are bit-equal;
-    the others share steps with different rows, so theirs may move by a float rounding."""
+    early run wasted steps), whole or cut short by `step(interrupt=...)`, give the single-step engine's tokens,
+    on a roomy pool and on one that preempts. A lock-step request (min = max reasoning) decodes in the same
+    batches either way: its log-probs are bit-equal; the others share steps with different rows, so theirs may
+    move by a float rounding."""
     tiny = eager_to_draw
     params = [SamplingParams(n=3, max_reasoning_tokens=14, text_temperature=1.5, cfg_weight=5.0, seed=1,
                              decode_images=False),
@@ -365,17 +368,28 @@ def test_multi_step_batches_equal_single_steps(eager_to_draw, monkeypatch, num_k
     monkeypatch.setattr(Scheduler, "postprocess", spy)
     monkeypatch.setattr(Scheduler, "schedule", lambda self: batches.append(schedule(self)) or batches[-1])
     runs = {}
-    for k in (1, 16):
+    for k, cut in ((1, None), (16, None), (16, itertools.cycle([False] * 4 + [True, False, True]).__next__)):
         eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=num_kv_blocks, block_size=4, num_scheduler_steps=k))
-        runs[k] = eng.generate(PROMPTS, params, use_tqdm=False), eng.generate(PROMPTS[:1], lockstep, use_tqdm=False)
+        monkeypatch.setattr(eng, "step", functools.partial(LLMEngine.step, eng, interrupt=cut))
+        runs[k, cut is not None] = (eng.generate(PROMPTS, params, use_tqdm=False),
+                                    eng.generate(PROMPTS[:1], lockstep, use_tqdm=False))
         assert (sum(wasted) > 0) == (k > 1)  # BOI sampled inside a window, its row idle till the window ended
         assert eng.block_manager.num_used_blocks == 0
         assert (eng.scheduler.num_preemptions > 0) == (num_kv_blocks == 48)
-        assert eng.num_steps == sum(b.num_steps for b in batches)
-        assert (2 * len(batches) < eng.num_steps) == (k > 1)  # most forwards ran without a host sync of their own
+        planned = sum(b.num_steps for b in batches)
+        if cut is None:
+            assert eng.num_steps == planned
+            assert (2 * len(batches) < eng.num_steps) == (k > 1)  # most forwards ran without a host sync of their own
+        else:
+            assert len(batches) < eng.num_steps < planned  # windows were cut, after more than one step
         wasted.clear()
         batches.clear()
-    (single, single_lock), (multi, multi_lock) = runs[1], runs[16]
+    single, single_lock = runs[1, False]
+    for multi, multi_lock in (runs[16, False], runs[16, True]):
+        _assert_same_rollouts(multi, multi_lock, single, single_lock)
+
+
+def _assert_same_rollouts(multi, multi_lock, single, single_lock):
     for group, ref in zip(multi + multi_lock, single + single_lock):
         for s, r in zip(group.samples, ref.samples):
             assert s.reasoning_ids == r.reasoning_ids and s.boi_forced == r.boi_forced

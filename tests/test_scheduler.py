@@ -2,6 +2,7 @@
 pool (preemption by recompute never drops or corrupts anything), refs drain to zero, rows only ever read the KV
 their own tokens produced, prompt / unconditional-prefix blocks are shared as designed, and requests with
 cfg_weight 1 hold no unconditional rows at all."""
+import itertools
 import random
 
 import pytest
@@ -20,10 +21,12 @@ PAD, BOS, BOI = 0, 1, 2
 class FakeModel:
     """Stands in for runner + sampler. The 'KV' of position p of a row is its token prefix up to p, written
     through the block tables into a simulated cache and read back for the whole context every step; tokens
-    are a deterministic function of the sample and its own history, so they must not depend on scheduling."""
+    are a deterministic function of the sample and its own history, so they must not depend on scheduling.
+    `cuts`: how many steps each window runs before it is interrupted (cycled; None: every window runs whole)."""
 
-    def __init__(self, bm: BlockManager):
+    def __init__(self, bm: BlockManager, cuts: list[int] | None = None):
         self.bm = bm
+        self.cuts = itertools.cycle(cuts) if cuts else None
         self.slots = [[None] * bm.block_size for _ in range(bm.num_blocks)]
         self.steps = []
 
@@ -44,8 +47,11 @@ class FakeModel:
         for src, dst in batch.copies:
             self.slots[dst] = list(self.slots[src])
         finished = []
-        for step in range(batch.num_steps):  # the host appends after each step here, the engine after the last
+        steps = batch.num_steps if self.cuts is None else min(batch.num_steps, next(self.cuts))
+        for step in range(steps):  # the host appends after each step here, the engine after the last
             finished += self._step(sched, batch, step)
+        if steps < batch.num_steps:
+            sched.cut_window(batch)
         return finished
 
     def _step(self, sched: Scheduler, batch, step: int):
@@ -96,12 +102,12 @@ def make_group(rid, prompt_len, n, max_r, min_r, cfg_weight=5.0, *, num_image_to
 
 
 def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_tokens=4096, num_image_tokens=4,
-        arrivals=None, num_scheduler_steps=1):
+        arrivals=None, num_scheduler_steps=1, cuts=None):
     config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, num_scheduler_steps=num_scheduler_steps)
     bm = BlockManager(num_blocks, block_size)
     sched = Scheduler(config, bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
-    model = FakeModel(bm)
+    model = FakeModel(bm, cuts)
     arrivals = arrivals or [0] * len(specs)
     pending = sorted(range(len(specs)), key=lambda i: arrivals[i])
     done, step = {}, 0
@@ -130,11 +136,12 @@ group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6))
 @given(specs=st.lists(group_spec, min_size=1, max_size=4), block_size=st.sampled_from([1, 2, 3, 4, 8]),
        num_image_tokens=st.integers(1, 6), spare=st.integers(0, 12), max_num_seqs=st.integers(2, 12),
        max_num_batched_tokens=st.integers(1, 40), arrivals=st.lists(st.integers(0, 12), min_size=4, max_size=4),
-       num_scheduler_steps=st.sampled_from([1, 2, 3, 16]))
+       num_scheduler_steps=st.sampled_from([1, 2, 3, 16]),
+       cuts=st.none() | st.lists(st.integers(1, 16), min_size=1, max_size=5))
 def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_image_tokens, spare, max_num_seqs,
-                                                     max_num_batched_tokens, arrivals, num_scheduler_steps):
-    """Any pool from the least that fits, any arrival order, batch limits and multi-step windows: the tokens of a
-    single-step run on a roomy pool."""
+                                                     max_num_batched_tokens, arrivals, num_scheduler_steps, cuts):
+    """Any pool from the least that fits, any arrival order, batch limits and multi-step windows, whole or
+    interrupted: the tokens of a single-step run on a roomy pool."""
     roomy, _, _ = run(specs, num_blocks=4096, block_size=block_size, num_image_tokens=num_image_tokens)
     bm = BlockManager(1, block_size)
     sched = Scheduler(EngineConfig(block_size=block_size), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
@@ -142,7 +149,7 @@ def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_imag
                 for s in specs)
     tight, sched, _ = run(specs, num_blocks=least + spare, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, num_image_tokens=num_image_tokens,
-                          arrivals=arrivals[:len(specs)], num_scheduler_steps=num_scheduler_steps)
+                          arrivals=arrivals[:len(specs)], num_scheduler_steps=num_scheduler_steps, cuts=cuts)
     assert tight == roomy
     for rid, samples in tight.items():
         n, max_r, min_r = specs[int(rid)][1:4]

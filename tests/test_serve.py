@@ -21,8 +21,9 @@ from engine.sampling_params import SamplingParams
 from gotr1.cli import build_parser, main
 from gotr1.model import build_preset, load_adapter
 from gotr1.serving import BackgroundServer, ServerConfig, create_app
-from gotr1.serving.metrics import Histogram
+from gotr1.serving.metrics import Histogram, ServerMetrics
 from gotr1.serving.responses import IncrementalDetokenizer
+from gotr1.serving.worker import EngineWorker
 
 PROMPTS = ["a red cat on a blue table", "two green squares", "a small dog in front of a large house",
            "three purple stars above a white circle"]
@@ -206,7 +207,7 @@ def test_stream_disconnect_full_queue_and_never_fit(tight_server):
 def test_engine_failure_answers_500_and_the_server_recovers(tight_server, monkeypatch):
     client, state = tight_server
 
-    def broken_step():
+    def broken_step(interrupt=None):
         raise RuntimeError("injected fault")
 
     monkeypatch.setattr(state.engine, "step", broken_step)
@@ -363,3 +364,28 @@ def test_request_defaults_follow_the_server_config(tiny, monkeypatch):
     monkeypatch.setattr("gotr1.serving.serve", lambda bundle, **kw: seen.update(kw))
     assert main(["serve", "--preset", "shapes", "--port", "0"]) == 0
     assert (seen["config"].default_cfg_weight, seen["config"].default_max_reasoning_tokens) == (1.0, 96)
+    assert seen["config"].interrupt_windows
+    assert main(["serve", "--preset", "shapes", "--port", "0", "--no-interrupt-windows"]) == 0
+    assert not seen["config"].interrupt_windows
+
+
+@pytest.mark.parametrize("interrupt_windows", [True, False])
+def test_a_command_arriving_mid_window_ends_the_window(tiny, interrupt_windows):
+    """With a command in the inbox, the worker's next decode window runs one step (the new request's prefill
+    waits for one step, not a window); without interrupts it runs whole. The tokens are the same either way."""
+    params = SamplingParams(n=2, max_reasoning_tokens=6, min_reasoning_tokens=6, seed=3, decode_images=False)
+    engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16, num_scheduler_steps=16))
+    worker = EngineWorker(engine, ServerMetrics(512), interrupt_windows=interrupt_windows)
+    engine.add_request(PROMPTS[0], params, "a")
+    worker._step()  # the prompt's prefill
+    worker.inbox.put(("add", None))  # pending: not drained, only seen
+    before = engine.num_steps
+    worker._step()
+    assert engine.num_steps - before == (1 if interrupt_windows else 6)  # the window: to the forced BOI
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    [want] = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16)).generate([PROMPTS[0]], params,
+                                                                                        use_tqdm=False)
+    for got, ref in zip(outputs[0].samples, want.samples):
+        assert got.reasoning_ids == ref.reasoning_ids and torch.equal(got.image_tokens, ref.image_tokens)

@@ -47,6 +47,7 @@ class ServerConfig:
     max_prompt_chars: int = 2000
     default_max_reasoning_tokens: int = 600
     default_cfg_weight: float = 5.0
+    interrupt_windows: bool = True  # a request arriving mid multi-step window ends the window at its next step
 
     def __post_init__(self) -> None:
         for name in ("max_n", "max_queue", "max_prompt_chars"):
@@ -137,7 +138,7 @@ class GoTServer:
         self.engine = LLMEngine(bundle, engine_config)
         self._warm_up()
         self.metrics = ServerMetrics(self.engine.block_manager.num_blocks)
-        self.worker = EngineWorker(self.engine, self.metrics)
+        self.worker = EngineWorker(self.engine, self.metrics, interrupt_windows=self.config.interrupt_windows)
         self.decoder = ThreadPoolExecutor(1, thread_name_prefix="gotr1-decode")  # one decode at a time
         # Streams detokenize on the event loop: with their own tokenizer, never borrowed by the engine thread.
         self.stream_bundle = dataclasses.replace(bundle, tokenizer=copy.deepcopy(bundle.tokenizer))

@@ -3,7 +3,9 @@
 HTTP handlers run on an asyncio loop and talk to the engine through one thread-safe inbox (add / abort); the
 thread answers each request through its own asyncio queue (`loop.call_soon_threadsafe`). Between two engine
 steps it drains the inbox, so a new request joins the running batch at the next step (continuous batching) and
-an abort frees its KV blocks before the next step allocates any. When nothing is pending it blocks on the inbox.
+an abort frees its KV blocks before the next step allocates any. A command that arrives during a multi-step
+decode window ends the window at its next step (`interrupt_windows`), so a new request's prefill waits for one
+decode step, not for up to `num_scheduler_steps`. When nothing is pending it blocks on the inbox.
 """
 from __future__ import annotations
 
@@ -87,9 +89,10 @@ _STOP = object()
 class EngineWorker:
     """Owns the engine and the thread that steps it."""
 
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, interrupt_windows: bool = True):
         self.engine = engine
         self.metrics = metrics
+        self.interrupt_windows = interrupt_windows
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[str, Job] = {}  # engine thread only: admitted and unfinished
         self.fatal: BaseException | None = None
@@ -154,10 +157,13 @@ class EngineWorker:
         self.metrics.requests_total.inc(label_value="cancelled")
         self._publish([(job, FailedEvent("request cancelled", cancelled=True))])
 
+    def _has_commands(self) -> bool:
+        return not self.inbox.empty()
+
     def _step(self) -> None:
         start = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(interrupt=self._has_commands if self.interrupt_windows else None)
         except Exception as e:
             log.exception("engine step failed; failing its requests")
             self._fail_all(f"engine step failed: {e!r}")
