@@ -20,6 +20,7 @@ LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|u
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # product / sum of the four components, or one component alone (R_PI, R_sem, R_spa, R_RI)
 REWARD_COMBINATIONS = ("product", "sum", "R_PI", "R_sem", "R_spa", "R_RI")
+IMAGE_LOGPROBS = ("conditional", "guided")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -85,6 +86,9 @@ class GRPOConfig(TrainConfig):
     image_temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # Which image-token distribution the loss trains: "conditional" (T2I-R1, GoT-R1) or "guided", the CFG-mixed
+    # one the tokens are sampled from (ReasonGen-R1; one more forward of the unconditional rows per step).
+    image_logprobs: str = "conditional"
     reward_combination: str = "product"
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     judge: str = "tiny-qwen"
@@ -104,6 +108,7 @@ class GRPOConfig(TrainConfig):
             f"scale_rewards must be one of {SCALE_REWARDS}": self.scale_rewards in SCALE_REWARDS,
             "max_reasoning_tokens must be >= 1": self.max_reasoning_tokens >= 1,
             **_sampling_checks(self),
+            f"image_logprobs must be one of {IMAGE_LOGPROBS}": self.image_logprobs in IMAGE_LOGPROBS,
             f"reward_combination must be one of {REWARD_COMBINATIONS}": self.reward_combination in REWARD_COMBINATIONS,
             "reward_weights must hold 4 numbers (R_PI, R_sem, R_spa, R_RI)": len(self.reward_weights) == 4,
             "prompts_per_step * num_generations must be divisible by gradient_accumulation_steps":

@@ -25,7 +25,7 @@ from gotr1.config import GRPOConfig, sampling_params
 from gotr1.data import PromptStream
 from gotr1.model import JanusBundle
 from gotr1.plot import plot_curves
-from gotr1.policy import GoTBatch, image_head_parts, make_batch, policy_hidden, token_logprobs
+from gotr1.policy import GoTBatch, Guidance, image_head_parts, make_batch, policy_hidden, token_logprobs
 from gotr1.rewards.protocol import COMPONENTS, Judge, reward_samples
 from gotr1.training import add_lora, lr_scheduler
 
@@ -33,12 +33,13 @@ from gotr1.training import add_lora, lr_scheduler
 class PolicyForward(nn.Module):
     """`policy_hidden` as a module, so DistributedDataParallel can hook the gradients of a multi-rank run."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, guidance: Guidance | None):
         super().__init__()
         self.model = model
+        self.guidance = guidance
 
     def forward(self, batch: GoTBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return policy_hidden(self.model, batch)
+        return policy_hidden(self.model, batch, self.guidance)
 
 
 def distributed() -> tuple[int, int]:
@@ -74,7 +75,9 @@ class GRPOTrainer(ckpt.Checkpointed):
         torch.manual_seed(config.seed)
         self.bundle = bundle
         add_lora(bundle, config)
-        self.policy = PolicyForward(bundle.model)
+        self.guidance = Guidance(config.cfg_weight, bundle.bos_id, bundle.pad_id, bundle.boi_id) \
+            if config.image_logprobs == "guided" else None
+        self.policy = PolicyForward(bundle.model, self.guidance)
         if self.world > 1:
             self.policy = nn.parallel.DistributedDataParallel(self.policy)
         self.params = [p for p in bundle.model.parameters() if p.requires_grad]
@@ -179,7 +182,8 @@ class GRPOTrainer(ckpt.Checkpointed):
         micro = [m for m in torch.arange(len(samples)).tensor_split(c.gradient_accumulation_steps) if len(m)]
         self._micro = len(micro)
         engine_text = [s.text_logprobs for s in samples]
-        engine_image = torch.stack([s.image_logprobs for s in samples]).to(device)
+        engine_image = torch.stack([s.image_mixed_logprobs if self.guidance else s.image_logprobs
+                                    for s in samples]).to(device)
         ref = self.reference_logprobs(batch, lm_head, vision_head) if c.beta > 0 else None
         old: list[tuple[torch.Tensor, torch.Tensor]] = []
         sums: dict[str, float] = {}
@@ -228,7 +232,7 @@ class GRPOTrainer(ckpt.Checkpointed):
     def reference_logprobs(self, batch: GoTBatch, lm_head: nn.Module, vision_head: nn.Module):
         """Log-probs under the SFT model: the same weights with the LoRA adapter switched off (no second copy)."""
         with self.bundle.model.disable_adapter():
-            text_h, image_h = policy_hidden(self.bundle.model, batch)
+            text_h, image_h = policy_hidden(self.bundle.model, batch, self.guidance)
             return (token_logprobs(text_h, lm_head, batch.reasoning_ids, self.config.text_temperature),
                     token_logprobs(image_h, vision_head, batch.image_tokens, self.config.image_temperature))
 

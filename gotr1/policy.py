@@ -8,7 +8,7 @@ are applied by the loss (chunked), never here, so no `[T, V]` logits are built.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -73,12 +73,41 @@ def image_head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return pre, head.vision_head  # type: ignore[return-value]
 
 
-def policy_hidden(model: nn.Module, batch: GoTBatch) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Guidance:
+    """Train image tokens under classifier-free guidance's mixed distribution `u + cfg_weight * (c - u)` (the one
+    the engine samples them from), with the unconditional row GoT-R1 and the engine use: `[BOS, PAD ..., BOI]`
+    as long as the sample's prompt and reasoning, then the same image tokens."""
+
+    cfg_weight: float
+    bos_id: int
+    pad_id: int
+    boi_id: int
+
+    def unconditional(self, batch: GoTBatch) -> GoTBatch:
+        text = torch.full_like(batch.text_ids, self.pad_id)
+        text[:, 0] = self.bos_id
+        text[torch.arange(batch.batch_size, device=text.device), batch.text_lens - 1] = self.boi_id
+        return replace(batch, text_ids=text)
+
+
+def policy_hidden(model: nn.Module, batch: GoTBatch,
+                  guidance: Guidance | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states predicting each reasoning token `[B, R, H]` and each image token `[B, I, H]`.
 
     The image hidden states already went through the generation head's projection and activation, so both
-    outputs pair with a plain linear head (`lm_head.weight`, `generation_head.vision_head.weight`).
+    outputs pair with a plain linear head (`lm_head.weight`, `generation_head.vision_head.weight`). With
+    `guidance`, the unconditional rows run in the same forward and the image states are mixed: the logits are
+    affine in these states (`W s + b`), so mixing states mixes logits, `W (u + w (c - u)) + b = u' + w (c' - u')`.
     """
+    if guidance is not None and guidance.cfg_weight != 1:
+        b = batch.batch_size
+        uncond = guidance.unconditional(batch)
+        both = GoTBatch(**{f.name: torch.cat([getattr(batch, f.name), getattr(uncond, f.name)])
+                           for f in fields(GoTBatch)})
+        text_h, image_h = policy_hidden(model, both)
+        cond, free = image_h[:b], image_h[b:]
+        return text_h[:b], free + guidance.cfg_weight * (cond - free)
     janus = janus_of(model)
     lm = janus.model.language_model
     b, lt = batch.text_ids.shape

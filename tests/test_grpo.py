@@ -43,9 +43,14 @@ def test_mean_reward_rises_on_an_exact_reward(tmp_path):
         assert key in lines[0], key
 
 
-def test_engine_and_trainer_logprobs_agree(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=2, beta=0.04)
+@pytest.mark.parametrize("image_logprobs", ["conditional", "guided"])
+def test_engine_and_trainer_logprobs_agree(tmp_path, image_logprobs):
+    """At CFG 5 the trainer's image log-probs are the engine's conditional ones, or with `image_logprobs="guided"`
+    its CFG-mixed ones (the two differ by far more than the bound)."""
+    trainer = make_trainer(tmp_path, max_steps=2, beta=0.04, image_logprobs=image_logprobs)
     history = trainer.train()
+    sample = trainer._last_groups[0].samples[0]
+    assert (sample.image_logprobs - sample.image_mixed_logprobs).abs().max() > 0.1
     for h in history:
         assert h["parity/logprob_diff_max"] < 1e-4, h
         assert math.isfinite(h["kl"]) and h["kl"] >= 0

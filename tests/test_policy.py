@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gotr1.model import build_preset
-from gotr1.policy import image_head_parts, make_batch, policy_hidden, token_logprobs
+from gotr1.policy import Guidance, image_head_parts, make_batch, policy_hidden, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,39 @@ def test_teacher_forced_logprobs_equal_full_forward(tiny):
             expect = logits.log_softmax(-1).gather(-1, images[i][:, None]).squeeze(-1)
             torch.testing.assert_close(img_lp[i], expect, rtol=1e-5, atol=1e-5)
     assert batch.reasoning_mask.tolist() == [[1.0] * 8, [1.0] * 3 + [0.0] * 5]
+
+
+def test_guided_image_logprobs_equal_cfg_mixed_full_forwards(tiny):
+    """`Guidance`: image log-probs under `u + w (c - u)` of the conditional and unconditional logits of HF's own
+    forwards (the unconditional row `[BOS, PAD ..., BOI]` as long as prompt + reasoning); text states unchanged."""
+    g = torch.Generator().manual_seed(1)
+    prompts = tiny.encode_prompts(["a red circle", "two blue squares left of a green star"], 8)
+    reasoning = [torch.randint(5, 500, (n,), generator=g).tolist() + [tiny.boi_id] for n in (3, 6)]
+    images = torch.randint(0, 1024, (2, tiny.num_image_tokens), generator=g)
+    batch = make_batch(prompts, reasoning, images, pad_id=tiny.pad_id)
+    guidance = Guidance(3.0, tiny.bos_id, tiny.pad_id, tiny.boi_id)
+    janus = tiny.model
+    _, vision_head = image_head_parts(janus)
+    with torch.no_grad():
+        text_h, cond_h = policy_hidden(janus, batch)
+        guided_text_h, guided_h = policy_hidden(janus, batch, guidance)
+        torch.testing.assert_close(guided_text_h, text_h, rtol=0, atol=1e-6)
+        got = token_logprobs(guided_h, vision_head, images, temperature=0.7)
+        assert (got - token_logprobs(cond_h, vision_head, images, temperature=0.7)).abs().max() > 0.1
+
+        def image_logits(ids, i):
+            emb = torch.cat([janus.get_input_embeddings()(torch.tensor([ids])),
+                             janus.prepare_embeddings_for_image_generation(images[i: i + 1, :-1])], 1)
+            return janus.model.generation_head(janus.model.language_model(inputs_embeds=emb)
+                                               .last_hidden_state[0, len(ids) - 1:])
+
+        for i, (p, r) in enumerate(zip(prompts, reasoning)):
+            c = image_logits(p + r, i)
+            u = image_logits([tiny.bos_id] + [tiny.pad_id] * (len(p) + len(r) - 2) + [tiny.boi_id], i)
+            expect = ((u + 3.0 * (c - u)) / 0.7).log_softmax(-1).gather(-1, images[i][:, None]).squeeze(-1)
+            torch.testing.assert_close(got[i], expect, rtol=1e-5, atol=1e-5)
+        _, plain = policy_hidden(janus, batch, Guidance(1.0, tiny.bos_id, tiny.pad_id, tiny.boi_id))
+        assert torch.equal(plain, cond_h)  # CFG 1 is the conditional distribution: no second forward
 
 
 def test_make_batch_rejects_inconsistent_samples(tiny):
