@@ -23,6 +23,10 @@ class EngineConfig:
     `skinny_matmul` runs the projections of decode steps (at most 64 rows) through `kernels.skinny_matmul` instead
     of `F.linear` (cuBLAS); off until a GPU benchmark (`python -m bench kernels --only skinny_matmul`) shows it
     faster.
+    `merge_lora` runs each peft LoRA projection as one matmul on a merged weight `W + scaling * B A`, computed
+    from the policy's own parameters at the start of every rollout into a buffer of the engine (`W` is never
+    touched; TRL merges before generating, in place). None (default) merges fp32 weights only: a 16-bit merged
+    weight would round away a LoRA delta smaller than its last bit, so 16-bit models apply LoRA inline.
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
@@ -37,6 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None
     num_scheduler_steps: int = 16
     skinny_matmul: bool = False
+    merge_lora: bool | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -8,6 +8,10 @@ hooks or a replaced `forward`, any other class keep running their own forward (s
 weight is copied: the calls hold the module's parameters, so in-place updates (an optimizer step, peft's
 `merge_adapter`) are seen. What to bypass is decided when `lean` is called: the engine rebinds before each
 rollout, which picks up replaced modules and hooks added since.
+
+The one exception, opted into with `merge`: a plain peft LoRA linear runs as one `linear` on a merged weight
+`W + sum of scaling * B A` that `merge(layer)` provides (the engine's, refreshed at each rebind): TRL's
+merge-before-generate without touching `W`.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from transformers.activations import GELUActivation, SiLUActivation
@@ -34,17 +39,33 @@ def _runs_its_own_forward(module: nn.Module) -> bool:
                 or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 
 
-def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear) -> Forward:
+def mergeable_lora(module: nn.Module) -> bool:
+    """A peft LoRA `Linear` that computes `x W'^T + b` for one merged weight `W'`: over a plain `nn.Linear`,
+    adapters on and not merged into `W` already, and every active adapter plain LoRA (no DoRA or other variant,
+    no LoRA bias). Dropout is ignored: the engine samples in eval mode."""
+    if type(module) is not LoraLinear or module.merged or module.disable_adapters:
+        return False
+    base = module.base_layer
+    if type(base) is not nn.Linear or _runs_its_own_forward(base):
+        return False
+    return all(a not in module.lora_variant and module.lora_B[a].bias is None
+               for a in module.active_adapters if a in module.lora_A)
+
+
+def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear,
+         merge: Callable[[nn.Module], Tensor] | None = None) -> Forward:
     """`module`'s forward without module dispatch, equal to `module(x)`: bit for bit (the same ops in the same
     order) except for `LlamaRMSNorm`, which is one native call on a CPU in fp32 (`kernels.rms_norm.rms_norm_cpu`;
     `F.rms_norm`, with its bits, where that cannot be built or on a GPU) and the one-kernel Triton norm for 16 bits
-    on a GPU, each within a few ulps; or `module` itself. `linear` (`F.linear`'s signature) runs every plain
-    `nn.Linear` inside it."""
+    on a GPU, each within a few ulps, and for LoRA layers run on `merge`'s weights (within the merge's rounding);
+    or `module` itself. `linear` (`F.linear`'s signature) runs every plain `nn.Linear` inside it."""
     if _runs_its_own_forward(module):
         return module
     kind = type(module)
     if kind is nn.Linear:
         return functools.partial(linear, weight=module.weight, bias=module.bias)
+    if merge is not None and mergeable_lora(module):
+        return functools.partial(linear, weight=merge(module), bias=module.base_layer.bias)
     if kind is nn.Embedding and module.max_norm is None:  # max_norm renormalises the weight in place: call it
         return functools.partial(F.embedding, weight=module.weight)
     if kind is SiLUActivation or kind is nn.SiLU:
@@ -62,15 +83,16 @@ def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear) -> Forward
         # 16 bits on a GPU: one Triton launch for transformers' seven, its roundings kept (within an ulp or two).
         return functools.partial(rms_norm, weight=module.weight, eps=module.variance_epsilon)
     if kind is LlamaMLP:
-        gate, up, down, act = (lean(m, linear) for m in (module.gate_proj, module.up_proj, module.down_proj,
-                                                         module.act_fn))
+        gate, up, down, act = (lean(m, linear, merge) for m in (module.gate_proj, module.up_proj,
+                                                                module.down_proj, module.act_fn))
         return lambda x: down(act(gate(x)) * up(x))
     if kind is JanusVQVAEHead:
-        proj, act, head = (lean(m, linear) for m in (module.proj_out, module.activation_fn, module.vision_head))
+        proj, act, head = (lean(m, linear, merge) for m in (module.proj_out, module.activation_fn,
+                                                            module.vision_head))
         return lambda x: head(act(proj(x)))
     if kind is JanusVQVAEAlignerMLP:
-        fc1, act = lean(module.fc1, linear), lean(module.activation_fn)
-        hidden = [lean(m, linear) for m in module.hidden_layers]
+        fc1, act = lean(module.fc1, linear, merge), lean(module.activation_fn)
+        hidden = [lean(m, linear, merge) for m in module.hidden_layers]
 
         def aligner(x: Tensor) -> Tensor:
             x = fc1(x)

@@ -85,6 +85,7 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_weights: dict[int, torch.Tensor] = {}  # merged LoRA weights by layer id (`merge_lora`)
         self._steps: list[StepInputs] = []  # the current batch's steps, prepared by its step 0
         self._module_key: tuple = ()
         self.bind(model)
@@ -124,7 +125,12 @@ class ModelRunner:
         lm = janus.model.language_model
         self.janus = janus
         self.layers = list(lm.layers)
-        call = functools.partial(lean, linear=skinny_linear if self.config.skinny_matmul else F.linear)
+        merge = self.config.merge_lora
+        if merge is None:
+            merge = lm.embed_tokens.weight.dtype == torch.float32
+        previous, self.lora_weights = self.lora_weights, {}
+        call = functools.partial(lean, linear=skinny_linear if self.config.skinny_matmul else F.linear,
+                                 merge=functools.partial(self._merged_lora_weight, previous) if merge else None)
         self.forwards = [LayerForwards(*map(call, (layer.input_layernorm, layer.self_attn.q_proj,
                                                    layer.self_attn.k_proj, layer.self_attn.v_proj,
                                                    layer.self_attn.o_proj, layer.post_attention_layernorm,
@@ -146,6 +152,22 @@ class ModelRunner:
         if key != self._module_key:
             self.graphs.clear()
             self._module_key = key
+
+    @torch.inference_mode()
+    def _merged_lora_weight(self, previous: dict[int, torch.Tensor], layer: torch.nn.Module) -> torch.Tensor:
+        """`W + sum of scaling * B A` over the layer's active adapters, written into this runner's buffer for the
+        layer: the one of the last bind (`previous`) when there is one (decode graphs hold its address), so a
+        refresh after an optimizer step needs no recapture."""
+        base = layer.base_layer.weight
+        buf = previous.get(id(layer))
+        if buf is None or (buf.shape, buf.dtype, buf.device) != (base.shape, base.dtype, base.device):
+            buf = torch.empty_like(base)
+        buf.copy_(base)
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                buf.add_(layer.get_delta_weight(adapter).to(base.dtype))
+        self.lora_weights[id(layer)] = buf
+        return buf
 
     def _num_kv_blocks(self) -> int:
         c = self.config

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
-from engine.lean import lean
+from engine.lean import lean, mergeable_lora
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
@@ -173,8 +173,21 @@ def test_lean_leaves_wrapped_modules_to_their_own_forward():
         x = torch.randn(5, 64, generator=g)
         with pm.disable_adapter():
             base = mlp(x)
+            assert not mergeable_lora(mlp.gate_proj)
         torch.testing.assert_close(lean(mlp)(x), mlp(x), rtol=0, atol=0)
         assert not torch.allclose(mlp(x), base)
+        # Opted in: one linear on a merged weight, within its rounding.
+        gate = mlp.gate_proj
+        merged = gate.base_layer.weight + gate.scaling["default"] * gate.lora_B["default"].weight @ \
+            gate.lora_A["default"].weight
+        assert mergeable_lora(gate) and lean(gate, merge=lambda m: merged) is not gate
+        torch.testing.assert_close(lean(mlp, merge=lambda m: merged)(x), mlp(x), rtol=1e-5, atol=1e-6)
+        pm.merge_adapter()
+        assert not mergeable_lora(gate) and lean(gate, merge=lambda m: merged) is gate
+        pm.unmerge_adapter()
+    dora = peft.get_peft_model(build_preset("tiny", image_size=64, seed=3).model, peft.LoraConfig(
+        r=4, use_dora=True, target_modules=r".*layers\.0\.mlp\.gate_proj"))
+    assert not mergeable_lora(dora.base_model.model.model.language_model.layers[0].mlp.gate_proj)
 
 
 @pytest.mark.parametrize("min_r,max_r", [(0, 10), (6, 6)])
@@ -450,15 +463,19 @@ def test_prompt_kv_is_computed_once_and_uncond_prefix_is_shared(tiny):
     assert eng.peak_used_blocks < 2 * 8 * math.ceil((max(lens) + 6 + 16) / bs)  # well below unshared rows
 
 
-def test_lora_weight_updates_reach_the_next_rollout():
-    """The engine runs the policy's own (peft-wrapped) modules: changing LoRA weights in place changes the next
-    greedy rollout, which then equals transformers' generate on the same adapted model."""
+@pytest.mark.parametrize("merge_lora", [None, False])
+def test_lora_weight_updates_reach_the_next_rollout(merge_lora):
+    """The engine runs the policy's own (peft-wrapped) modules, LoRA merged into the engine's weight buffers
+    (fp32's default) or applied inline: changing LoRA weights in place changes the next greedy rollout, which then
+    equals transformers' generate on the same adapted model."""
     peft = pytest.importorskip("peft")
     bundle = build_preset("tiny", image_size=64, seed=1)
     pm = peft.get_peft_model(bundle.model, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
     policy = dataclasses.replace(bundle, model=pm)
-    eng = LLMEngine(policy, EngineConfig(num_kv_blocks=300, block_size=8))
+    eng = LLMEngine(policy, EngineConfig(num_kv_blocks=300, block_size=8, merge_lora=merge_lora))
+    buffers = {k: v.data_ptr() for k, v in eng.runner.lora_weights.items()}
+    assert len(buffers) == (0 if merge_lora is False else 4 * len(eng.runner.layers))
     params = SamplingParams(n=1, text_temperature=0, image_temperature=0, max_reasoning_tokens=6,
                             decode_images=False)
 
@@ -475,6 +492,7 @@ def test_lora_weight_updates_reach_the_next_rollout():
     pm.train()  # the engine puts the model in eval mode for the rollout and restores it after
     after = rollout()
     assert pm.training and after != before
+    assert {k: v.data_ptr() for k, v in eng.runner.lora_weights.items()} == buffers  # refreshed in place
     [[ref]] = ReferenceGenerator(policy).generate(PROMPTS[:1], n=1, text_temperature=0, image_temperature=0,
                                                   max_reasoning_tokens=6, decode_images=False)
     assert after == (ref.reasoning_ids, ref.image_tokens.tolist())
@@ -483,6 +501,18 @@ def test_lora_weight_updates_reach_the_next_rollout():
     pm.unmerge_adapter()
     policy.model = pm.merge_and_unload()  # new modules: the engine rebinds before its next rollout
     assert rollout() == after
+
+
+def test_lora_is_merged_by_default_only_in_fp32():
+    """A 16-bit merged weight would round away LoRA deltas below its last bit: 16-bit policies apply LoRA
+    inline unless `merge_lora=True` asks otherwise."""
+    peft = pytest.importorskip("peft")
+    for dtype, merge_lora, merged in ((torch.bfloat16, None, False), (torch.bfloat16, True, True),
+                                      (torch.float32, None, True)):
+        bundle = build_preset("tiny", image_size=64, seed=1, dtype=dtype)
+        pm = peft.get_peft_model(bundle.model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
+        eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8, merge_lora=merge_lora))
+        assert len(eng.runner.lora_weights) == (len(eng.runner.layers) if merged else 0)
 
 
 def test_triton_backend_equals_torch_backend(tiny):
