@@ -24,7 +24,7 @@ from transformers import JanusForConditionalGeneration
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
-from engine.lean import Forward, lean
+from engine.lean import Forward, LoraWeights, lean
 from engine.scheduler import ScheduledBatch
 from kernels.rope import rope
 from kernels.skinny_matmul import linear as skinny_linear
@@ -85,7 +85,7 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.lora_weights: dict[int, torch.Tensor] = {}  # merged LoRA weights by layer id (`merge_lora`)
+        self.lora_buffers: dict[tuple[int, str], torch.Tensor] = {}  # LoRA weights by (layer id, what)
         self._steps: list[StepInputs] = []  # the current batch's steps, prepared by its step 0
         self._module_key: tuple = ()
         self.bind(model)
@@ -128,9 +128,9 @@ class ModelRunner:
         merge = self.config.merge_lora
         if merge is None:
             merge = lm.embed_tokens.weight.dtype == torch.float32
-        previous, self.lora_weights = self.lora_weights, {}
+        previous, self.lora_buffers = self.lora_buffers, {}
         call = functools.partial(lean, linear=skinny_linear if self.config.skinny_matmul else F.linear,
-                                 merge=functools.partial(self._merged_lora_weight, previous) if merge else None)
+                                 lora=functools.partial(self._lora_weights, previous, merge))
         self.forwards = [LayerForwards(*map(call, (layer.input_layernorm, layer.self_attn.q_proj,
                                                    layer.self_attn.k_proj, layer.self_attn.v_proj,
                                                    layer.self_attn.o_proj, layer.post_attention_layernorm,
@@ -154,20 +154,35 @@ class ModelRunner:
             self._module_key = key
 
     @torch.inference_mode()
-    def _merged_lora_weight(self, previous: dict[int, torch.Tensor], layer: torch.nn.Module) -> torch.Tensor:
-        """`W + sum of scaling * B A` over the layer's active adapters, written into this runner's buffer for the
-        layer: the one of the last bind (`previous`) when there is one (decode graphs hold its address), so a
-        refresh after an optimizer step needs no recapture."""
+    def _lora_weights(self, previous: dict[tuple[int, str], torch.Tensor], merge: bool,
+                      layer: torch.nn.Module) -> LoraWeights:
+        """What a plain LoRA layer runs with, from its current parameters: `W + sum of scaling * B A` (`merge`), or
+        its adapters' factors in the base weight's dtype (the parameters themselves when they already are).
+        Computed weights go to buffers of this runner, those of the last bind (`previous`) where there are some:
+        decode graphs hold their addresses, so a refresh after an optimizer step needs no recapture."""
         base = layer.base_layer.weight
-        buf = previous.get(id(layer))
-        if buf is None or (buf.shape, buf.dtype, buf.device) != (base.shape, base.dtype, base.device):
-            buf = torch.empty_like(base)
-        buf.copy_(base)
-        for adapter in layer.active_adapters:
-            if adapter in layer.lora_A:
-                buf.add_(layer.get_delta_weight(adapter).to(base.dtype))
-        self.lora_weights[id(layer)] = buf
-        return buf
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+
+        def buffer(what: str, value: torch.Tensor) -> torch.Tensor:
+            key = (id(layer), what)
+            buf = previous.get(key)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (value.shape, base.dtype, base.device):
+                buf = torch.empty_like(value, dtype=base.dtype, device=base.device)
+            self.lora_buffers[key] = buf.copy_(value)
+            return buf
+
+        if merge:
+            merged = buffer("merged", base)
+            for a in adapters:
+                merged.add_(layer.get_delta_weight(a).to(base.dtype))
+            return LoraWeights(merged=merged)
+        factors = []
+        for a in adapters:
+            down, up = layer.lora_A[a].weight, layer.lora_B[a].weight
+            if down.dtype != base.dtype:
+                down, up = buffer(f"A:{a}", down), buffer(f"B:{a}", up)
+            factors.append((down, up, float(layer.scaling[a])))
+        return LoraWeights(factors=tuple(factors))
 
     def _num_kv_blocks(self) -> int:
         c = self.config

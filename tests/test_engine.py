@@ -11,10 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
-from engine.lean import lean, mergeable_lora
+from engine.lean import LoraWeights, lean, mergeable_lora
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
@@ -176,14 +177,18 @@ def test_lean_leaves_wrapped_modules_to_their_own_forward():
             assert not mergeable_lora(mlp.gate_proj)
         torch.testing.assert_close(lean(mlp)(x), mlp(x), rtol=0, atol=0)
         assert not torch.allclose(mlp(x), base)
-        # Opted in: one linear on a merged weight, within its rounding.
+        # Given the engine's LoRA weights: one linear on a merged weight, or inline (base, shrink, addmm).
         gate = mlp.gate_proj
-        merged = gate.base_layer.weight + gate.scaling["default"] * gate.lora_B["default"].weight @ \
-            gate.lora_A["default"].weight
-        assert mergeable_lora(gate) and lean(gate, merge=lambda m: merged) is not gate
-        torch.testing.assert_close(lean(mlp, merge=lambda m: merged)(x), mlp(x), rtol=1e-5, atol=1e-6)
+        a, b, scaling = gate.lora_A["default"].weight, gate.lora_B["default"].weight, gate.scaling["default"]
+        merged = LoraWeights(merged=gate.base_layer.weight + scaling * b @ a)
+        inline = LoraWeights(factors=((a, b, scaling),))
+        assert mergeable_lora(gate) and lean(gate, lora=lambda m: merged) is not gate
+        for weights in (merged, inline):
+            torch.testing.assert_close(lean(mlp, lora=lambda m, w=weights: w)(x), mlp(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lean(gate, lora=lambda m, w=weights: w)(x[None]), gate(x[None]),
+                                       rtol=1e-5, atol=1e-6)  # any leading shape
         pm.merge_adapter()
-        assert not mergeable_lora(gate) and lean(gate, merge=lambda m: merged) is gate
+        assert not mergeable_lora(gate) and lean(gate, lora=lambda m: merged) is gate
         pm.unmerge_adapter()
     dora = peft.get_peft_model(build_preset("tiny", image_size=64, seed=3).model, peft.LoraConfig(
         r=4, use_dora=True, target_modules=r".*layers\.0\.mlp\.gate_proj"))
@@ -474,7 +479,7 @@ def test_lora_weight_updates_reach_the_next_rollout(merge_lora):
         r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
     policy = dataclasses.replace(bundle, model=pm)
     eng = LLMEngine(policy, EngineConfig(num_kv_blocks=300, block_size=8, merge_lora=merge_lora))
-    buffers = {k: v.data_ptr() for k, v in eng.runner.lora_weights.items()}
+    buffers = {k: v.data_ptr() for k, v in eng.runner.lora_buffers.items()}
     assert len(buffers) == (0 if merge_lora is False else 4 * len(eng.runner.layers))
     params = SamplingParams(n=1, text_temperature=0, image_temperature=0, max_reasoning_tokens=6,
                             decode_images=False)
@@ -492,7 +497,7 @@ def test_lora_weight_updates_reach_the_next_rollout(merge_lora):
     pm.train()  # the engine puts the model in eval mode for the rollout and restores it after
     after = rollout()
     assert pm.training and after != before
-    assert {k: v.data_ptr() for k, v in eng.runner.lora_weights.items()} == buffers  # refreshed in place
+    assert {k: v.data_ptr() for k, v in eng.runner.lora_buffers.items()} == buffers  # refreshed in place
     [[ref]] = ReferenceGenerator(policy).generate(PROMPTS[:1], n=1, text_temperature=0, image_temperature=0,
                                                   max_reasoning_tokens=6, decode_images=False)
     assert after == (ref.reasoning_ids, ref.image_tokens.tolist())
@@ -505,14 +510,50 @@ def test_lora_weight_updates_reach_the_next_rollout(merge_lora):
 
 def test_lora_is_merged_by_default_only_in_fp32():
     """A 16-bit merged weight would round away LoRA deltas below its last bit: 16-bit policies apply LoRA
-    inline unless `merge_lora=True` asks otherwise."""
+    inline (peft's fp32 adapters as 16-bit copies) unless `merge_lora=True` asks otherwise. Inline, a 16-bit LoRA
+    projection is three ops where peft's forward is seven (each a kernel launch on a GPU), within bf16 rounding."""
     peft = pytest.importorskip("peft")
     for dtype, merge_lora, merged in ((torch.bfloat16, None, False), (torch.bfloat16, True, True),
                                       (torch.float32, None, True)):
         bundle = build_preset("tiny", image_size=64, seed=1, dtype=dtype)
         pm = peft.get_peft_model(bundle.model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
         eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8, merge_lora=merge_lora))
-        assert len(eng.runner.lora_weights) == (len(eng.runner.layers) if merged else 0)
+        kinds = sorted({what for _, what in eng.runner.lora_buffers})
+        assert kinds == (["merged"] if merged else ["A:default", "B:default"])
+    bundle = build_preset("tiny", image_size=64, seed=1, dtype=torch.bfloat16)
+    pm = peft.get_peft_model(bundle.model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
+    eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8))
+    layer = eng.runner.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    eng.runner.bind(pm)
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode(), _OpCounter() as ours:
+        got = eng.runner.forwards[0].q(x)
+    with torch.inference_mode(), _OpCounter() as theirs:
+        want = layer(x)
+    assert (ours.count, theirs.count) == (3, 7), (ours.ops, theirs.ops)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that write new memory (not views of their inputs): a CPU proxy for a GPU's kernel
+    launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.ops)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
 
 
 def test_triton_backend_equals_torch_backend(tiny):
