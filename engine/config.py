@@ -19,7 +19,8 @@ class EngineConfig:
     `num_scheduler_steps` (vLLM's multi-step scheduling) is the most decode steps one `step()` runs back to back:
     each sampled token is fed to the next step on the device and the host syncs once per window instead of once
     per token (a window ends by the time an image completes or a forced `<begin_of_image>`; a row that samples
-    one earlier idles to the window's end). Requests added meanwhile wait for the window's end; 1 turns it off.
+    one earlier idles to the window's end). Requests added meanwhile wait for the window's end, unless the caller
+    ends it early with `LLMEngine.step(interrupt=...)` (the server does when a request arrives); 1 turns it off.
     `skinny_matmul` runs the projections of decode steps (at most 64 rows) through `kernels.skinny_matmul` instead
     of `F.linear` (cuBLAS); off until a GPU benchmark (`python -m bench kernels --only skinny_matmul`) shows it
     faster.

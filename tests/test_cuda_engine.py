@@ -122,3 +122,34 @@ def test_a_decode_window_syncs_with_the_host_once(tiny):
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
     engine.abort(next(iter(engine.scheduler.groups)))
+
+
+@pytest.mark.parametrize("merge_lora", [False, True])
+def test_bf16_lora_policy_under_graphs_sees_each_update_without_recapture(merge_lora):
+    """A bf16 policy with peft's fp32 adapters (inline by default: 16-bit copies of the factors; or merged): the
+    graphs captured by the first rollout replay after an optimizer step, read the refreshed weights in place, and
+    give the tokens of eager steps on the updated policy."""
+    import peft
+
+    bundle = build_preset("tiny", image_size=64, device="cuda", dtype=torch.bfloat16, seed=2)
+    bundle.model = peft.get_peft_model(bundle.model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"))
+    params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=5,
+                            decode_images=False)
+    graphed, eager = _engine(bundle, merge_lora=merge_lora), _engine(bundle, merge_lora=merge_lora,
+                                                                      enforce_eager=True)
+
+    def tokens(engine):
+        return [(s.reasoning_ids, s.image_tokens.tolist()) for g in engine.generate(PROMPTS, params, use_tqdm=False)
+                for s in g.samples]
+
+    before = tokens(graphed)
+    graphs = {size: id(graph) for size, (graph, _) in graphed.runner.graphs.items()}
+    assert graphs
+    with torch.no_grad():
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    after = tokens(graphed)
+    assert {size: id(graph) for size, (graph, _) in graphed.runner.graphs.items()} == graphs  # no recapture
+    assert after != before and after == tokens(eager)
