@@ -51,10 +51,11 @@ class LoraWeights:
     factors: tuple[tuple[Tensor, Tensor, float], ...] = ()
 
 
-def mergeable_lora(module: nn.Module) -> bool:
-    """A peft LoRA `Linear` that computes `x W'^T + b` for one merged weight `W'`: over a plain `nn.Linear`,
-    adapters on and not merged into `W` already, and every active adapter plain LoRA (no DoRA or other variant,
-    no LoRA bias). Dropout is ignored: the engine samples in eval mode."""
+def plain_lora(module: nn.Module) -> bool:
+    """A peft LoRA `Linear` that computes `x W^T + b + sum of scaling * x A^T B^T`, which is `x W'^T + b` for one
+    merged weight `W'`: over a plain `nn.Linear`, adapters on and not merged into `W` already, and every active
+    adapter plain LoRA (no DoRA or other variant, no LoRA bias). Dropout is ignored: the engine samples in eval
+    mode."""
     if type(module) is not LoraLinear or module.merged or module.disable_adapters:
         return False
     base = module.base_layer
@@ -87,7 +88,7 @@ def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear,
     kind = type(module)
     if kind is nn.Linear:
         return functools.partial(linear, weight=module.weight, bias=module.bias)
-    if lora is not None and mergeable_lora(module):
+    if lora is not None and plain_lora(module):
         weights, bias = lora(module), module.base_layer.bias
         if weights.merged is not None:
             return functools.partial(linear, weight=weights.merged, bias=bias)

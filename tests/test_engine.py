@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
-from engine.lean import LoraWeights, lean, mergeable_lora
+from engine.lean import LoraWeights, lean, plain_lora
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
@@ -174,7 +174,7 @@ def test_lean_leaves_wrapped_modules_to_their_own_forward():
         x = torch.randn(5, 64, generator=g)
         with pm.disable_adapter():
             base = mlp(x)
-            assert not mergeable_lora(mlp.gate_proj)
+            assert not plain_lora(mlp.gate_proj)
         torch.testing.assert_close(lean(mlp)(x), mlp(x), rtol=0, atol=0)
         assert not torch.allclose(mlp(x), base)
         # Given the engine's LoRA weights: one linear on a merged weight, or inline (base, shrink, addmm).
@@ -182,17 +182,17 @@ def test_lean_leaves_wrapped_modules_to_their_own_forward():
         a, b, scaling = gate.lora_A["default"].weight, gate.lora_B["default"].weight, gate.scaling["default"]
         merged = LoraWeights(merged=gate.base_layer.weight + scaling * b @ a)
         inline = LoraWeights(factors=((a, b, scaling),))
-        assert mergeable_lora(gate) and lean(gate, lora=lambda m: merged) is not gate
+        assert plain_lora(gate) and lean(gate, lora=lambda m: merged) is not gate
         for weights in (merged, inline):
             torch.testing.assert_close(lean(mlp, lora=lambda m, w=weights: w)(x), mlp(x), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(lean(gate, lora=lambda m, w=weights: w)(x[None]), gate(x[None]),
                                        rtol=1e-5, atol=1e-6)  # any leading shape
         pm.merge_adapter()
-        assert not mergeable_lora(gate) and lean(gate, lora=lambda m: merged) is gate
+        assert not plain_lora(gate) and lean(gate, lora=lambda m: merged) is gate
         pm.unmerge_adapter()
     dora = peft.get_peft_model(build_preset("tiny", image_size=64, seed=3).model, peft.LoraConfig(
         r=4, use_dora=True, target_modules=r".*layers\.0\.mlp\.gate_proj"))
-    assert not mergeable_lora(dora.base_model.model.model.language_model.layers[0].mlp.gate_proj)
+    assert not plain_lora(dora.base_model.model.model.language_model.layers[0].mlp.gate_proj)
 
 
 @pytest.mark.parametrize("min_r,max_r", [(0, 10), (6, 6)])
