@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one call (a lent GPU's time is short): the CUDA-only tests, the Triton
 # kernels compiled for real, the rollout engine with CUDA graphs at the Janus-Pro-1B shape, and a profile of it.
-# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine]
+# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve]
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, then the tests;
 #   engine: the skinny-matmul benchmark with its sweep, the rollout benchmark (2 repeats) with a profile, the
-#   tests.
+#   tests;
+#   serve: the serving benchmark at the Janus-Pro-1B shape (closed-loop levels, then open-loop Poisson arrivals
+#   with and without window interrupts), then the tests.
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
-out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final|engine]}"
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve]}"
 mode="${2:-final}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -36,18 +38,23 @@ if [[ "$mode" == sweep ]]; then
 elif [[ "$mode" == final ]]; then
   step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --matmul-sweep \
     --json "$out/kernels-gpu-$tag.json"
-else
+elif [[ "$mode" == engine ]]; then
   step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
     --json "$out/skinny-matmul-gpu-$tag.json"
 fi
 wait "$extension"
 echo "cfg_sample extension: $(tail -1 "$out/extension.log")"
-repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
-step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" \
-  --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
+if [[ "$mode" == serve ]]; then
+  step serve "$python" -m bench serve --preset janus-pro-1b-shape --device cuda --request-rate 8 \
+    --open-loop-rounds 2 --json "$out/serve-janus-pro-1b-shape-$tag.json"
+else
+  repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
+  step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" \
+    --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
+fi
 step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
   tests/test_skinny_matmul.py \
   tests/test_cfg_sampling.py tests/test_engine.py::test_triton_backend_equals_torch_backend
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"
