@@ -6,7 +6,9 @@ GoT-R1's recipe) with the same torch thread count; `hf_match` comes from a separ
 must be equal on both sides (it also warms both up). The timed rollouts alternate engine / transformers, so load
 from other processes on a shared machine hits both alike; each side's figure is its median. A third side is the
 same engine with multi-step decoding off (`num_scheduler_steps=1`: a host sync after every step), so the gain of
-keeping the device fed is measured in the same run; its tokens must equal the multi-step engine's.
+keeping the device fed is measured in the same run; its tokens must equal the multi-step engine's. A fourth is the
+same engine with `fuse_projections` off (q/k/v and gate/up as separate matmuls, on the same weights): the same
+work, tokens equal up to the matmuls' roundings (`unfused_tokens_match` says whether they were).
 
 Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
 contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
@@ -143,26 +145,32 @@ def run(args: argparse.Namespace) -> dict:
     r = args.reasoning_tokens
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
-    def rollout(num_scheduler_steps: int) -> tuple[float, list]:
+    def rollout(num_scheduler_steps: int, fuse: bool = True) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
+        engine.config.fuse_projections = fuse  # read when the engine binds, before the rollout
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
                              device=args.device, warmup=0, repeats=1)
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
         return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
 
-    engine_times, single_times, hf_times = [], [], []
+    engine_times, single_times, unfused_times, hf_times = [], [], [], []
+    unfused_match = True
     for _ in range(args.repeats):
         t, single_tokens = rollout(1)
         single_times.append(t)
+        t, unfused_tokens = rollout(args.num_scheduler_steps, fuse=False)
+        unfused_times.append(t)
         engine.peak_used_blocks, steps = 0, engine.num_steps
         t, tokens = rollout(args.num_scheduler_steps)
         steps = engine.num_steps - steps
         engine_times.append(t)
         if tokens != single_tokens:
             raise AssertionError("multi-step and single-step rollouts of the same seed sampled different tokens")
+        unfused_match &= tokens == unfused_tokens
         hf_times.append(median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
                                     repeats=1)[0])
-    t_engine, t_single, t_hf = (statistics.median(x) for x in (engine_times, single_times, hf_times))
+    t_engine, t_single, t_unfused, t_hf = (statistics.median(x) for x in (engine_times, single_times,
+                                                                          unfused_times, hf_times))
 
     prompt_len = max(len(ids) for ids in bundle.encode_prompts(prompts, r))
     tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
@@ -178,7 +186,10 @@ def run(args: argparse.Namespace) -> dict:
         "num_scheduler_steps": args.num_scheduler_steps,
         "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
         "engine_single_step_s": t_single, "multi_step_speedup": t_single / t_engine,
-        "engine_s_runs": engine_times, "engine_single_step_s_runs": single_times, "hf_s_runs": hf_times,
+        "engine_unfused_s": t_unfused, "fused_projections_speedup": t_unfused / t_engine,
+        "unfused_tokens_match": unfused_match,
+        "engine_s_runs": engine_times, "engine_single_step_s_runs": single_times,
+        "engine_unfused_s_runs": unfused_times, "hf_s_runs": hf_times,
         "engine_groups_per_s": args.groups / t_engine, "hf_groups_per_s": args.groups / t_hf,
         "engine_tokens_per_s": args.groups * tokens_per_group / t_engine,
         "hf_tokens_per_s": args.groups * tokens_per_group / t_hf,
@@ -201,12 +212,15 @@ def run(args: argparse.Namespace) -> dict:
         {"side": "engine, single-step", "seconds": t_single, "groups_per_s": args.groups / t_single,
          "tokens_per_s": args.groups * tokens_per_group / t_single, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
          "ms_per_step": t_single / steps * 1e3, "speedup": t_hf / t_single, "hf_match": hf_match},
+        {"side": "engine, unfused projections", "seconds": t_unfused, "groups_per_s": args.groups / t_unfused,
+         "tokens_per_s": args.groups * tokens_per_group / t_unfused, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
+         "ms_per_step": t_unfused / steps * 1e3, "speedup": t_hf / t_unfused, "hf_match": hf_match},
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},
     ]
     print_table("rollout: KV memory and the decode-step bandwidth floor", [{
         k: metrics[k] for k in ("threads", "kv_bytes_engine", "attention_workspace_bytes", "kv_bytes_contiguous",
-                                "kv_ratio", "engine_steps", "multi_step_speedup",
+                                "kv_ratio", "engine_steps", "multi_step_speedup", "fused_projections_speedup",
                                 "engine_ms_per_step", "floor_ms_per_step", "floor_fraction", "preemptions")}])
     return write_result("rollout", args, metrics, rows)

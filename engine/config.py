@@ -24,6 +24,10 @@ class EngineConfig:
     `skinny_matmul` runs the projections of decode steps (at most 64 rows) through `kernels.skinny_matmul` instead
     of `F.linear` (cuBLAS); off until a GPU benchmark (`python -m bench kernels --only skinny_matmul`) shows it
     faster.
+    `fuse_projections` runs each layer's q/k/v projections as one matmul and its gate/up projections as one
+    (vLLM's merged projections: fewer and wider kernels for a decode step's few rows), on their weights stacked in
+    one tensor: the model's parameters are re-homed into it at the first rollout (they become views of it, the
+    same `Parameter` objects with the same values), so nothing is copied and optimizer steps reach it.
     `merge_lora` runs each peft LoRA projection as one matmul on a merged weight `W + scaling * B A`, computed
     from the policy's own parameters at the start of every rollout into a buffer of the engine (`W` is never
     touched; TRL merges before generating, in place). None (default) merges fp32 weights only: a 16-bit merged
@@ -42,6 +46,7 @@ class EngineConfig:
     max_model_len: int | None = None
     num_scheduler_steps: int = 16
     skinny_matmul: bool = False
+    fuse_projections: bool = True
     merge_lora: bool | None = None
     attention_backend: str = "auto"
     enforce_eager: bool = False

@@ -1,21 +1,23 @@
 """Runs Janus's language model over a scheduled batch, on the model's own modules, through the paged KV cache.
 
-Nothing is copied out of the model: every step runs the model's modules (`q/k/v/o_proj`, `mlp`, heads, ...) on
-their own parameters, through `engine.lean` (direct torch calls for the known module types, the module itself for
-anything else), so a peft-wrapped projection applies its LoRA inline and an optimizer step is seen by the next
-forward. What Janus adds over a Llama: a row's input embedding depends on the token's modality (text: `embed_tokens`;
-image: generation embeddings + aligner), and its output head on the row's phase (text: `lm_head` over the text
-vocabulary; image: `generation_head` over the codebook). Heads run on each row's last position only. RoPE cos/sin
-come from the model's own rotary module, tabulated once for every position.
+Nothing is copied out of the model: every step runs the model's modules (`q/k/v/o_proj`, `mlp`, heads, ...) on their
+own parameters, through `engine.lean` (direct torch calls for the known module types, the module itself for anything
+else; q/k/v and gate/up as one matmul each on their parameters re-homed side by side), so a peft-wrapped projection
+applies its LoRA and an optimizer step is seen by the next forward. What Janus adds over a Llama: a row's input
+embedding depends on the token's modality (text: `embed_tokens`; image: generation embeddings + aligner), and its
+output head on the row's phase (text: `lm_head` over the text vocabulary; image: `generation_head` over the
+codebook). Heads run on each row's last position only. RoPE cos/sin come from the model's own rotary module,
+tabulated once for every position.
 
-On CUDA with a graph-safe backend, decode steps replay CUDA graphs of the whole layer stack captured per
-batch-size bucket (padding rows store to slot -1 and attend to nothing); embeddings, heads and sampling stay
-outside the graph. Graphs are recaptured when the model's modules or adapter state change.
+On CUDA with a graph-safe backend, decode steps replay CUDA graphs of the whole layer stack captured per batch-size
+bucket (padding rows store to slot -1 and attend to nothing); embeddings, heads and sampling stay outside the graph.
+Graphs are recaptured when the model's modules or adapter state change.
 """
 from __future__ import annotations
 
 import functools
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +26,7 @@ from transformers import JanusForConditionalGeneration
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
-from engine.lean import Forward, LoraWeights, lean
+from engine.lean import Forward, LoraWeights, base_linear, lean, plain_lora, projection
 from engine.scheduler import ScheduledBatch
 from kernels.rope import rope
 from kernels.skinny_matmul import linear as skinny_linear
@@ -55,12 +57,11 @@ class StepInputs:
 
 @dataclass(slots=True)
 class LayerForwards:
-    """One decoder layer's modules as `engine.lean` calls."""
+    """One decoder layer's modules as `engine.lean` calls; `qkv` gives q, k and v `[tokens, heads x head dim]`
+    (slices of one matmul's output when fused)."""
 
     input_norm: Forward
-    q: Forward
-    k: Forward
-    v: Forward
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     o: Forward
     post_norm: Forward
     mlp: Forward
@@ -129,12 +130,12 @@ class ModelRunner:
         if merge is None:
             merge = lm.embed_tokens.weight.dtype == torch.float32
         previous, self.lora_buffers = self.lora_buffers, {}
-        call = functools.partial(lean, linear=skinny_linear if self.config.skinny_matmul else F.linear,
-                                 lora=functools.partial(self._lora_weights, previous, merge))
-        self.forwards = [LayerForwards(*map(call, (layer.input_layernorm, layer.self_attn.q_proj,
-                                                   layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                                   layer.self_attn.o_proj, layer.post_attention_layernorm,
-                                                   layer.mlp))) for layer in self.layers]
+        linear = skinny_linear if self.config.skinny_matmul else F.linear
+        lora = functools.partial(self._lora_weights, previous, merge)
+        call = functools.partial(lean, linear=linear, lora=lora, fuse=self.config.fuse_projections)
+        self.forwards = [LayerForwards(call(layer.input_layernorm), self._qkv(layer.self_attn, linear, lora),
+                                       call(layer.self_attn.o_proj), call(layer.post_attention_layernorm),
+                                       call(layer.mlp)) for layer in self.layers]
         self.final_norm = call(lm.norm)
         self.embed_tokens = lm.embed_tokens
         self.embed_text = call(lm.embed_tokens)
@@ -148,41 +149,64 @@ class ModelRunner:
                                       "the engine tabulates RoPE once")
         adapters = tuple((id(m), bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
                           tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
-        key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters)
+        key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
+               tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
+               merge, self.config.fuse_projections, self.config.skinny_matmul)
         if key != self._module_key:
             self.graphs.clear()
             self._module_key = key
 
+    def _qkv(self, attn: torch.nn.Module, linear: Callable[..., torch.Tensor],
+             lora: Callable[[tuple[torch.nn.Module, ...]], LoraWeights]) -> Callable[[torch.Tensor], tuple]:
+        """A layer's q, k, v: one matmul on their stacked weights (`fuse_projections`), else three calls."""
+        modules = (attn.q_proj, attn.k_proj, attn.v_proj)
+        fused = projection(modules, linear, lora) if self.config.fuse_projections else None
+        if fused is None:
+            q, k, v = (lean(m, linear, lora) for m in modules)
+            return lambda x: (q(x), k(x), v(x))
+        widths = [base_linear(m).out_features for m in modules]
+        return lambda x: fused(x).split(widths, -1)
+
     @torch.inference_mode()
     def _lora_weights(self, previous: dict[tuple[int, str], torch.Tensor], merge: bool,
-                      layer: torch.nn.Module) -> LoraWeights:
-        """What a plain LoRA layer runs with, from its current parameters: `W + sum of scaling * B A` (`merge`), or
-        its adapters' factors in the base weight's dtype (the parameters themselves when they already are).
-        Computed weights go to buffers of this runner, those of the last bind (`previous`) where there are some:
-        decode graphs hold their addresses, so a refresh after an optimizer step needs no recapture."""
-        base = layer.base_layer.weight
-        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+                      modules: tuple[torch.nn.Module, ...]) -> LoraWeights:
+        """What plain LoRA layers (and plain linears beside them, their outputs side by side) run with, from their
+        current parameters: `W + sum of scaling * B A` stacked by rows (`merge`), or the adapters as one shrink
+        and one block-diagonal expand (`LoraWeights`), in the base weight's dtype. They go to buffers of this
+        runner, those of the last bind (`previous`) where there are some: decode graphs hold their addresses, so
+        a refresh after an optimizer step needs no recapture."""
+        bases = [base_linear(m).weight for m in modules]
+        first = bases[0]
+        starts = [0]
+        for w in bases:
+            starts.append(starts[-1] + w.shape[0])
+        adapters = [(i, m, a) for i, m in enumerate(modules) if plain_lora(m)
+                    for a in m.active_adapters if a in m.lora_A]
 
-        def buffer(what: str, value: torch.Tensor) -> torch.Tensor:
-            key = (id(layer), what)
+        def buffer(what: str, shape: tuple[int, ...]) -> torch.Tensor:
+            key = (id(modules[0]), what)
             buf = previous.get(key)
-            if buf is None or (buf.shape, buf.dtype, buf.device) != (value.shape, base.dtype, base.device):
-                buf = torch.empty_like(value, dtype=base.dtype, device=base.device)
-            self.lora_buffers[key] = buf.copy_(value)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (shape, first.dtype, first.device):
+                buf = torch.empty(shape, dtype=first.dtype, device=first.device)
+            self.lora_buffers[key] = buf
             return buf
 
         if merge:
-            merged = buffer("merged", base)
-            for a in adapters:
-                merged.add_(layer.get_delta_weight(a).to(base.dtype))
+            merged = buffer("merged", (starts[-1], first.shape[1]))
+            for i, w in enumerate(bases):
+                merged[starts[i]:starts[i + 1]].copy_(w)
+            for i, m, a in adapters:
+                merged[starts[i]:starts[i + 1]].add_(m.get_delta_weight(a).to(first.dtype))
             return LoraWeights(merged=merged)
-        factors = []
-        for a in adapters:
-            down, up = layer.lora_A[a].weight, layer.lora_B[a].weight
-            if down.dtype != base.dtype:
-                down, up = buffer(f"A:{a}", down), buffer(f"B:{a}", up)
-            factors.append((down, up, float(layer.scaling[a])))
-        return LoraWeights(factors=tuple(factors))
+        ranks = [0]
+        for _, m, a in adapters:
+            ranks.append(ranks[-1] + m.lora_A[a].weight.shape[0])
+        down = buffer("down", (ranks[-1], first.shape[1]))
+        up = buffer("up", (starts[-1], ranks[-1])).zero_()
+        for j, (i, m, a) in enumerate(adapters):
+            down[ranks[j]:ranks[j + 1]].copy_(m.lora_A[a].weight)
+            up[starts[i]:starts[i + 1], ranks[j]:ranks[j + 1]].copy_(m.lora_B[a].weight * m.scaling[a])
+        return LoraWeights(down=down, up=up)
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -354,16 +378,15 @@ class ModelRunner:
             sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         for i, f in enumerate(self.forwards):
-            x = f.input_norm(h)
-            q, k = f.q(x).view(n, -1, d), f.k(x).view(n, -1, d)
+            q, k, v = f.qkv(f.input_norm(h))
+            q, k = q.view(n, -1, d), k.view(n, -1, d)
             if self.fused_rope:
                 q, k = rope(q, k, self.cos, self.sin_signed, positions)
             else:
                 qk = torch.cat([q, k], 1)
                 qk = qk * cos + qk.index_select(2, self.rope_perm) * sin
                 q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
-            v = f.v(x).view(n, -1, d)
-            o = self.backend.forward(i, q, k, v, k_cache[i], v_cache[i], meta, self.scale)
+            o = self.backend.forward(i, q, k, v.view(n, -1, d), k_cache[i], v_cache[i], meta, self.scale)
             h = h + f.o(o.reshape(n, -1))
             h = h + f.mlp(f.post_norm(h))
         return h

@@ -134,10 +134,23 @@ def test_bf16_lora_policy_under_graphs_sees_each_update_without_recapture(merge_
     bundle = build_preset("tiny", image_size=64, device="cuda", dtype=torch.bfloat16, seed=2)
     bundle.model = peft.get_peft_model(bundle.model, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)"))
+    _graphs_see_updates(bundle, "lora_B", lambda p: p.normal_(std=0.5), merge_lora=merge_lora)
+
+
+def test_bf16_graphs_see_in_place_updates_of_the_fused_projection_weights():
+    """Full fine-tuning: an in-place update of the q/k/v and gate/up parameters (views of the stacked weights the
+    fused matmuls read) reaches the graphs captured before it, without recapture."""
+    bundle = build_preset("tiny", image_size=64, device="cuda", dtype=torch.bfloat16, seed=3)
+    _graphs_see_updates(bundle, "proj", lambda p: p.add_(torch.randn_like(p) * p.std()))
+
+
+def _graphs_see_updates(bundle, names: str, update, **config) -> None:
+    """Greedy rollouts of a graphed engine before and after `update(param)` runs in place on every parameter whose
+    name contains `names`: the graphs are the ones captured before, and the tokens change and equal an eager
+    engine's."""
     params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=5,
                             decode_images=False)
-    graphed, eager = _engine(bundle, merge_lora=merge_lora), _engine(bundle, merge_lora=merge_lora,
-                                                                      enforce_eager=True)
+    graphed, eager = _engine(bundle, **config), _engine(bundle, enforce_eager=True, **config)
 
     def tokens(engine):
         return [(s.reasoning_ids, s.image_tokens.tolist()) for g in engine.generate(PROMPTS, params, use_tqdm=False)
@@ -148,8 +161,8 @@ def test_bf16_lora_policy_under_graphs_sees_each_update_without_recapture(merge_
     assert graphs
     with torch.no_grad():
         for name, p in bundle.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
+            if names in name:
+                update(p)
     after = tokens(graphed)
     assert {size: id(graph) for size, (graph, _) in graphed.runner.graphs.items()} == graphs  # no recapture
     assert after != before and after == tokens(eager)
