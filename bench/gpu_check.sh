@@ -5,8 +5,8 @@
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, then the tests;
-#   engine: the skinny-matmul benchmark with its sweep, the rollout benchmark (2 repeats) with a profile, the
-#   tests;
+#   engine: the skinny-matmul benchmark with its sweep and the small fused kernels (norms, SwiGLU gate), the
+#   rollout benchmark (2 repeats: fused vs unfused projections too) with a profile, the tests;
 #   serve: the serving benchmark at the Janus-Pro-1B shape (closed-loop levels, then open-loop Poisson arrivals
 #   with and without window interrupts), then the tests.
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
@@ -39,8 +39,8 @@ elif [[ "$mode" == final ]]; then
   step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --matmul-sweep \
     --json "$out/kernels-gpu-$tag.json"
 elif [[ "$mode" == engine ]]; then
-  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
-    --json "$out/skinny-matmul-gpu-$tag.json"
+  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul,rms_norm,silu_mul \
+    --matmul-sweep --json "$out/skinny-matmul-gpu-$tag.json"
 fi
 wait "$extension"
 echo "cfg_sample extension: $(tail -1 "$out/extension.log")"
@@ -54,7 +54,7 @@ else
 fi
 step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
-  tests/test_skinny_matmul.py \
+  tests/test_skinny_matmul.py tests/test_silu_mul.py \
   tests/test_cfg_sampling.py tests/test_engine.py::test_triton_backend_equals_torch_backend
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"

@@ -16,7 +16,9 @@ during the call (inputs excluded).
     the data behind the default.
   - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
     and a 16 x 876-token prefill, against transformers' seven-op formula; RoPE (`kernels/rope.py`) likewise on
-    q and k against the engine's five-op torch path.
+    q and k against the engine's five-op torch path; `add_rms_norm` (the residual add and the norm in one kernel)
+    against the torch add + seven-op norm; `silu_mul` (`kernels/silu_mul.py`, SwiGLU's gate of the fused gate/up
+    output) at the decode step's and a prefill's widths against `F.silu(gate) * up`.
   - Skinny matmul (`kernels/skinny_matmul.py`): a decode step's projections (16 and 32 rows; Janus-Pro 1B and 7B
     q/k/v/o, gate/up and down shapes) against `F.linear` (cuBLAS), both graph-replayed; `bw_fraction` is the
     weight bytes per second over the copy bandwidth. `--matmul-sweep` adds a `skinny_matmul_sweep` row per tile
@@ -42,11 +44,13 @@ from kernels.paged_attention import (
     paged_prefill_attention,
     paged_prefill_attention_reference,
 )
-from kernels.rms_norm import rms_norm, rms_norm_reference
+from kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import rope, rope_reference
+from kernels.silu_mul import silu_mul, silu_mul_reference
 from kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 
-KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "rope", "skinny_matmul", "advantages", "grpo_loss")
+KERNELS = ("kv_store", "decode", "prefill", "rms_norm", "rope", "silu_mul", "skinny_matmul", "advantages",
+           "grpo_loss")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -243,8 +247,25 @@ def _bench_rms_norm(args, device, dtype, gen, repeats) -> list[dict]:
     for n, hidden in shapes:
         x = (3 * torch.randn(n, hidden, generator=gen)).to(device, dtype)
         weight = (1 + 0.5 * torch.randn(hidden, generator=gen)).to(device, dtype)
+        residual = torch.randn(n, hidden, generator=gen).to(device, dtype)
         rows.append(_compare("rms_norm", f"rows={n} H={hidden}", dtype, partial(rms_norm, x, weight, 1e-6),
                              partial(rms_norm_reference, x, weight, 1e-6), device, repeats, inner=20, graph="both"))
+        rows.append(_compare("add_rms_norm", f"rows={n} H={hidden}", dtype,
+                             partial(add_rms_norm, x, residual, weight, 1e-6),
+                             partial(add_rms_norm_reference, x, residual, weight, 1e-6), device, repeats, inner=20,
+                             graph="both"))
+    return rows
+
+
+def _bench_silu_mul(args, device, dtype, gen, repeats) -> list[dict]:
+    """SwiGLU's gate of a decode step (32 rows, Janus-Pro 1B and 7B widths) and a prefill's; both graph-replayed on
+    CUDA."""
+    shapes = [(5, 24), (40, 150)] if args.scale == "small" else [(32, 5632), (32, 11008), (16 * 300, 5632)]
+    rows = []
+    for n, width in shapes:
+        x = (4 * torch.randn(n, 2 * width, generator=gen)).to(device, dtype)
+        rows.append(_compare("silu_mul", f"rows={n} I={width}", dtype, partial(silu_mul, x),
+                             partial(silu_mul_reference, x), device, repeats, inner=20, graph="both"))
     return rows
 
 
@@ -359,7 +380,8 @@ def run(args: argparse.Namespace) -> dict:
     repeats = args.repeats or (10 if device.startswith("cuda") else 3)
     gen = torch.Generator().manual_seed(args.seed)
     benches = {"kv_store": _bench_kv_store, "decode": _bench_decode, "prefill": _bench_prefill,
-               "rms_norm": _bench_rms_norm, "rope": _bench_rope, "skinny_matmul": _bench_skinny_matmul,
+               "rms_norm": _bench_rms_norm, "rope": _bench_rope, "silu_mul": _bench_silu_mul,
+               "skinny_matmul": _bench_skinny_matmul,
                "advantages": _bench_advantages, "grpo_loss": _bench_grpo_loss}
     wanted = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = set(wanted) - set(benches)

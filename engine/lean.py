@@ -34,9 +34,11 @@ from transformers.activations import GELUActivation, SiLUActivation
 from transformers.models.janus.modeling_janus import JanusVQVAEAlignerMLP, JanusVQVAEHead
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from kernels.rms_norm import cpu_rms_norm_available, rms_norm, rms_norm_cpu
+from kernels.rms_norm import add_rms_norm, cpu_rms_norm_available, rms_norm, rms_norm_cpu
+from kernels.silu_mul import silu_mul
 
 Forward = Callable[[Tensor], Tensor]
+AddNorm = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def _runs_its_own_forward(module: nn.Module) -> bool:
@@ -176,7 +178,10 @@ def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear,
         down, act = lean(module.down_proj, linear, lora), lean(module.act_fn)
         gate_up = projection((module.gate_proj, module.up_proj), linear, lora) if fuse else None
         if gate_up is not None:
-            width = base_linear(module.gate_proj).out_features
+            weight = base_linear(module.gate_proj).weight
+            if act is F.silu and weight.is_cuda and weight.dtype != torch.float32:  # one kernel, torch's roundings
+                return lambda x: down(silu_mul(gate_up(x)))
+            width = weight.shape[0]
 
             def mlp(x: Tensor) -> Tensor:
                 y = gate_up(x)
@@ -201,3 +206,18 @@ def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear,
 
         return aligner
     return module
+
+
+def add_norm(module: nn.Module) -> AddNorm:
+    """`(s, module(s))` for `s = h + d`: a decoder's residual add and the norm after it, in one kernel where `lean`
+    runs the norm as the one-kernel Triton norm (16 bits on a GPU: `kernels.rms_norm.add_rms_norm`, the same
+    roundings), else the add and `lean(module)`."""
+    norm = lean(module)
+    if isinstance(norm, functools.partial) and norm.func is rms_norm:
+        return functools.partial(add_rms_norm, **norm.keywords)
+
+    def forward(h: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        s = h + d
+        return s, norm(s)
+
+    return forward

@@ -26,7 +26,7 @@ from transformers import JanusForConditionalGeneration
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
-from engine.lean import Forward, LoraWeights, base_linear, lean, plain_lora, projection
+from engine.lean import AddNorm, Forward, LoraWeights, add_norm, base_linear, lean, plain_lora, projection
 from engine.scheduler import ScheduledBatch
 from kernels.rope import rope
 from kernels.skinny_matmul import linear as skinny_linear
@@ -58,12 +58,14 @@ class StepInputs:
 @dataclass(slots=True)
 class LayerForwards:
     """One decoder layer's modules as `engine.lean` calls; `qkv` gives q, k and v `[tokens, heads x head dim]`
-    (slices of one matmul's output when fused)."""
+    (slices of one matmul's output when fused); the norms come with the residual add before them (`add_norm`),
+    except the first layer's input norm."""
 
     input_norm: Forward
+    input_add_norm: AddNorm
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
     o: Forward
-    post_norm: Forward
+    post_add_norm: AddNorm
     mlp: Forward
 
 
@@ -133,9 +135,10 @@ class ModelRunner:
         linear = skinny_linear if self.config.skinny_matmul else F.linear
         lora = functools.partial(self._lora_weights, previous, merge)
         call = functools.partial(lean, linear=linear, lora=lora, fuse=self.config.fuse_projections)
-        self.forwards = [LayerForwards(call(layer.input_layernorm), self._qkv(layer.self_attn, linear, lora),
-                                       call(layer.self_attn.o_proj), call(layer.post_attention_layernorm),
-                                       call(layer.mlp)) for layer in self.layers]
+        self.forwards = [LayerForwards(call(layer.input_layernorm), add_norm(layer.input_layernorm),
+                                       self._qkv(layer.self_attn, linear, lora), call(layer.self_attn.o_proj),
+                                       add_norm(layer.post_attention_layernorm), call(layer.mlp))
+                         for layer in self.layers]
         self.final_norm = call(lm.norm)
         self.embed_tokens = lm.embed_tokens
         self.embed_text = call(lm.embed_tokens)
@@ -377,8 +380,10 @@ class ModelRunner:
             cos = self.cos.index_select(0, positions).unsqueeze(1)
             sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
-        for i, f in enumerate(self.forwards):
-            q, k, v = f.qkv(f.input_norm(h))
+        forwards = self.forwards
+        x = forwards[0].input_norm(h)
+        for i, f in enumerate(forwards):
+            q, k, v = f.qkv(x)
             q, k = q.view(n, -1, d), k.view(n, -1, d)
             if self.fused_rope:
                 q, k = rope(q, k, self.cos, self.sin_signed, positions)
@@ -387,8 +392,11 @@ class ModelRunner:
                 qk = qk * cos + qk.index_select(2, self.rope_perm) * sin
                 q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
             o = self.backend.forward(i, q, k, v.view(n, -1, d), k_cache[i], v_cache[i], meta, self.scale)
-            h = h + f.o(o.reshape(n, -1))
-            h = h + f.mlp(f.post_norm(h))
+            h, x = f.post_add_norm(h, f.o(o.reshape(n, -1)))
+            if i + 1 < len(forwards):
+                h, x = forwards[i + 1].input_add_norm(h, f.mlp(x))
+            else:
+                h = h + f.mlp(x)
         return h
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -9,13 +9,14 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
-from engine.lean import lean
+from engine.lean import add_norm, lean
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from gotr1.model import build_preset
 from gotr1.reference import ReferenceGenerator
 from kernels.cfg_sampling import cuda_extension_available
-from kernels.rms_norm import rms_norm
+from kernels.rms_norm import add_rms_norm, rms_norm
+from kernels.silu_mul import silu_mul
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,6 +74,30 @@ def test_lean_16_bit_norm_is_the_one_kernel_norm():
     x = torch.randn(32, 2048, device="cuda", dtype=torch.bfloat16) * 3
     with torch.no_grad():
         torch.testing.assert_close(forward(x).float(), norm(x).float(), rtol=2**-6, atol=1e-6)
+
+
+def test_lean_16_bit_fused_mlp_and_residual_norms_run_one_kernel_each(monkeypatch):
+    """bf16 on a GPU: the fused gate/up MLP gates through `silu_mul`, and a residual add + norm is
+    `add_rms_norm`; both track the modules within bf16 rounding (the sum bit for bit)."""
+    import engine.lean as lean_module
+
+    bundle = build_preset("tiny", image_size=64, device="cuda", dtype=torch.bfloat16, seed=1)
+    layer = bundle.model.model.language_model.layers[0]
+    hidden = layer.mlp.gate_proj.in_features
+    x, d = (torch.randn(32, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    calls = []
+    monkeypatch.setattr(lean_module, "silu_mul", lambda t: calls.append(t.shape) or silu_mul(t))
+    mlp = lean(layer.mlp, fuse=True)
+    with torch.no_grad():
+        got, want = mlp(x), layer.mlp(x)
+    assert calls == [(32, 2 * layer.mlp.gate_proj.out_features)]
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-5, atol=1e-3)
+    f = add_norm(layer.input_layernorm)
+    assert f.func is add_rms_norm
+    with torch.no_grad():
+        s, y = f(x, d)
+        assert torch.equal(s, x + d)
+        torch.testing.assert_close(y.float(), layer.input_layernorm(x + d).float(), rtol=2**-6, atol=1e-6)
 
 
 def test_bf16_fused_rope_and_norms_track_transformers():

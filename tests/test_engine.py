@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
-from engine.lean import LoraWeights, lean, plain_lora
+from engine.lean import LoraWeights, add_norm, lean, plain_lora
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
@@ -149,6 +149,33 @@ def test_lean_forwards_equal_module_forwards(odd):
             else:
                 assert torch.equal(out, module(x)), type(module).__name__
             assert out.isfinite().all()
+
+
+def test_add_norm_is_the_residual_add_then_the_lean_norm(odd, monkeypatch, gpu_rounding):
+    """`add_norm` gives `(h + d, norm(h + d))`: the torch add and `lean`'s norm (the fp32 CPU path, to the bit of
+    separate calls), or one `add_rms_norm` launch where `lean` picks the one-kernel norm (as for 16 bits on a GPU;
+    emulated here by making `lean` pick it for a bf16 norm on the CPU)."""
+    import engine.lean as lean_module
+    from kernels.rms_norm import add_rms_norm, rms_norm
+
+    norm = odd.model.model.language_model.layers[0].input_layernorm
+    g = torch.Generator().manual_seed(1)
+    h, d = (torch.randn(7, norm.weight.shape[0], generator=g) for _ in range(2))
+    s, y = add_norm(norm)(h, d)
+    assert torch.equal(s, h + d) and torch.equal(y, lean(norm)(h + d))
+    norm16 = type(norm)(norm.weight.shape[0], eps=norm.variance_epsilon).to(torch.bfloat16)
+    with torch.no_grad():
+        norm16.weight.copy_(norm.weight)
+    real_lean = lean_module.lean
+    monkeypatch.setattr(lean_module, "lean", lambda m, *a, **k: functools.partial(
+        rms_norm, weight=m.weight, eps=m.variance_epsilon) if m is norm16 else real_lean(m, *a, **k))
+    f = add_norm(norm16)
+    assert f.func is add_rms_norm
+    h16, d16 = h.bfloat16(), d.bfloat16()
+    s, y = f(h16, d16)
+    with torch.no_grad():
+        assert torch.equal(s, h16 + d16)
+        torch.testing.assert_close(y.float(), norm16(h16 + d16).float(), rtol=2**-6, atol=1e-6)
 
 
 def test_lean_leaves_wrapped_modules_to_their_own_forward():

@@ -5,7 +5,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels.rms_norm import cpu_rms_norm_available, rms_norm, rms_norm_cpu, rms_norm_reference
+from kernels.rms_norm import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    cpu_rms_norm_available,
+    rms_norm,
+    rms_norm_cpu,
+    rms_norm_reference,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -32,6 +39,33 @@ def test_equals_llama_rms_norm(gpu_rounding, rows, hidden, bf16, seed):
     # bf16: the fp32 sum's order may move the pre-weight rounding by an ulp, which the weight product can take to two.
     tol = dict(rtol=2**-6, atol=1e-6) if bf16 else dict(rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.float(), expected.float(), **tol)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 9), hidden=st.integers(1, 300), bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_add_then_norm_equals_the_residual_add_and_llama_rms_norm(gpu_rounding, poison, rows, hidden, bf16, seed):
+    """The sum is torch's add to the bit (its outputs are poisoned: every element must be written); the norm of
+    it within the band of `rms_norm`."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, norm = case(rows, hidden, dtype, seed)
+    residual, _ = case(rows, hidden, dtype, seed + 1)
+    total, out = add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    want_total, want = add_rms_norm_reference(x, residual, norm.weight, norm.variance_epsilon)
+    with torch.no_grad():
+        assert torch.equal(want, norm(x + residual))
+    assert torch.equal(total, want_total)
+    tol = dict(rtol=2**-6, atol=1e-6) if bf16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.float(), want.float(), **tol)
+
+
+def test_add_rms_norm_bad_inputs_raise():
+    x, norm = case(2, 8, torch.float32)
+    with pytest.raises(ValueError, match="residual must match"):
+        add_rms_norm(x, x[:1], norm.weight, 1e-5)
+    with pytest.raises(ValueError, match="residual must be contiguous"):
+        add_rms_norm(x[:, :2], x[:2, :2].t(), norm.weight[:2], 1e-5)
+    with pytest.raises(ValueError, match="weight must be"):
+        add_rms_norm(x, x, norm.weight[:4], 1e-5)
 
 
 def test_leading_dims_and_empty():
