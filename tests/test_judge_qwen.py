@@ -22,6 +22,7 @@ from gotr1.rewards import (
     save_judge,
 )
 from gotr1.rewards.batching import (
+    DecodeCaches,
     GraphedForward,
     batch_buckets,
     bucket,
@@ -357,6 +358,37 @@ def test_causal_padding_mask_against_loops():
                                                                       [False, False, True]]
 
 
+def test_decode_caches_share_one_arena_and_grow_once(judge):
+    """Every shape's static cache is a view of the same per-layer memory; a larger shape replaces it (the caches
+    and, through `on_grow`, the graphs captured on it are dropped), a smaller one does not."""
+    grown = []
+    caches = DecodeCaches(judge.text_model.config, torch.float32, torch.device("cpu"), lambda: grown.append(1))
+    small = caches.get(2, 10)
+    assert caches.get(2, 10) is small and len(grown) == 1
+    arena = caches.arena.data_ptr()
+    assert small.layers[0].keys.data_ptr() == arena and small.layers[0].keys.shape[:1] == (2,)
+    assert small.layers[1].values.data_ptr() == caches.arena[1, 1].data_ptr()
+    big = caches.get(3, 12)
+    assert len(grown) == 2 and caches.caches == {(3, 12): big}
+    smaller = caches.get(1, 11)
+    assert len(grown) == 2 and smaller.layers[0].keys.data_ptr() == big.layers[0].keys.data_ptr()
+
+
+def test_decoding_a_bucket_after_a_longer_one_reads_nothing_stale(judge, monkeypatch):
+    """Buckets share the cache memory: a short batch decoded after a long one (which wrote further into it)
+    answers as a fresh judge does, with every fresh `torch.empty` NaN (garbage there would reach every row through
+    the masked keys' zero weights)."""
+    prepared = judge.prepare(_samples(2))
+    long = [judge.request(R_SEM.template.format(prompt="p" * 40, reasoning="r" * 60), None)]
+    short = [judge.request(GROUNDING.format(object="cat"), 0), judge.request(GROUNDING.format(object="dog"), 2)]
+    want = _variant(judge).generate(short, prepared, 6)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    used = _variant(judge)
+    used.generate(long, prepared, 6)
+    assert used.generate(short, prepared, 6) == want
+
+
 def test_graphs_need_cuda_when_absent():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
@@ -376,3 +408,9 @@ def test_cuda_graph_scoring_equals_eager():
         torch.testing.assert_close(graphed.score(chunk).as_matrix(), eager.score(chunk).as_matrix(), atol=1e-5,
                                    rtol=0)
     assert graphed._scorer.use_graphs and len(graphed._scorer.graphs) >= 2
+    prepared = eager.prepare(samples)
+    requests = [eager.request(GROUNDING.format(object=f"thing {i}"), 2 * i) for i in range(7)]
+    requests += [eager.request(R_SEM.template.format(prompt="p" * i, reasoning="r"), None) for i in range(1, 4)]
+    for chunk in (requests, requests[:4], requests):  # graphed decode steps == eager, shapes reused
+        assert graphed.generate(chunk, prepared, 6) == eager.generate(chunk, prepared, 6)
+    assert len(graphed._decoder.graphs) >= 2

@@ -2,7 +2,8 @@
 
 A GRPO step scores G*N samples x 3 rubrics at once, so the scoring forward runs at few distinct shapes; padding
 to buckets makes those shapes repeat across steps, and on GPU each one is captured once as a CUDA graph and
-replayed (the forward of a 7B judge at these batch sizes is launch-bound without it).
+replayed (the forward of a 7B judge at these batch sizes is launch-bound without it). Decoding (R_RI's grounding
+answers) likewise: a bucket's decode step is one graph over a static KV cache (`DecodeCaches`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedConfig, StaticCache
 
 DEFAULT_SEQ_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -107,6 +109,11 @@ class GraphedForward:
         self.graphs: dict[tuple, _Graph] = {}
         self.pool = None
 
+    def reset(self) -> None:
+        """Drop every graph (their inputs, outputs and pool): the memory they were captured on is going away."""
+        self.graphs.clear()
+        self.pool = None
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if not self.use_graphs:
             return self.fn(*inputs)
@@ -132,3 +139,51 @@ class GraphedForward:
             output = self.fn(*static)
         self.pool = graph.pool()
         return _Graph(graph, static, output)
+
+
+class DecodeCaches:
+    """transformers `StaticCache`s for fixed-shape greedy decoding, one per (batch, length) shape, all of whose
+    keys and values are views of one arena per layer (sized for the largest shape asked for): a shape's decode
+    steps can then be one CUDA graph, which holds the addresses of its cache's tensors, without a cache's worth of
+    memory per shape. Decoding runs one batch at a time, and each batch fills its cache from position 0, so the
+    shapes can share the memory. A shape larger than the arena replaces it: every cache is dropped, and
+    `on_grow` is called first (to drop the graphs captured on the old memory)."""
+
+    def __init__(self, config: PreTrainedConfig, dtype: torch.dtype, device: torch.device,
+                 on_grow: Callable[[], None]):
+        self.config, self.dtype, self.device, self.on_grow = config, dtype, device, on_grow
+        self.heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.caches: dict[tuple[int, int], StaticCache] = {}
+        self.arena: torch.Tensor | None = None
+
+    def get(self, batch: int, length: int) -> StaticCache:
+        """The cache of `batch` rows x `length` positions (made on first use)."""
+        cache = self.caches.get((batch, length))
+        if cache is not None:
+            return cache
+        shape = (batch, self.heads, length, self.head_dim)
+        numel = batch * self.heads * length * self.head_dim
+        if self.arena is None or self.arena.shape[-1] < numel:
+            self.on_grow()
+            self.caches.clear()
+            self.arena = None  # freed before the larger one is made
+            # Zeros, not garbage: a masked key still multiplies its value by a zero weight, and 0 * NaN is NaN.
+            # Once written, a position holds a real (finite) key and value, which masks hide.
+            self.arena = torch.zeros(2, self.config.num_hidden_layers, numel, dtype=self.dtype, device=self.device)
+        cache = StaticCache(config=self.config, max_cache_len=length)
+        cache.early_initialization(batch, self.heads, self.head_dim, self.dtype, self.device)
+        for i, layer in enumerate(cache.layers):
+            layer.keys = self.arena[0, i, :numel].view(shape)
+            layer.values = self.arena[1, i, :numel].view(shape)
+        self.caches[(batch, length)] = cache
+        return cache
+
+
+def seek(cache: StaticCache, position: torch.Tensor | int) -> None:
+    """Make every layer of `cache` write its next keys and values at `position` (a device scalar inside a graph)."""
+    for layer in cache.layers:
+        if isinstance(position, int):
+            layer.cumulative_length.fill_(position)
+        else:
+            layer.cumulative_length.copy_(position)

@@ -11,8 +11,11 @@ queries, and its layout canvas for R_spa), then:
 * R_RI always decodes: "Locate the {object} ..." for every planned object, greedy and batched; the box is read in
   the judge's pixel frame and mapped to 0..1000 (`geometry`).
 
+Decoding runs in the same (batch, length) buckets: the prompt is prefilled eagerly into a static KV cache of the
+bucket (`batching.DecodeCaches`: one memory arena for every bucket), and on CUDA each decode step of the bucket is
+one CUDA graph (language model, head and argmax) that writes its keys and values at the position it is given.
 The vision tower, embedding lookup and Qwen's 3-D rotary positions (transformers' own `get_rope_index`) run
-eagerly; only the language model and the score read-out are in the graph.
+eagerly; only the language model and the read-outs are in the graphs.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ from typing import Literal
 import torch
 from PIL import Image
 from transformers import (
-    DynamicCache,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -38,11 +40,12 @@ from gotr1.chain import render_layout
 from gotr1.model import check_model_dir, seeded_random_model
 from gotr1.rewards.batching import (
     DEFAULT_SEQ_BUCKETS,
+    DecodeCaches,
     GraphedForward,
     causal_padding_mask,
-    chunks_by_length,
     left_pad,
     plan_batches,
+    seek,
 )
 from gotr1.rewards.geometry import judge_frame, judge_to_got, mean_iou
 from gotr1.rewards.parsing import expected_score, parse_box, parse_score, scale_score
@@ -170,7 +173,7 @@ class JudgeConfig:
     vision_batch_size: int = 16  # pictures per vision-tower call
     max_new_tokens_score: int = 20  # generate mode: `{"score": 10}` in a code fence is ~10 Qwen tokens
     max_new_tokens_box: int = 40  # grounding: `[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]` in a fence
-    cuda_graphs: bool = True  # capture the scoring forward per bucket (CUDA only; eager elsewhere)
+    cuda_graphs: bool = True  # capture the scoring forward and decode step per bucket (CUDA only; eager elsewhere)
 
     def validate(self, merge_factor: int) -> None:
         problems = [msg for msg, ok in {
@@ -238,6 +241,9 @@ class QwenVLJudge:
         self._digits_dev = torch.tensor(self.digit_ids, device=self.device)
         use_graphs = self.config.cuda_graphs and self.device.type == "cuda"
         self._scorer = GraphedForward(self._score_forward, use_graphs=use_graphs)
+        self._decoder = GraphedForward(self._decode_step, use_graphs=use_graphs)
+        self._decode_caches = DecodeCaches(self.text_model.config, model.dtype, self.device, self._decoder.reset)
+        self._stop_dev = torch.tensor(self.stop_ids, device=self.device)
         # work done so far, for throughput logs and benchmarks
         self.counters = dict.fromkeys(("pictures", "score_rows", "score_forwards", "decode_rows", "decode_steps"), 0)
 
@@ -414,38 +420,51 @@ class QwenVLJudge:
             self.counters["score_forwards"] += 1
         return out
 
+    def _decode_step(self, embeds: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                     position: torch.Tensor) -> torch.Tensor:
+        """One greedy step of a fixed-shape batch (the CUDA-graph body): the new tokens' embeddings `[B, 1, H]`,
+        their rotary positions `[3, B, 1]`, the keys they may see `[B, 1, 1, T]` (T: the bucket's cache) and the
+        cache position their keys and values go to -> the next tokens `[B]`."""
+        cache = self._decode_caches.get(embeds.shape[0], keys.shape[-1])
+        seek(cache, position)
+        hidden = self.text_model(inputs_embeds=embeds, position_ids=positions, attention_mask={"full_attention": keys},
+                                 cache=cache, use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden[:, -1]).argmax(-1)
+
     @torch.inference_mode()
     def generate(self, requests: Sequence[JudgeRequest], prepared: PreparedBatch, max_new_tokens: int) -> list[str]:
-        """Greedy answers (special tokens dropped), batched by length; a row stops at <|im_end|>/<|endoftext|>."""
+        """Greedy answers (special tokens dropped) in the scoring's fixed-shape batches, decode steps graphed on
+        CUDA; a row stops at <|im_end|>/<|endoftext|> (the batch when all of its rows have)."""
         out = [""] * len(requests)
-        stop = torch.tensor(self.stop_ids, device=self.device)
-        for idx in chunks_by_length([len(r.ids) for r in requests], self.config.max_batch_size):
-            rows = [requests[i] for i in idx]
-            embeds, positions, valid = self._inputs(rows, prepared, max(len(r.ids) for r in rows), len(rows))
-            cache = DynamicCache(config=self.text_model.config)
-            hidden = self.text_model(inputs_embeds=embeds, position_ids=positions, use_cache=True, cache=cache,
-                                     attention_mask={"full_attention": causal_padding_mask(valid)}).last_hidden_state
+        cfg = self.config
+        for idx, length, batch in plan_batches([len(r.ids) for r in requests], cfg.seq_buckets, cfg.max_batch_size):
+            n = len(idx)
+            embeds, positions, valid = self._inputs([requests[i] for i in idx], prepared, length, batch)
+            total = length + max_new_tokens
+            cache = self._decode_caches.get(batch, total)
+            keys = torch.zeros(batch, total, dtype=torch.bool, device=self.device)  # the cache positions written
+            keys[:, :length] = valid
+            prompt_mask = torch.cat([causal_padding_mask(valid), keys.new_zeros(batch, 1, length, max_new_tokens)], -1)
+            seek(cache, 0)
+            hidden = self.text_model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True,
+                                     attention_mask={"full_attention": prompt_mask}).last_hidden_state
             token = self.model.lm_head(hidden[:, -1]).argmax(-1)
+            step_fn = self._decoder if length <= cfg.seq_buckets[-1] else self._decode_step
             next_pos = positions.amax(dim=(0, 2)) + 1  # Qwen: text after the prompt continues from its max position
-            new = torch.empty(len(rows), 0, dtype=torch.long, device=self.device)
-            done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-            step_valid = torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)
+            where = torch.arange(length, total, device=self.device)
+            new, done = [], torch.zeros(batch, dtype=torch.bool, device=self.device)
             for step in range(max_new_tokens):
                 token = torch.where(done, self.stop_ids[0], token)
-                new = torch.cat([new, token[:, None]], dim=1)
-                done |= torch.isin(token, stop)
-                if step == max_new_tokens - 1 or bool(done.all()):
+                new.append(token)
+                done |= torch.isin(token, self._stop_dev)
+                if step == max_new_tokens - 1 or bool(done[:n].all()):
                     break
-                mask = causal_padding_mask(step_valid, past_valid=valid)
-                valid = torch.cat([valid, step_valid], dim=1)
+                keys[:, length + step] = True
                 pos = (next_pos + step).view(1, -1, 1).expand(3, -1, 1)
-                hidden = self.text_model(inputs_embeds=self.text_model.embed_tokens(token[:, None]), position_ids=pos,
-                                         attention_mask={"full_attention": mask}, use_cache=True,
-                                         cache=cache).last_hidden_state
-                token = self.model.lm_head(hidden[:, -1]).argmax(-1)
-            self.counters["decode_rows"] += len(rows)
-            self.counters["decode_steps"] += new.shape[1]
-            for i, row in zip(idx, new.tolist()):
+                token = step_fn(self.text_model.embed_tokens(token[:, None]), pos, keys[:, None, None], where[step])
+            self.counters["decode_rows"] += n
+            self.counters["decode_steps"] += len(new)
+            for i, row in zip(idx, torch.stack(new, 1)[:n].tolist()):
                 cut = next((k for k, t in enumerate(row) if t in self.stop_ids), len(row))
                 out[i] = self.tokenizer.decode(row[:cut], skip_special_tokens=True)
         return out
