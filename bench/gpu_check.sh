@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one call (a lent GPU's time is short): the CUDA-only tests, the Triton
 # kernels compiled for real, the rollout engine with CUDA graphs at the Janus-Pro-1B shape, and a profile of it.
-# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve]
+# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve|judge]
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, then the tests;
 #   engine: the skinny-matmul benchmark with its sweep and the small fused kernels (norms, SwiGLU gate), the
 #   rollout benchmark (2 repeats: fused vs unfused projections too) with a profile, the tests;
 #   serve: the serving benchmark at the Janus-Pro-1B shape (closed-loop levels, then open-loop Poisson arrivals
-#   with and without window interrupts), then the tests.
+#   with and without window interrupts), then the tests;
+#   judge: the reward benchmark at Qwen2.5-VL-7B's shape (graphed scoring and decoding vs one at a time), then
+#   the tests (the judge's CUDA tests among them).
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
-out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve]}"
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve|judge]}"
 mode="${2:-final}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -44,7 +46,10 @@ elif [[ "$mode" == engine ]]; then
 fi
 wait "$extension"
 echo "cfg_sample extension: $(tail -1 "$out/extension.log")"
-if [[ "$mode" == serve ]]; then
+if [[ "$mode" == judge ]]; then
+  step reward "$python" -m bench reward --judge-preset qwen2.5-vl-7b-shape --device cuda \
+    --json "$out/reward-qwen7b-shape-$tag.json"
+elif [[ "$mode" == serve ]]; then
   step serve "$python" -m bench serve --preset janus-pro-1b-shape --device cuda --request-rate 8 \
     --open-loop-rounds 2 --json "$out/serve-janus-pro-1b-shape-$tag.json"
 else
@@ -55,6 +60,6 @@ fi
 step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
   tests/test_skinny_matmul.py tests/test_silu_mul.py \
-  tests/test_cfg_sampling.py tests/test_engine.py::test_triton_backend_equals_torch_backend
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+  tests/test_cfg_sampling.py tests/test_judge_qwen.py tests/test_engine.py::test_triton_backend_equals_torch_backend
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"
