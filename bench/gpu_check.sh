@@ -4,9 +4,10 @@
 # Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve|judge]
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
-#   profile, then the tests;
+#   profile, the tests, then the rollout against compiled transformers (as in engine);
 #   engine: the skinny-matmul benchmark with its sweep and the small fused kernels (norms, SwiGLU gate), the
-#   rollout benchmark (2 repeats: fused vs unfused projections too) with a profile, the tests;
+#   rollout benchmark (2 repeats, fused vs unfused projections too) with a profile, the tests, and last the
+#   rollout once more with transformers compiled as another baseline (`--hf-compile`);
 #   serve: the serving benchmark at the Janus-Pro-1B shape (closed-loop levels, then open-loop Poisson arrivals
 #   with and without window interrupts), then the tests;
 #   judge: the reward benchmark at Qwen2.5-VL-7B's shape (graphed scoring and decoding vs one at a time), then
@@ -61,5 +62,9 @@ step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable tests/tes
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
   tests/test_skinny_matmul.py tests/test_silu_mul.py \
   tests/test_cfg_sampling.py tests/test_judge_qwen.py tests/test_engine.py::test_triton_backend_equals_torch_backend
+if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transformers takes minutes
+  step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
+    --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
+fi
 for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"

@@ -7,8 +7,12 @@ must be equal on both sides (it also warms both up). The timed rollouts alternat
 from other processes on a shared machine hits both alike; each side's figure is its median. A third side is the
 same engine with multi-step decoding off (`num_scheduler_steps=1`: a host sync after every step), so the gain of
 keeping the device fed is measured in the same run; its tokens must equal the multi-step engine's. A fourth is the
-same engine with `fuse_projections` off (q/k/v and gate/up as separate matmuls, on the same weights): the same
-work, tokens equal up to the matmuls' roundings (`unfused_tokens_match` says whether they were).
+same engine with `fuse_projections` the other way from its default (fused on a GPU: q/k/v and gate/up as one matmul
+each, on the same weights): the same work, tokens equal up to the matmuls' roundings (`other_fusion_tokens_match`
+says whether they were); `fused_projections_speedup` is unfused time over fused time. `--hf-compile` adds
+transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`: static caches,
+`torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time not counted:
+`speedup_vs_hf_compiled`.
 
 Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
 contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
@@ -52,6 +56,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="decode steps per host sync (the engine's multi-step window)")
     parser.add_argument("--skinny-matmul", action="store_true",
                         help="decode projections through kernels.skinny_matmul (EngineConfig.skinny_matmul)")
+    parser.add_argument("--hf-compile", action="store_true",
+                        help="also time transformers with static caches and torch.compile (compiled untimed first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for both sides (default: 1 on cpu, where it is the faster choice "
@@ -60,6 +66,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", default=None, metavar="FILE",
                         help="after timing, profile one more engine rollout: operator table to FILE, device busy "
                              "time and top operators to the JSON")
+
+
+def _tokens(groups) -> list:
+    return [(s.reasoning_ids, s.image_tokens.tolist()) for g in groups for s in g]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -145,7 +155,9 @@ def run(args: argparse.Namespace) -> dict:
     r = args.reasoning_tokens
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
-    def rollout(num_scheduler_steps: int, fuse: bool = True) -> tuple[float, list]:
+    fused = engine.runner.fuse_projections  # the default, resolved for this device
+
+    def rollout(num_scheduler_steps: int, fuse: bool = fused) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
         engine.config.fuse_projections = fuse  # read when the engine binds, before the rollout
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
@@ -153,24 +165,34 @@ def run(args: argparse.Namespace) -> dict:
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
         return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
 
-    engine_times, single_times, unfused_times, hf_times = [], [], [], []
-    unfused_match = True
+    compiled = ReferenceGenerator(bundle, compile=True) if args.hf_compile else None
+    if compiled is not None:  # compilation and graph recording at the timed shapes, untimed
+        compiled.generate(prompts, **settings)
+    engine_times, single_times, other_times, hf_times, compiled_times = [], [], [], [], []
+    other_match = compiled_match = True
     for _ in range(args.repeats):
         t, single_tokens = rollout(1)
         single_times.append(t)
-        t, unfused_tokens = rollout(args.num_scheduler_steps, fuse=False)
-        unfused_times.append(t)
+        t, other_tokens = rollout(args.num_scheduler_steps, fuse=not fused)
+        other_times.append(t)
         engine.peak_used_blocks, steps = 0, engine.num_steps
         t, tokens = rollout(args.num_scheduler_steps)
         steps = engine.num_steps - steps
         engine_times.append(t)
         if tokens != single_tokens:
             raise AssertionError("multi-step and single-step rollouts of the same seed sampled different tokens")
-        unfused_match &= tokens == unfused_tokens
-        hf_times.append(median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
-                                    repeats=1)[0])
-    t_engine, t_single, t_unfused, t_hf = (statistics.median(x) for x in (engine_times, single_times,
-                                                                          unfused_times, hf_times))
+        other_match &= tokens == other_tokens
+        t, hf_out = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
+                                repeats=1)
+        hf_times.append(t)
+        if compiled is not None:
+            t, compiled_out = median_time(lambda: compiled.generate(prompts, **settings), device=args.device,
+                                          warmup=0, repeats=1)
+            compiled_times.append(t)
+            compiled_match &= _tokens(compiled_out) == _tokens(hf_out)
+    t_engine, t_single, t_other, t_hf = (statistics.median(x) for x in (engine_times, single_times, other_times,
+                                                                        hf_times))
+    t_fused, t_unfused = (t_engine, t_other) if fused else (t_other, t_engine)
 
     prompt_len = max(len(ids) for ids in bundle.encode_prompts(prompts, r))
     tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
@@ -186,10 +208,10 @@ def run(args: argparse.Namespace) -> dict:
         "num_scheduler_steps": args.num_scheduler_steps,
         "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
         "engine_single_step_s": t_single, "multi_step_speedup": t_single / t_engine,
-        "engine_unfused_s": t_unfused, "fused_projections_speedup": t_unfused / t_engine,
-        "unfused_tokens_match": unfused_match,
+        "fuse_projections": fused, "engine_other_fusion_s": t_other, "fused_projections_speedup": t_unfused / t_fused,
+        "other_fusion_tokens_match": other_match,
         "engine_s_runs": engine_times, "engine_single_step_s_runs": single_times,
-        "engine_unfused_s_runs": unfused_times, "hf_s_runs": hf_times,
+        "engine_other_fusion_s_runs": other_times, "hf_s_runs": hf_times,
         "engine_groups_per_s": args.groups / t_engine, "hf_groups_per_s": args.groups / t_hf,
         "engine_tokens_per_s": args.groups * tokens_per_group / t_engine,
         "hf_tokens_per_s": args.groups * tokens_per_group / t_hf,
@@ -203,6 +225,10 @@ def run(args: argparse.Namespace) -> dict:
         "step_bytes_mean": floor["step_bytes_mean"], "preemptions": engine.scheduler.num_preemptions,
     }
     metrics["kv_ratio"] = metrics["kv_bytes_engine"] / metrics["kv_bytes_contiguous"]
+    if compiled_times:
+        t_compiled = statistics.median(compiled_times)
+        metrics.update(hf_compiled_s=t_compiled, hf_compiled_s_runs=compiled_times,
+                       speedup_vs_hf_compiled=t_compiled / t_engine, hf_compiled_tokens_match=compiled_match)
     if args.profile:
         metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
     rows = [
@@ -212,13 +238,21 @@ def run(args: argparse.Namespace) -> dict:
         {"side": "engine, single-step", "seconds": t_single, "groups_per_s": args.groups / t_single,
          "tokens_per_s": args.groups * tokens_per_group / t_single, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
          "ms_per_step": t_single / steps * 1e3, "speedup": t_hf / t_single, "hf_match": hf_match},
-        {"side": "engine, unfused projections", "seconds": t_unfused, "groups_per_s": args.groups / t_unfused,
-         "tokens_per_s": args.groups * tokens_per_group / t_unfused, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
-         "ms_per_step": t_unfused / steps * 1e3, "speedup": t_hf / t_unfused, "hf_match": hf_match},
+        {"side": f"engine, projections {'unfused' if fused else 'fused'}", "seconds": t_other,
+         "groups_per_s": args.groups / t_other, "tokens_per_s": args.groups * tokens_per_group / t_other,
+         "kv_mib": metrics["kv_bytes_engine"] / 2**20, "ms_per_step": t_other / steps * 1e3,
+         "speedup": t_hf / t_other, "hf_match": hf_match},
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},
     ]
+    if compiled_times:
+        rows.append({"side": "transformers, static cache + torch.compile", "seconds": t_compiled,
+                     "groups_per_s": args.groups / t_compiled,
+                     "tokens_per_s": args.groups * tokens_per_group / t_compiled,
+                     "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
+                     "ms_per_step": t_compiled / (r + bundle.num_image_tokens) * 1e3, "speedup": t_hf / t_compiled,
+                     "hf_match": compiled_match})  # its sampled tokens == the eager reference's, same seeds
     print_table("rollout: KV memory and the decode-step bandwidth floor", [{
         k: metrics[k] for k in ("threads", "kv_bytes_engine", "attention_workspace_bytes", "kv_bytes_contiguous",
                                 "kv_ratio", "engine_steps", "multi_step_speedup", "fused_projections_speedup",

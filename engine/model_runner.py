@@ -132,9 +132,11 @@ class ModelRunner:
         if merge is None:
             merge = lm.embed_tokens.weight.dtype == torch.float32
         previous, self.lora_buffers = self.lora_buffers, {}
+        fuse = self.config.fuse_projections
+        self.fuse_projections = lm.embed_tokens.weight.is_cuda if fuse is None else fuse
         linear = skinny_linear if self.config.skinny_matmul else F.linear
         lora = functools.partial(self._lora_weights, previous, merge)
-        call = functools.partial(lean, linear=linear, lora=lora, fuse=self.config.fuse_projections)
+        call = functools.partial(lean, linear=linear, lora=lora, fuse=self.fuse_projections)
         self.forwards = [LayerForwards(call(layer.input_layernorm), add_norm(layer.input_layernorm),
                                        self._qkv(layer.self_attn, linear, lora), call(layer.self_attn.o_proj),
                                        add_norm(layer.post_attention_layernorm), call(layer.mlp))
@@ -154,7 +156,7 @@ class ModelRunner:
                           tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
                tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
-               merge, self.config.fuse_projections, self.config.skinny_matmul)
+               merge, self.fuse_projections, self.config.skinny_matmul)
         if key != self._module_key:
             self.graphs.clear()
             self._module_key = key
@@ -163,7 +165,7 @@ class ModelRunner:
              lora: Callable[[tuple[torch.nn.Module, ...]], LoraWeights]) -> Callable[[torch.Tensor], tuple]:
         """A layer's q, k, v: one matmul on their stacked weights (`fuse_projections`), else three calls."""
         modules = (attn.q_proj, attn.k_proj, attn.v_proj)
-        fused = projection(modules, linear, lora) if self.config.fuse_projections else None
+        fused = projection(modules, linear, lora) if self.fuse_projections else None
         if fused is None:
             q, k, v = (lean(m, linear, lora) for m in modules)
             return lambda x: (q(x), k(x), v(x))

@@ -3,8 +3,12 @@
 Reasoning text comes from `generate` on the whole batch (all prompts x n samples), stopping at
 `<begin_of_image>`; then the image from `JanusForConditionalGeneration.generate(generation_mode="image")`,
 which re-prefills prompt + chain with its own CFG batch (unconditional rows: BOS + pads + BOI), then the VQ
-decode. That is as fast as transformers allows; we keep it honest by batching everything and doing no work
+decode. That is as fast as transformers allows eagerly; we keep it honest by batching everything and doing no work
 twice that transformers itself does not do twice.
+
+`compile=True` is transformers' own fast path on top: the reasoning decodes over a static KV cache, which makes
+`generate` compile the decode forward (`CompileConfig`: CUDA graphs on a GPU), and the image loop (already on a
+static cache in transformers) calls its language model through `torch.compile` with the same settings.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from gotr1.chain import ParsedChain, parse_chain
@@ -76,10 +80,42 @@ def _generation_config(bundle: JanusBundle, temperature: float, top_k: int, top_
 
 
 class ReferenceGenerator:
-    """Batched GoT generation with transformers' own `generate` (text, then image with CFG)."""
+    """Batched GoT generation with transformers' own `generate` (text, then image with CFG); `compile`: with a
+    static cache and `torch.compile` (see the module docstring)."""
 
-    def __init__(self, bundle: JanusBundle):
+    def __init__(self, bundle: JanusBundle, compile: bool = False):
         self.bundle = bundle
+        self.compile_config = None
+        if compile:
+            cuda = bundle.device.type == "cuda"
+            self.compile_config = CompileConfig(mode="reduce-overhead" if cuda else "default")
+            self.compile_config._compile_all_devices = not cuda  # else transformers compiles on accelerators only
+            self._compiled_lm = torch.compile(bundle.model.model.language_model.forward, fullgraph=False,
+                                              mode=self.compile_config.mode)
+
+    def _settings(self) -> dict:
+        """What `compile` adds to every generation config."""
+        if self.compile_config is None:
+            return {}
+        return {"cache_implementation": "static", "compile_config": self.compile_config}
+
+    @contextlib.contextmanager
+    def _compiled_language_model(self):
+        """The image loop calls `model.model.language_model(...)` itself: route that through `torch.compile`
+        while it runs (the module is shared with the engine, so only for the call)."""
+        if self.compile_config is None:
+            yield
+            return
+        lm = self.bundle.model.model.language_model
+        previous = lm.__dict__.get("forward")
+        lm.forward = self._compiled_lm
+        try:
+            yield
+        finally:
+            if previous is None:
+                del lm.forward
+            else:
+                lm.forward = previous
 
     @torch.no_grad()
     def generate_reasoning(self, prompt_ids: list[list[int]], *, n: int, temperature: float, top_k: int,
@@ -92,7 +128,8 @@ class ReferenceGenerator:
         with _quiet_transformers(), tqdm(total=max_reasoning_tokens, desc="reference reasoning",
                                          disable=not progress, leave=False) as bar:
             config = _generation_config(b, temperature, top_k, top_p, max_new_tokens=max_reasoning_tokens,
-                                        min_new_tokens=min_reasoning_tokens, eos_token_id=b.boi_id)
+                                        min_new_tokens=min_reasoning_tokens, eos_token_id=b.boi_id,
+                                        **self._settings())
             out = b.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                                    logits_processor=LogitsProcessorList([_Progress(bar)]))
         results = []
@@ -111,9 +148,9 @@ class ReferenceGenerator:
         if cfg_weight <= 1:
             raise ValueError(f"transformers' Janus image generate needs cfg_weight > 1, got {cfg_weight}")
         ids, mask = _left_pad(sequences, b.pad_id, b.device)
-        with _quiet_transformers(), tqdm(total=b.num_image_tokens, desc="reference image", disable=not progress,
-                                         leave=False) as bar:
-            config = _generation_config(b, temperature, top_k, top_p, guidance_scale=cfg_weight)
+        with _quiet_transformers(), self._compiled_language_model(), tqdm(
+                total=b.num_image_tokens, desc="reference image", disable=not progress, leave=False) as bar:
+            config = _generation_config(b, temperature, top_k, top_p, guidance_scale=cfg_weight, **self._settings())
             return b.model.generate(input_ids=ids, attention_mask=mask, generation_mode="image",
                                     generation_config=config, logits_processor=LogitsProcessorList([_Progress(bar)]))
 

@@ -222,9 +222,17 @@ def test_lean_leaves_wrapped_modules_to_their_own_forward():
     assert not plain_lora(dora.base_model.model.model.language_model.layers[0].mlp.gate_proj)
 
 
-@pytest.mark.parametrize("min_r,max_r", [(0, 10), (6, 6)])
-def test_greedy_equals_reference_generator(tiny, engine, min_r, max_r):
-    """Greedy reasoning and greedy CFG image tokens == transformers' generate (text, then image mode)."""
+@pytest.fixture(scope="module")
+def fused_engine(tiny):
+    """The engine as a GPU runs it: q/k/v and gate/up as one matmul each."""
+    return LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4, fuse_projections=True))
+
+
+@pytest.mark.parametrize("min_r,max_r,fused", [(0, 10, False), (6, 6, False), (0, 10, True)])
+def test_greedy_equals_reference_generator(tiny, engine, fused_engine, min_r, max_r, fused):
+    """Greedy reasoning and greedy CFG image tokens == transformers' generate (text, then image mode), with the
+    projections as the modules run them or fused."""
+    engine = fused_engine if fused else engine
     params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=max_r,
                             min_reasoning_tokens=min_r, decode_images=False)
     ours = engine.generate(PROMPTS, params, use_tqdm=False)
@@ -495,8 +503,8 @@ def test_prompt_kv_is_computed_once_and_uncond_prefix_is_shared(tiny):
     assert eng.peak_used_blocks < 2 * 8 * math.ceil((max(lens) + 6 + 16) / bs)  # well below unshared rows
 
 
-@pytest.mark.parametrize("merge_lora", [None, False])
-def test_lora_weight_updates_reach_the_next_rollout(merge_lora):
+@pytest.mark.parametrize("merge_lora,fuse", [(None, True), (False, False)])
+def test_lora_weight_updates_reach_the_next_rollout(merge_lora, fuse):
     """The engine runs the policy's own (peft-wrapped) modules, LoRA merged into the engine's weight buffers
     (fp32's default) or applied inline: changing LoRA weights in place changes the next greedy rollout, which then
     equals transformers' generate on the same adapted model."""
@@ -505,10 +513,11 @@ def test_lora_weight_updates_reach_the_next_rollout(merge_lora):
     pm = peft.get_peft_model(bundle.model, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"))
     policy = dataclasses.replace(bundle, model=pm)
-    eng = LLMEngine(policy, EngineConfig(num_kv_blocks=300, block_size=8, merge_lora=merge_lora))
+    eng = LLMEngine(policy, EngineConfig(num_kv_blocks=300, block_size=8, merge_lora=merge_lora,
+                                         fuse_projections=fuse))
     buffers = {k: v.data_ptr() for k, v in eng.runner.lora_buffers.items()}
-    # Per layer, q/k/v fused and o: a merged weight each, or a shrink and an expand each.
-    assert len(buffers) == (2 if merge_lora is None else 4) * len(eng.runner.layers)
+    # Per layer: q/k/v fused and o, a merged weight each; or q, k, v and o, a shrink and an expand each.
+    assert len(buffers) == (2 if merge_lora is None else 8) * len(eng.runner.layers)
     params = SamplingParams(n=1, text_temperature=0, image_temperature=0, max_reasoning_tokens=6,
                             decode_images=False)
 
@@ -549,8 +558,11 @@ def test_fused_projections_rehome_the_parameters_once_and_keep_them_trainable(tm
     attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # not adjacent to q's rows, wherever it was
     values = [[p.detach().clone() for p in group] for group in groups]
     objects = [[id(p) for p in group] for group in groups]
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert not LLMEngine(bundle, EngineConfig(num_kv_blocks=8)).runner.fuse_projections  # a CPU's default
+    assert [p.data_ptr() for p in model.parameters()] == pointers  # unfused: the model is left alone
     with torch.inference_mode():
-        eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=64))
+        eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=64, fuse_projections=True))
 
     def adjacent(group):
         return all(b.data_ptr() == a.data_ptr() + a.numel() * a.element_size() for a, b in zip(group, group[1:]))
@@ -594,7 +606,8 @@ def test_lora_in_fused_projections_equals_the_modules(merge_lora):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
     pm.eval()
-    eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8, merge_lora=merge_lora))
+    eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8, merge_lora=merge_lora,
+                                                                       fuse_projections=True))
     x = torch.randn(5, bundle.model.config.text_config.hidden_size, generator=g)
     with torch.no_grad():
         for layer, f in zip(eng.runner.layers, eng.runner.forwards):
@@ -607,13 +620,13 @@ def test_lora_in_fused_projections_equals_the_modules(merge_lora):
     assert sorted({what for _, what in eng.runner.lora_buffers}) == (["merged"] if merge_lora else ["down", "up"])
 
 
-def test_a_hook_on_one_projection_unfuses_its_group(tiny):
+def test_a_hook_on_one_projection_unfuses_its_group():
     """A forward hook on k_proj must run: that layer's q/k/v go back to three calls (the hook's effect shows),
     the other layers stay fused."""
     bundle = build_preset("tiny", image_size=64, seed=6)
     attn = bundle.model.model.language_model.layers[0].self_attn
     hook = attn.k_proj.register_forward_hook(lambda m, args, out: out * 2)
-    eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=8))
+    eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=8, fuse_projections=True))
     x = torch.randn(3, attn.q_proj.in_features)
     with torch.no_grad():
         q, k, v = eng.runner.forwards[0].qkv(x)
@@ -639,7 +652,7 @@ def test_lora_is_merged_by_default_only_in_fp32():
         assert kinds == (["merged"] if merged else ["down", "up"])
     bundle = build_preset("tiny", image_size=64, seed=1, dtype=torch.bfloat16)
     pm = peft.get_peft_model(bundle.model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
-    eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8))
+    eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8, fuse_projections=True))
     attn = eng.runner.layers[0].self_attn
     with torch.no_grad():
         attn.q_proj.lora_B["default"].weight.normal_()

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -48,3 +50,22 @@ def test_reference_rejects_bad_settings(tiny):
         gen.generate(["a"], n=0)
     with pytest.raises(ValueError, match="cfg_weight > 1"):
         gen.generate(["a"], n=1, cfg_weight=1.0, max_reasoning_tokens=2, decode_images=False)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_reference_samples_what_the_eager_one_does(tiny):
+    """`compile=True` (static caches, `torch.compile`d decoding: the fastest transformers baseline) changes no
+    token: greedy and seeded sampling equal the eager reference's; the shared language model is left as it was."""
+    lm = tiny.model.model.language_model
+    settings = dict(n=2, max_reasoning_tokens=5, min_reasoning_tokens=5, decode_images=False)
+    fast = ReferenceGenerator(tiny, compile=True)
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    for extra in (dict(text_temperature=0, image_temperature=0), dict(seed=3)):
+        want = ReferenceGenerator(tiny).generate(["a cat", "two dogs"], **settings, **extra)
+        got = fast.generate(["a cat", "two dogs"], **settings, **extra)
+        assert [[(s.reasoning_ids, s.image_tokens.tolist()) for s in g] for g in got] == \
+            [[(s.reasoning_ids, s.image_tokens.tolist()) for s in g] for g in want]
+    assert stats["unique_graphs"] >= graphs + 2  # the text decode and the image loop's model were compiled
+    assert "forward" not in lm.__dict__
