@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
-from engine.lean import LoraWeights, add_norm, lean, plain_lora
+from engine.lean import LoraWeights, add_norm, lean, plain_lora, projection, stacked
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
 from engine.sampling_params import SamplingParams
@@ -588,6 +588,20 @@ def test_fused_projections_rehome_the_parameters_once_and_keep_them_trainable(tm
     reloaded = type(model).from_pretrained(tmp_path)
     for (name, p), q in zip(model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_projection_stacks_plain_linears_and_declines_what_it_cannot_stack():
+    """One matmul for bias-free linears of one input (odd widths), equal to their outputs side by side; None
+    (the caller runs them one by one) for biases, mixed dtypes, or weights that are not plain parameters."""
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Linear(5, w, bias=False) for w in (3, 1, 4))
+    x = torch.randn(2, 7, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(projection((a, b, c))(x), torch.cat([a(x), b(x), c(x)], -1), rtol=1e-6, atol=1e-6)
+    assert projection((a, torch.nn.Linear(5, 2))) is None  # a bias
+    assert projection((a, torch.nn.Linear(5, 2, bias=False).double())) is None
+    assert stacked([a.weight.detach().clone(), b.weight.detach().clone()]) is None  # not parameters: never re-homed
+    assert stacked([a.weight, torch.nn.Parameter(torch.randn(2, 4))]) is None  # other columns
 
 
 @pytest.mark.parametrize("merge_lora", [True, False])
