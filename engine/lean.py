@@ -151,7 +151,8 @@ def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear,
     `F.rms_norm`, with its bits, where that cannot be built or on a GPU) and the one-kernel Triton norm for 16 bits
     on a GPU, each within a few ulps, and plain LoRA layers run with `lora`'s weights (within their roundings);
     or `module` itself. `linear` (`F.linear`'s signature) runs every plain `nn.Linear` inside it. `fuse` runs an
-    MLP's gate and up projections as one `projection` (their weights stacked, within the matmul's roundings)."""
+    MLP's gate and up projections as one `projection` (their weights stacked, within the matmul's roundings), its
+    SwiGLU gate then one `kernels.silu_mul` launch for 16 bits on a GPU (torch's roundings)."""
     if _runs_its_own_forward(module):
         return module
     kind = type(module)

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from gotr1.chain import ParsedChain, parse_chain
 from gotr1.model import JanusBundle
+from gotr1.policy import janus_of
 
 
 @dataclass
@@ -90,7 +91,7 @@ class ReferenceGenerator:
             cuda = bundle.device.type == "cuda"
             self.compile_config = CompileConfig(mode="reduce-overhead" if cuda else "default")
             self.compile_config._compile_all_devices = not cuda  # else transformers compiles on accelerators only
-            self._compiled_lm = torch.compile(bundle.model.model.language_model.forward, fullgraph=False,
+            self._compiled_lm = torch.compile(janus_of(bundle.model).model.language_model.forward,
                                               mode=self.compile_config.mode)
 
     def _settings(self) -> dict:
@@ -106,7 +107,7 @@ class ReferenceGenerator:
         if self.compile_config is None:
             yield
             return
-        lm = self.bundle.model.model.language_model
+        lm = janus_of(self.bundle.model).model.language_model
         previous = lm.__dict__.get("forward")
         lm.forward = self._compiled_lm
         try:
