@@ -41,6 +41,13 @@ Forward = Callable[[Tensor], Tensor]
 AddNorm = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+def gpu_kernels(weight: Tensor) -> bool:
+    """Whether the layer math of a model with this weight runs our one-launch Triton kernels (norms with their
+    residual add, RoPE, SwiGLU's gate) instead of torch's op sequences: 16 bits on a GPU, where launches cost
+    more than those ops' bytes. fp32 and CPUs keep torch's ops, whose bits the oracle tests compare."""
+    return weight.is_cuda and weight.dtype != torch.float32
+
+
 def _runs_its_own_forward(module: nn.Module) -> bool:
     """Hooks (the module's or global ones) or an instance-level `forward` (accelerate, hub kernels) change what
     calling the module does: such a module is called, never bypassed."""
@@ -172,15 +179,15 @@ def lean(module: nn.Module, linear: Callable[..., Tensor] = F.linear,
         # In 16 bits transformers rounds to the input dtype before the weight multiply; F.rms_norm does not.
         return functools.partial(F.rms_norm, normalized_shape=module.weight.shape, weight=module.weight,
                                  eps=module.variance_epsilon)
-    if kind is LlamaRMSNorm and module.weight.is_cuda:
-        # 16 bits on a GPU: one Triton launch for transformers' seven, its roundings kept (within an ulp or two).
+    if kind is LlamaRMSNorm and gpu_kernels(module.weight):
+        # One Triton launch for transformers' seven, its roundings kept (within an ulp or two).
         return functools.partial(rms_norm, weight=module.weight, eps=module.variance_epsilon)
     if kind is LlamaMLP:
         down, act = lean(module.down_proj, linear, lora), lean(module.act_fn)
         gate_up = projection((module.gate_proj, module.up_proj), linear, lora) if fuse else None
         if gate_up is not None:
             weight = base_linear(module.gate_proj).weight
-            if act is F.silu and weight.is_cuda and weight.dtype != torch.float32:  # one kernel, torch's roundings
+            if act is F.silu and gpu_kernels(weight):  # one kernel, torch's roundings
                 return lambda x: down(silu_mul(gate_up(x)))
             width = weight.shape[0]
 

@@ -26,7 +26,17 @@ from transformers import JanusForConditionalGeneration
 
 from engine.attention import AttentionMetadata, select_backend
 from engine.config import EngineConfig
-from engine.lean import AddNorm, Forward, LoraWeights, add_norm, base_linear, lean, plain_lora, projection
+from engine.lean import (
+    AddNorm,
+    Forward,
+    LoraWeights,
+    add_norm,
+    base_linear,
+    gpu_kernels,
+    lean,
+    plain_lora,
+    projection,
+)
 from engine.scheduler import ScheduledBatch
 from kernels.rope import rope
 from kernels.skinny_matmul import linear as skinny_linear
@@ -113,9 +123,8 @@ class ModelRunner:
         half = self.head_dim // 2
         self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], 1)
         self.rope_perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
-        # 16 bits on a GPU: RoPE in one launch per layer (norms likewise, see `engine.lean`); fp32 and CPU keep
-        # transformers' op sequence, whose bits the CPU oracle tests compare.
-        self.fused_rope = self.device.type == "cuda" and self.dtype != torch.float32
+        # RoPE in one launch per layer where the norms and SwiGLU get theirs (16 bits on a GPU).
+        self.fused_rope = gpu_kernels(weight)
         self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
                                 and self.backend.graph_safe)
         self.graph_sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs]

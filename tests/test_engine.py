@@ -714,6 +714,46 @@ def test_triton_backend_equals_torch_backend(tiny):
         torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-4)
 
 
+def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch):
+    """The layer math a GPU runs in 16 bits, on this CPU (Triton's interpreter, bf16): q/k/v and gate/up fused,
+    the Triton RoPE on the fused output's strided slices, the residual add inside each norm's kernel, SwiGLU's
+    one-kernel gate, the Triton paged attention. A CFG rollout's log-probs (text, conditional and CFG-mixed image)
+    stay within bf16 rounding of transformers' own bf16 forwards of the same tokens, and each kernel ran."""
+    import engine.lean as lean_module
+    import engine.model_runner as runner_module
+
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for module in (lean_module, runner_module):  # what a GPU decides for 16 bits, decided here for a CPU
+        monkeypatch.setattr(module, "gpu_kernels", lambda weight: weight.dtype != torch.float32)
+    for name in ("add_rms_norm", "silu_mul", "rms_norm"):
+        monkeypatch.setattr(lean_module, name, counted(name, getattr(lean_module, name)))
+    monkeypatch.setattr(runner_module, "rope", counted("rope", runner_module.rope))
+    bundle = build_preset("tiny", image_size=64, dtype=torch.bfloat16, seed=4)
+    eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=100, block_size=16, attention_backend="triton",
+                                         fuse_projections=True))
+    assert eng.runner.fused_rope and eng.runner.fuse_projections
+    params = SamplingParams(n=1, text_temperature=0, image_temperature=0, cfg_weight=3.0, max_reasoning_tokens=4,
+                            min_reasoning_tokens=4, decode_images=False)
+    [group] = eng.generate(PROMPTS[:1], params, use_tqdm=False)
+    s = group.samples[0]
+    layers = len(eng.runner.layers)
+    assert calls["rope"] == calls["silu_mul"] and calls["add_rms_norm"] == (2 * layers - 1) * calls["rope"] // layers
+    assert calls["rope"] >= layers * (1 + 4 + 16 - 1)  # a prefill and every decode step, each layer
+    assert calls["rms_norm"] >= 2 * calls["rope"] // layers  # the first input norm and the heads' final norm
+    text, cond, mixed, _ = teacher_forced(bundle, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0,
+                                          image_t=0, cfg=3.0)
+    torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=0.1)
+    torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=0.1)
+    torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=0.2)
+
+
 def test_576_image_tokens_greedy_equals_reference():
     bundle = build_preset("tiny")
     assert bundle.num_image_tokens == 576
