@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
+from engine.model_runner import unwrap
+
 
 @dataclass
 class GoTBatch:
@@ -58,14 +60,9 @@ def make_batch(prompt_ids: Sequence[Sequence[int]], reasoning_ids: Sequence[Sequ
     )
 
 
-def janus_of(model: nn.Module) -> nn.Module:
-    """The `JanusForConditionalGeneration` inside a peft wrapper (LoRA layers are injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def image_head_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """(everything of the generation head before its last linear, that last linear)."""
-    head = janus_of(model).model.generation_head
+    head = unwrap(model).model.generation_head
 
     def pre(h: torch.Tensor) -> torch.Tensor:
         return head.activation_fn(head.proj_out(h))
@@ -108,7 +105,7 @@ def policy_hidden(model: nn.Module, batch: GoTBatch,
         text_h, image_h = policy_hidden(model, both)
         cond, free = image_h[:b], image_h[b:]
         return text_h[:b], free + guidance.cfg_weight * (cond - free)
-    janus = janus_of(model)
+    janus = unwrap(model)
     lm = janus.model.language_model
     b, lt = batch.text_ids.shape
     n_img = batch.image_tokens.shape[1]

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
+from engine.model_runner import unwrap
 from gotr1.chain import ParsedChain, parse_chain
 from gotr1.model import JanusBundle
-from gotr1.policy import janus_of
 
 
 @dataclass
@@ -91,7 +91,7 @@ class ReferenceGenerator:
             cuda = bundle.device.type == "cuda"
             self.compile_config = CompileConfig(mode="reduce-overhead" if cuda else "default")
             self.compile_config._compile_all_devices = not cuda  # else transformers compiles on accelerators only
-            self._compiled_lm = torch.compile(janus_of(bundle.model).model.language_model.forward,
+            self._compiled_lm = torch.compile(unwrap(bundle.model).model.language_model.forward,
                                               mode=self.compile_config.mode)
 
     def _settings(self) -> dict:
@@ -107,7 +107,7 @@ class ReferenceGenerator:
         if self.compile_config is None:
             yield
             return
-        lm = janus_of(self.bundle.model).model.language_model
+        lm = unwrap(self.bundle.model).model.language_model
         previous = lm.__dict__.get("forward")
         lm.forward = self._compiled_lm
         try:

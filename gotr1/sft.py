@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engine.model_runner import unwrap
 from gotr1 import checkpoint as ckpt
 from gotr1.config import SFTConfig
 from gotr1.model import JanusBundle, encode_images, save_bundle
 from gotr1.plot import plot_curves
-from gotr1.policy import image_head_parts, janus_of, make_batch, policy_hidden, token_logprobs
+from gotr1.policy import image_head_parts, make_batch, policy_hidden, token_logprobs
 from gotr1.training import add_lora, lr_scheduler
 
 
@@ -56,7 +57,7 @@ def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
         rows.append(r)
     if not rows:
         raise ValueError(f"SFT data file {path} holds no examples")
-    codes = encode_images(janus_of(bundle.model).model.vqmodel, [Image.open(path.parent / r["image"]) for r in rows])
+    codes = encode_images(unwrap(bundle.model).model.vqmodel, [Image.open(path.parent / r["image"]) for r in rows])
     return [SFTExample(r["prompt"], r["chain"], c) for r, c in zip(rows, codes)]
 
 
