@@ -5,7 +5,7 @@
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, the tests, then the rollout against compiled transformers (as in engine);
-#   engine: the skinny-matmul benchmark with its sweep and the small fused kernels (norms, SwiGLU gate), the
+#   engine: the skinny-matmul benchmark with its sweep and the small fused kernels (norms, RoPE + store, SwiGLU), the
 #   rollout benchmark (2 repeats, fused vs unfused projections too) with a profile, the tests, and last the
 #   rollout once more with transformers compiled as another baseline (`--hf-compile`);
 #   serve: the serving benchmark at the Janus-Pro-1B shape (closed-loop levels, then open-loop Poisson arrivals
@@ -42,7 +42,7 @@ elif [[ "$mode" == final ]]; then
   step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --matmul-sweep \
     --json "$out/kernels-gpu-$tag.json"
 elif [[ "$mode" == engine ]]; then
-  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul,rms_norm,silu_mul \
+  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul,rms_norm,rope,silu_mul \
     --matmul-sweep --json "$out/skinny-matmul-gpu-$tag.json"
 fi
 wait "$extension"

@@ -16,7 +16,8 @@ during the call (inputs excluded).
     the data behind the default.
   - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
     and a 16 x 876-token prefill, against transformers' seven-op formula; RoPE (`kernels/rope.py`) likewise on
-    q and k against the engine's five-op torch path; `add_rms_norm` (the residual add and the norm in one kernel)
+    q and k against the engine's five-op torch path, and `rope_store` (RoPE with the KV store folded in) against
+    our RoPE then our store; `add_rms_norm` (the residual add and the norm in one kernel)
     against the torch add + seven-op norm; `silu_mul` (`kernels/silu_mul.py`, SwiGLU's gate of the fused gate/up
     output) at the decode step's and a prefill's widths against `F.silu(gate) * up`.
   - Skinny matmul (`kernels/skinny_matmul.py`): a decode step's projections (16 and 32 rows; Janus-Pro 1B and 7B
@@ -45,7 +46,7 @@ from kernels.paged_attention import (
     paged_prefill_attention_reference,
 )
 from kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-from kernels.rope import rope, rope_reference
+from kernels.rope import rope, rope_reference, rope_store
 from kernels.silu_mul import silu_mul, silu_mul_reference
 from kernels.skinny_matmul import skinny_matmul, skinny_matmul_reference
 
@@ -283,7 +284,21 @@ def _bench_rope(args, device, dtype, gen, repeats) -> list[dict]:
         inputs = (q, k, cos, sin, positions)
         rows.append(_compare("rope", f"rows={n} Hq={hq} Hk={hk} D={d}", dtype, partial(rope, *inputs),
                              partial(rope_reference, *inputs), device, repeats, inner=20, graph="both"))
+        # With the KV store folded in, against the two launches it replaces (our RoPE, then our store).
+        v = torch.randn(n, hk, d, generator=gen).to(device, dtype)
+        blocks = -(-n // 16) + 1
+        caches = torch.zeros(2, blocks, 16, hk, d, device=device, dtype=dtype)
+        slots = torch.randperm(blocks * 16, generator=gen)[:n].to(device)
+        stored = (q, k, v, cos, sin, positions, caches[0], caches[1], slots)
+        rows.append(_compare("rope_store", f"rows={n} Hq={hq} Hk={hk} D={d}", dtype, partial(rope_store, *stored),
+                             partial(_rope_then_store, *stored), device, repeats, inner=20, graph="both"))
     return rows
+
+
+def _rope_then_store(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> torch.Tensor:
+    q, k = rope(q, k, cos, sin, positions)
+    store_kvcache(k, v, k_cache, v_cache, slots)
+    return q
 
 
 def _bench_advantages(args, device, dtype, gen, repeats) -> list[dict]:

@@ -33,10 +33,13 @@ class AttentionMetadata:
 
 
 class AttentionBackend:
-    """Store + attend. `graph_safe`: no host syncs in decode, so it can be captured in a CUDA graph."""
+    """Store + attend. `graph_safe`: no host syncs in decode, so it can be captured in a CUDA graph.
+    `triton_store`: its store is `kernels.kv_cache.store_kvcache`, so a caller may store with
+    `kernels.rope.rope_store` instead and call `attend` alone."""
 
     name = "base"
     graph_safe = False
+    triton_store = False
 
     def store(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
@@ -63,6 +66,11 @@ class AttentionBackend:
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q `[Ntok, Hq, D]`, k/v `[Ntok, Hkv, D]` of the step's new tokens -> `[Ntok, Hq, D]`."""
         self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(layer, q, k_cache, v_cache, meta, scale)
+
+    def attend(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of the step's queries over the cache, their own K/V stored already."""
         if meta.is_prefill:
             return self.prefill(q, k_cache, v_cache, meta, scale)
         return self.decode(q, k_cache, v_cache, meta, scale)
@@ -296,6 +304,7 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
     graph_safe = True
+    triton_store = True
 
     def store(self, key, value, k_cache, v_cache, slot_mapping):
         kv_cache.store_kvcache(key, value, k_cache, v_cache, slot_mapping)

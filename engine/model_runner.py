@@ -38,7 +38,7 @@ from engine.lean import (
     projection,
 )
 from engine.scheduler import ScheduledBatch
-from kernels.rope import rope
+from kernels.rope import rope, rope_store
 from kernels.skinny_matmul import linear as skinny_linear
 
 
@@ -125,6 +125,7 @@ class ModelRunner:
         self.rope_perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
         # RoPE in one launch per layer where the norms and SwiGLU get theirs (16 bits on a GPU).
         self.fused_rope = gpu_kernels(weight)
+        self.rope_stores = self.fused_rope and self.backend.triton_store
         self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
                                 and self.backend.graph_safe)
         self.graph_sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs]
@@ -385,7 +386,8 @@ class ModelRunner:
 
         RoPE runs once per layer on q and k together: `x cos + rotate_half(x) sin` as `x cos + x[perm] sin'`
         (`sin'` = sin with its first half negated), the same products and sum as transformers', so bit-equal;
-        16-bit on a GPU, the same roundings in one kernel (`kernels.rope`), within an ulp."""
+        16-bit on a GPU, the same roundings in one kernel (`kernels.rope`), within an ulp, which also stores k and
+        v into the cache when the backend's store is that kernel's (`rope_store`)."""
         n, d = h.shape[0], self.head_dim
         if not self.fused_rope:
             cos = self.cos.index_select(0, positions).unsqueeze(1)
@@ -394,15 +396,19 @@ class ModelRunner:
         forwards = self.forwards
         x = forwards[0].input_norm(h)
         for i, f in enumerate(forwards):
-            q, k, v = f.qkv(x)
-            q, k = q.view(n, -1, d), k.view(n, -1, d)
-            if self.fused_rope:
-                q, k = rope(q, k, self.cos, self.sin_signed, positions)
+            q, k, v = (t.view(n, -1, d) for t in f.qkv(x))
+            if self.rope_stores:
+                q = rope_store(q, k, v, self.cos, self.sin_signed, positions, k_cache[i], v_cache[i],
+                               meta.slot_mapping)
+                o = self.backend.attend(i, q, k_cache[i], v_cache[i], meta, self.scale)
             else:
-                qk = torch.cat([q, k], 1)
-                qk = qk * cos + qk.index_select(2, self.rope_perm) * sin
-                q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
-            o = self.backend.forward(i, q, k, v.view(n, -1, d), k_cache[i], v_cache[i], meta, self.scale)
+                if self.fused_rope:
+                    q, k = rope(q, k, self.cos, self.sin_signed, positions)
+                else:
+                    qk = torch.cat([q, k], 1)
+                    qk = qk * cos + qk.index_select(2, self.rope_perm) * sin
+                    q, k = qk[:, :q.shape[1]], qk[:, q.shape[1]:]
+                o = self.backend.forward(i, q, k, v, k_cache[i], v_cache[i], meta, self.scale)
             h, x = f.post_add_norm(h, f.o(o.reshape(n, -1)))
             if i + 1 < len(forwards):
                 h, x = forwards[i + 1].input_add_norm(h, f.mlp(x))

@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 
-def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           slot_mapping: torch.Tensor) -> None:
+def check_store(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of a store's arguments (shared with `kernels.rope.rope_store`)."""
     if key.dim() != 3 or key.shape != value.shape:
         raise ValueError(f"key and value must both be [N, num_kv_heads, head_dim], got {tuple(key.shape)} "
                          f"and {tuple(value.shape)}")
@@ -37,7 +38,7 @@ def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cach
 def store_kvcache_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot_mapping: torch.Tensor) -> None:
     """Torch reference (and the engine's CPU path): scatter rows with slot >= 0 into the caches, in place."""
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    check_store(key, value, k_cache, v_cache, slot_mapping)
     rows = (slot_mapping >= 0).nonzero().squeeze(1)
     slots = slot_mapping.index_select(0, rows).long()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
@@ -77,7 +78,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     Slots past the cache are dropped, not written (checking them would need a device sync in the decode loop);
     `store_kvcache_reference` raises on them instead.
     """
-    _check(key, value, k_cache, v_cache, slot_mapping)
+    check_store(key, value, k_cache, v_cache, slot_mapping)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
     if key.stride(-1) != 1 or value.stride(-1) != 1:

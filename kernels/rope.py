@@ -7,12 +7,18 @@ per (token, head) reads x, its half-swapped self and its position's cos / sin' r
 after each multiply and after the sum, as torch does. Under the interpreter (with the GPU's round-to-nearest) that
 is bit-identical to torch in bf16 and fp32; compiled, the multiply-adds may be contracted, and results differ from
 torch's by up to an ulp of the output dtype (an H200 showed both).
+
+`rope_store` also takes the step's KV store (`kernels.kv_cache.store_kvcache`) into the same launch: rotated k and
+v go straight into the paged cache at the slot mapping, and only q comes back. Attention reads k and v from the
+cache anyway, so a layer's RoPE and store are one kernel instead of two.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.kv_cache import check_store, store_kvcache_reference
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -29,37 +35,57 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_sign
     return _rotate(q, cos, sin_signed), _rotate(k, cos, sin_signed)
 
 
+def rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                         sin_signed: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`rope_reference`, then k and v stored at `slot_mapping` (-1 skipped); returns the rotated q."""
+    q, k = rope_reference(q, k, cos, sin_signed, positions)
+    store_kvcache_reference(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr,
-                 stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
+def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_ptr,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table, num_slots,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 STORE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (token, head): q heads, then k heads, then (STORE) v heads, copied unrotated. With STORE
+    the k and v rows go to their cache slot (`k_out`/`v_out` are the caches, rows of `NUM_K_HEADS * HEAD_DIM`)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     valid = d < HEAD_DIM
-    swapped = (d + HEAD_DIM // 2) % HEAD_DIM
-    table = tl.load(pos_ptr + t).to(tl.int64) * stride_table
-    c = tl.load(cos_ptr + table + d, mask=valid, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + table + d, mask=valid, other=0.0).to(tl.float32)
-    if h < NUM_Q_HEADS:
-        src = q_ptr + t * stride_qt + h * stride_qh
-        dst = q_out_ptr + (t * NUM_Q_HEADS + h) * HEAD_DIM
-    else:
-        src = k_ptr + t * stride_kt + (h - NUM_Q_HEADS) * stride_kh
-        dst = k_out_ptr + (t * NUM_K_HEADS + h - NUM_Q_HEADS) * HEAD_DIM
     dtype = q_out_ptr.dtype.element_ty
-    x = tl.load(src + d, mask=valid, other=0.0).to(tl.float32)
-    xs = tl.load(src + swapped, mask=valid, other=0.0).to(tl.float32)
-    a = (x * c).to(dtype).to(tl.float32)
-    b = (xs * s).to(dtype).to(tl.float32)
-    tl.store(dst + d, (a + b).to(dtype), mask=valid)
+    row = t
+    if STORE:
+        if h >= NUM_Q_HEADS:
+            row = tl.load(slot_ptr + t).to(tl.int64)
+            if (row < 0) | (row >= num_slots):  # -1 is padding; out of range is dropped, not written outside
+                return
+    if h >= NUM_Q_HEADS + NUM_K_HEADS:
+        src = v_ptr + t * stride_vt + (h - NUM_Q_HEADS - NUM_K_HEADS) * stride_vh
+        dst = v_out_ptr + (row * NUM_K_HEADS + h - NUM_Q_HEADS - NUM_K_HEADS) * HEAD_DIM
+        tl.store(dst + d, tl.load(src + d, mask=valid, other=0.0).to(v_out_ptr.dtype.element_ty), mask=valid)
+    else:
+        swapped = (d + HEAD_DIM // 2) % HEAD_DIM
+        table = tl.load(pos_ptr + t).to(tl.int64) * stride_table
+        c = tl.load(cos_ptr + table + d, mask=valid, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + table + d, mask=valid, other=0.0).to(tl.float32)
+        if h < NUM_Q_HEADS:
+            src = q_ptr + t * stride_qt + h * stride_qh
+            dst = q_out_ptr + (t * NUM_Q_HEADS + h) * HEAD_DIM
+        else:
+            src = k_ptr + t * stride_kt + (h - NUM_Q_HEADS) * stride_kh
+            dst = k_out_ptr + (row * NUM_K_HEADS + h - NUM_Q_HEADS) * HEAD_DIM
+        x = tl.load(src + d, mask=valid, other=0.0).to(tl.float32)
+        xs = tl.load(src + swapped, mask=valid, other=0.0).to(tl.float32)
+        a = (x * c).to(dtype).to(tl.float32)
+        b = (xs * s).to(dtype).to(tl.float32)
+        tl.store(dst + d, (a + b).to(dtype), mask=valid)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rope_reference` in one launch; returns new contiguous (q, k). Positions are not range-checked on the
-    device (CUDA-graph safe): the caller's positions index its own tables."""
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+           positions: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must be [N, H, D] with equal N and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     dim = q.shape[2]
@@ -74,11 +100,40 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.
                          f"{sin_signed.dtype}")
     if q.stride(2) != 1 or k.stride(2) != 1 or not (cos.is_contiguous() and sin_signed.is_contiguous()):
         raise ValueError("q and k must be contiguous along head_dim, the tables contiguous")
+
+
+def _launch(q, k, v, cos, sin_signed, positions, q_out, k_out, v_out, slots, num_slots: int) -> None:
+    store = slots is not None
+    if q.shape[0]:
+        _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1] * (2 if store else 1))](
+            q, k, v, cos, sin_signed, positions, q_out, k_out, v_out, slots if store else positions,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), num_slots,
+            NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_DIM=q.shape[2], STORE=store,
+            BLOCK_D=triton.next_power_of_2(q.shape[2]), num_warps=1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_reference` in one launch; returns new contiguous (q, k). Positions are not range-checked on the
+    device (CUDA-graph safe): the caller's positions index its own tables."""
+    _check(q, k, cos, sin_signed, positions)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
                                                                                       device=k.device)
-    if q.shape[0]:
-        _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1])](
-            q, k, cos, sin_signed, positions, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            cos.stride(0), NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_DIM=dim,
-            BLOCK_D=triton.next_power_of_2(dim), num_warps=1)
+    _launch(q, k, k, cos, sin_signed, positions, q_out, k_out, k_out, None, 0)
     return q_out, k_out
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+               positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`rope_store_reference` in one launch; returns the rotated q (new, contiguous). The caches are
+    `[num_blocks, block_size, num_kv_heads, head_dim]` (contiguous); slots past them are dropped, not written, as
+    `store_kvcache` does."""
+    _check(q, k, cos, sin_signed, positions)
+    check_store(k, v, k_cache, v_cache, slot_mapping)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v.stride(2) != 1:
+        raise ValueError("the caches must be contiguous and v contiguous along head_dim")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch(q, k, v, cos, sin_signed, positions, q_out, k_cache, v_cache, slot_mapping,
+            k_cache.shape[0] * k_cache.shape[1])
+    return q_out

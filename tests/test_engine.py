@@ -716,8 +716,8 @@ def test_triton_backend_equals_torch_backend(tiny):
 
 def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch):
     """The layer math a GPU runs in 16 bits, on this CPU (Triton's interpreter, bf16): q/k/v and gate/up fused,
-    the Triton RoPE on the fused output's strided slices, the residual add inside each norm's kernel, SwiGLU's
-    one-kernel gate, the Triton paged attention. A CFG rollout's log-probs (text, conditional and CFG-mixed image)
+    the Triton RoPE on the fused output's strided slices storing k and v into the cache itself, the residual add
+    inside each norm's kernel, SwiGLU's one-kernel gate, the Triton paged attention. A CFG rollout's log-probs (text, conditional and CFG-mixed image)
     stay within bf16 rounding of transformers' own bf16 forwards of the same tokens, and each kernel ran."""
     import engine.lean as lean_module
     import engine.model_runner as runner_module
@@ -734,11 +734,11 @@ def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch):
         monkeypatch.setattr(module, "gpu_kernels", lambda weight: weight.dtype != torch.float32)
     for name in ("add_rms_norm", "silu_mul", "rms_norm"):
         monkeypatch.setattr(lean_module, name, counted(name, getattr(lean_module, name)))
-    monkeypatch.setattr(runner_module, "rope", counted("rope", runner_module.rope))
+    monkeypatch.setattr(runner_module, "rope_store", counted("rope", runner_module.rope_store))
     bundle = build_preset("tiny", image_size=64, dtype=torch.bfloat16, seed=4)
     eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=100, block_size=16, attention_backend="triton",
                                          fuse_projections=True))
-    assert eng.runner.fused_rope and eng.runner.fuse_projections
+    assert eng.runner.fused_rope and eng.runner.rope_stores and eng.runner.fuse_projections
     params = SamplingParams(n=1, text_temperature=0, image_temperature=0, cfg_weight=3.0, max_reasoning_tokens=4,
                             min_reasoning_tokens=4, decode_images=False)
     [group] = eng.generate(PROMPTS[:1], params, use_tqdm=False)

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels.rope import rope, rope_reference
+from kernels.rope import rope, rope_reference, rope_store, rope_store_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -73,3 +73,54 @@ def test_bad_inputs_raise():
         rope(q, k, cos, sin, pos.float())
     with pytest.raises(ValueError, match="share a dtype"):
         rope(q, k, cos.double(), sin.double(), pos)
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 7), hq=st.integers(1, 5), hk=st.integers(1, 3), half=st.integers(1, 12),
+       bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_rope_store_equals_rope_then_store(poison, gpu_rounding, n, hq, hk, half, bf16, seed):
+    """RoPE with the KV store folded in: q as `rope` returns it (poisoned output), and the caches exactly as
+    `rope` then the store leave them, padding (-1) and out-of-range slots skipped, other slots untouched."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    dim = 2 * half
+    g = torch.Generator().manual_seed(seed)
+    qkv = (3 * torch.randn(n, hq + 2 * hk, dim, generator=g)).to(DEVICE, dtype)  # a fused projection's slices
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hk], qkv[:, hq + hk:]
+    positions = torch.randint(0, 64, (n,), generator=g).to(DEVICE)
+    cos, sin = tables(64, dim, dtype)
+    sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], 1)
+    blocks, block_size = 3, 4
+    slots = torch.randperm(blocks * block_size, generator=g)[:n]
+    slots[0] = -1  # a padding row
+    if n > 1:
+        slots[1] = blocks * block_size  # out of range: dropped
+    slots = slots.to(DEVICE)
+    start = torch.randn(2, blocks, block_size, hk, dim, generator=g).to(DEVICE, dtype)
+    caches = [start.clone(), start.clone()]  # the reference's and the kernel's, alike before
+    want_q = rope_store_reference(q, k, v, cos, sin_signed, positions, *caches[0], valid_slots(slots))
+    got_q = rope_store(q, k, v, cos, sin_signed, positions, *caches[1], slots)
+    assert torch.equal(got_q, want_q) if DEVICE.type == "cpu" else torch.allclose(got_q, want_q, rtol=2**-7)
+    assert torch.equal(caches[1][1], caches[0][1])  # values: copied unrotated
+    if DEVICE.type == "cpu":
+        assert torch.equal(caches[1][0], caches[0][0])
+    else:
+        torch.testing.assert_close(caches[1][0], caches[0][0], rtol=2**-7, atol=1e-6)
+
+
+def valid_slots(slots: torch.Tensor) -> torch.Tensor:
+    """The reference raises on out-of-range slots where the kernel drops them: mark those -1 for it."""
+    return torch.where(slots < 0, -1, torch.where(slots >= 12, -1, slots))
+
+
+def test_rope_store_bad_inputs_raise():
+    cos, sin = tables(16, 8, torch.float32)
+    q, k = torch.randn(2, 2, 8, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE)
+    cache = torch.zeros(2, 4, 1, 8, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="key rows"):
+        rope_store(q, k, k, cos, sin, pos, torch.zeros(2, 4, 2, 8, device=DEVICE), torch.zeros(2, 4, 2, 8,
+                                                                                              device=DEVICE), pos)
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        rope_store(q, k, k, cos, sin, pos, cache, cache.clone(), pos[:1])
+    with pytest.raises(ValueError, match="caches must be contiguous"):
+        rope_store(q, k, k, cos, sin, pos, cache.transpose(0, 1), cache.transpose(0, 1), pos)
