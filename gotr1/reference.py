@@ -6,9 +6,11 @@ which re-prefills prompt + chain with its own CFG batch (unconditional rows: BOS
 decode. That is as fast as transformers allows eagerly; we keep it honest by batching everything and doing no work
 twice that transformers itself does not do twice.
 
-`compile=True` is transformers' own fast path on top: the reasoning decodes over a static KV cache, which makes
-`generate` compile the decode forward (`CompileConfig`: CUDA graphs on a GPU), and the image loop (already on a
-static cache in transformers) calls its language model through `torch.compile` with the same settings.
+`compile=True` is transformers' own fast path on top: both phases decode over static KV caches, which makes
+`generate` compile the reasoning's decode forward (`CompileConfig`: CUDA graphs on a GPU), and the image loop
+calls its language model through `torch.compile` with the same settings. The caches are kept across calls, one
+per shape (transformers would make new ones per call, whose new addresses the CUDA graphs would be recorded for
+again).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, GenerationConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 from transformers.utils import logging as hf_logging
 
 from engine.model_runner import unwrap
@@ -87,6 +89,7 @@ class ReferenceGenerator:
     def __init__(self, bundle: JanusBundle, compile: bool = False):
         self.bundle = bundle
         self.compile_config = None
+        self._caches: dict[tuple[int, int], StaticCache] = {}
         if compile:
             cuda = bundle.device.type == "cuda"
             self.compile_config = CompileConfig(mode="reduce-overhead" if cuda else "default")
@@ -96,9 +99,18 @@ class ReferenceGenerator:
 
     def _settings(self) -> dict:
         """What `compile` adds to every generation config."""
+        return {} if self.compile_config is None else {"compile_config": self.compile_config}
+
+    def _cache(self, batch: int, length: int) -> dict:
+        """`compile`: the static cache of this shape (`generate`'s `cache=`), emptied; kept across calls."""
         if self.compile_config is None:
             return {}
-        return {"cache_implementation": "static", "compile_config": self.compile_config}
+        cache = self._caches.get((batch, length))
+        if cache is None:
+            config = unwrap(self.bundle.model).config.get_text_config(decoder=True)
+            cache = self._caches[(batch, length)] = StaticCache(config=config, max_cache_len=length)
+        cache.reset()
+        return {"cache": cache}
 
     @contextlib.contextmanager
     def _compiled_language_model(self):
@@ -132,7 +144,8 @@ class ReferenceGenerator:
                                         min_new_tokens=min_reasoning_tokens, eos_token_id=b.boi_id,
                                         **self._settings())
             out = b.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                   logits_processor=LogitsProcessorList([_Progress(bar)]))
+                                   logits_processor=LogitsProcessorList([_Progress(bar)]),
+                                   **self._cache(ids.shape[0], ids.shape[1] + max_reasoning_tokens))
         results = []
         for row in out[:, ids.shape[1]:].tolist():
             if b.boi_id in row:
@@ -153,7 +166,8 @@ class ReferenceGenerator:
                 total=b.num_image_tokens, desc="reference image", disable=not progress, leave=False) as bar:
             config = _generation_config(b, temperature, top_k, top_p, guidance_scale=cfg_weight, **self._settings())
             return b.model.generate(input_ids=ids, attention_mask=mask, generation_mode="image",
-                                    generation_config=config, logits_processor=LogitsProcessorList([_Progress(bar)]))
+                                    generation_config=config, logits_processor=LogitsProcessorList([_Progress(bar)]),
+                                    **self._cache(2 * ids.shape[0], ids.shape[1] + b.num_image_tokens))
 
     def generate(self, prompts: list[str], *, n: int = 1, text_temperature: float = 1.0,
                  image_temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_weight: float = 5.0,

@@ -68,4 +68,5 @@ def test_compiled_reference_samples_what_the_eager_one_does(tiny):
         assert [[(s.reasoning_ids, s.image_tokens.tolist()) for s in g] for g in got] == \
             [[(s.reasoning_ids, s.image_tokens.tolist()) for s in g] for g in want]
     assert stats["unique_graphs"] >= graphs + 2  # the text decode and the image loop's model were compiled
+    assert len(fast._caches) == 2  # one static cache per phase's shape, reused by the second call
     assert "forward" not in lm.__dict__
