@@ -58,10 +58,10 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ou
     dtype = q_out_ptr.dtype.element_ty
     row = t
     if STORE:
-        if h >= NUM_Q_HEADS:
+        if h >= NUM_Q_HEADS:  # a k or v row goes to its slot: -1 is padding, out of range is dropped
             row = tl.load(slot_ptr + t).to(tl.int64)
-            if (row < 0) | (row >= num_slots):  # -1 is padding; out of range is dropped, not written outside
-                return
+            rows = tl.zeros([BLOCK_D], dtype=tl.int64) + row
+            valid = valid & (rows >= 0) & (rows < num_slots)
     if h >= NUM_Q_HEADS + NUM_K_HEADS:
         src = v_ptr + t * stride_vt + (h - NUM_Q_HEADS - NUM_K_HEADS) * stride_vh
         dst = v_out_ptr + (row * NUM_K_HEADS + h - NUM_Q_HEADS - NUM_K_HEADS) * HEAD_DIM
