@@ -389,6 +389,18 @@ def test_decoding_a_bucket_after_a_longer_one_reads_nothing_stale(judge, monkeyp
     assert used.generate(short, prepared, 6) == want
 
 
+def test_decode_step_is_idempotent_as_graph_capture_needs(judge, monkeypatch):
+    """A graph's capture runs its body more than once before the first replay (warm-ups): the decode step writes
+    its keys and values at the position it is given, not at a cursor it advances, so running each step three
+    times decodes what running it once does."""
+    prepared = judge.prepare(_samples(3))
+    requests = [judge.request(GROUNDING.format(object=f"thing {i}"), 2 * i) for i in range(3)]
+    want = _variant(judge).generate(requests, prepared, 6)
+    thrice = _variant(judge)
+    monkeypatch.setattr(thrice, "_decoder", lambda *inputs: [thrice._decode_step(*inputs) for _ in range(3)][-1])
+    assert thrice.generate(requests, prepared, 6) == want
+
+
 def test_graphs_need_cuda_when_absent():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
