@@ -155,11 +155,13 @@ def run(args: argparse.Namespace) -> dict:
     r = args.reasoning_tokens
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
-    fused = engine.runner.fuse_projections  # the default, resolved for this device
+    fused = engine.config.fuse_projections = engine.runner.fuse_projections  # the default for this device
 
     def rollout(num_scheduler_steps: int, fuse: bool = fused) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
-        engine.config.fuse_projections = fuse  # read when the engine binds, before the rollout
+        if engine.config.fuse_projections != fuse:  # read at the next bind, which drops the CUDA graphs:
+            engine.config.fuse_projections = fuse  # they are captured again by an untimed warm-up
+            engine.generate(prompts[:1], SamplingParams(**greedy), use_tqdm=False)
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
                              device=args.device, warmup=0, repeats=1)
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
@@ -170,11 +172,11 @@ def run(args: argparse.Namespace) -> dict:
         compiled.generate(prompts, **settings)
     engine_times, single_times, other_times, hf_times, compiled_times = [], [], [], [], []
     other_match = compiled_match = True
-    for _ in range(args.repeats):
-        t, single_tokens = rollout(1)
-        single_times.append(t)
+    for _ in range(args.repeats):  # the fusion switches before the single-step side, never before the engine's
         t, other_tokens = rollout(args.num_scheduler_steps, fuse=not fused)
         other_times.append(t)
+        t, single_tokens = rollout(1)
+        single_times.append(t)
         engine.peak_used_blocks, steps = 0, engine.num_steps
         t, tokens = rollout(args.num_scheduler_steps)
         steps = engine.num_steps - steps
