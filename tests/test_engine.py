@@ -714,11 +714,14 @@ def test_triton_backend_equals_torch_backend(tiny):
         torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-4)
 
 
-def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch):
+@pytest.mark.parametrize("skinny_matmul", [False, True])
+def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch, skinny_matmul):
     """The layer math a GPU runs in 16 bits, on this CPU (Triton's interpreter, bf16): q/k/v and gate/up fused,
     the Triton RoPE on the fused output's strided slices storing k and v into the cache itself, the residual add
-    inside each norm's kernel, SwiGLU's one-kernel gate, the Triton paged attention. A CFG rollout's log-probs (text, conditional and CFG-mixed image)
-    stay within bf16 rounding of transformers' own bf16 forwards of the same tokens, and each kernel ran."""
+    inside each norm's kernel, SwiGLU's one-kernel gate, the Triton paged attention; and, where asked, the decode
+    projections through `kernels.skinny_matmul` (the stacked weights too). A CFG rollout's log-probs (text,
+    conditional and CFG-mixed image) stay within bf16 rounding of transformers' own bf16 forwards of the same
+    tokens, and each kernel ran."""
     import engine.lean as lean_module
     import engine.model_runner as runner_module
 
@@ -735,9 +738,11 @@ def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch):
     for name in ("add_rms_norm", "silu_mul", "rms_norm"):
         monkeypatch.setattr(lean_module, name, counted(name, getattr(lean_module, name)))
     monkeypatch.setattr(runner_module, "rope_store", counted("rope", runner_module.rope_store))
+    import kernels.skinny_matmul as skinny_module
+    monkeypatch.setattr(skinny_module, "skinny_matmul", counted("skinny", skinny_module.skinny_matmul))
     bundle = build_preset("tiny", image_size=64, dtype=torch.bfloat16, seed=4)
     eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=100, block_size=16, attention_backend="triton",
-                                         fuse_projections=True))
+                                         fuse_projections=True, skinny_matmul=skinny_matmul))
     assert eng.runner.fused_rope and eng.runner.rope_stores and eng.runner.fuse_projections
     params = SamplingParams(n=1, text_temperature=0, image_temperature=0, cfg_weight=3.0, max_reasoning_tokens=4,
                             min_reasoning_tokens=4, decode_images=False)
@@ -747,6 +752,7 @@ def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch):
     assert calls["rope"] == calls["silu_mul"] and calls["add_rms_norm"] == (2 * layers - 1) * calls["rope"] // layers
     assert calls["rope"] >= layers * (1 + 4 + 16 - 1)  # a prefill and every decode step, each layer
     assert calls["rms_norm"] > calls["rope"] // layers  # the first input norm of every forward, the heads' norms
+    assert (calls.get("skinny", 0) > 0) == skinny_matmul
     text, cond, mixed, _ = teacher_forced(bundle, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0,
                                           image_t=0, cfg=3.0)
     torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=0.1)
