@@ -119,7 +119,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.
     _check(q, k, cos, sin_signed, positions)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
                                                                                       device=k.device)
-    _launch(q, k, k, cos, sin_signed, positions, q_out, k_out, k_out, None, 0)
+    _launch(q, k, k, cos, sin_signed, positions, q_out, k_out, k_out, None, 0)  # no v heads without a store
     return q_out, k_out
 
 
