@@ -57,7 +57,8 @@ class LLMEngine:
     def _add(self, prompt: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> str:
         if not self.scheduler.has_unfinished():
             self.runner.bind(self.bundle.model)  # the model may have been wrapped or merged since
-        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        if request_id is None:  # the next number no caller-chosen id holds
+            request_id = next(i for i in map(str, self._request_ids) if i not in self.scheduler.groups)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         group = Group(request_id=request_id, prompt=prompt, prompt_ids=prompt_ids, params=params, seed=seed,
                       num_image_tokens=self.num_image_tokens)
@@ -91,6 +92,8 @@ class LLMEngine:
         the window early when it returns True: a server passes "a request arrived", so the request's prefill
         waits for one step, not for the rest of the window."""
         batch = self.scheduler.schedule()
+        if not batch.seqs:  # nothing unfinished (idle, or the last request was just aborted)
+            return []
         self.peak_used_blocks = max(self.peak_used_blocks, self.block_manager.num_used_blocks)
         return [self._output(g) for g in self._run(batch, interrupt)]
 

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Settings reach the sampling kernels as float32 and int64. Beyond these bounds a temperature or guidance weight
+# turns logits into inf or NaN (garbage tokens, not an error); a positive temperature under MIN_TEMPERATURE is
+# greedy in all but name (0 asks for greedy). Within them |logits| * (1 + w) / T stays far below float32's max.
+MIN_TEMPERATURE, MAX_TEMPERATURE, MAX_CFG_WEIGHT, MAX_TOP_K = 1e-3, 1e3, 1e3, 2**63 - 1
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -32,14 +37,15 @@ class SamplingParams:
         if not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be a positive int, got {self.n!r}")
         for name in ("text_temperature", "image_temperature"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0 (0 = greedy), got {getattr(self, name)!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+            t = getattr(self, name)
+            if not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+                raise ValueError(f"{name} must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t!r}")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an int in [0, 2**63) (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.cfg_weight >= 0:
-            raise ValueError(f"cfg_weight must be >= 0, got {self.cfg_weight!r}")
+        if not 0 <= self.cfg_weight <= MAX_CFG_WEIGHT:
+            raise ValueError(f"cfg_weight must be in [0, {MAX_CFG_WEIGHT}], got {self.cfg_weight!r}")
         if not isinstance(self.max_reasoning_tokens, int) or self.max_reasoning_tokens < 0:
             raise ValueError(f"max_reasoning_tokens must be an int >= 0, got {self.max_reasoning_tokens!r}")
         if not isinstance(self.min_reasoning_tokens, int) or not 0 <= self.min_reasoning_tokens \

@@ -12,7 +12,9 @@ sampled from the conditional row alone, and the prefix exists only while some re
 """
 from __future__ import annotations
 
+import functools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -71,9 +73,10 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------------ requests
     def blocks_to_finish_alone(self, group: Group) -> int:
         """KV blocks one sample of `group` needs with nothing else in the pool: its conditional row and, when
-        guided, the shared unconditional prefix and its unconditional row, each at their longest."""
+        guided, the shared unconditional prefix and its unconditional row, each at their longest (the last image
+        token is sampled, never fed: a row's KV holds `max_len - 1` positions)."""
         bm = self.block_manager
-        cond = bm.blocks_for(group.max_len)
+        cond = bm.blocks_for(group.max_len - 1)
         if not group.guided:
             return cond
         return 2 * cond + bm.blocks_for(len(group.prompt_ids) + group.params.max_reasoning_tokens)
@@ -162,8 +165,8 @@ class Scheduler:
             if prefix is None:
                 prefix = self.uncond_prefix = Sequence([self.bos_id])
             prefix.token_ids.extend([self.pad_id] * (target - len(prefix)))
-            if not self._make_room(bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens,
-                                                    target - prefix.num_cached_tokens)):
+            if not self._make_room(lambda: bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens,
+                                                            target - prefix.num_cached_tokens)):
                 raise RuntimeError("the shared unconditional prefix does not fit an otherwise empty KV cache "
                                    "(a bug: requests are checked to fit when added)")
             batch.add_row(prefix, bm.append(prefix, target - prefix.num_cached_tokens))
@@ -248,13 +251,10 @@ class Scheduler:
             pair = s.uncond is not None
             if rows + 1 + pair > self.max_num_seqs:
                 break
-            need = bm.blocks_needed(s.cond.block_table, s.cond.num_cached_tokens, 1)
-            if pair:
-                need += bm.blocks_needed(s.uncond.block_table, s.uncond.num_cached_tokens, 1)
             scheduled.add(id(s))
-            if need <= bm.num_free_blocks:
+            if self._decode_need(s) <= bm.num_free_blocks:
                 i += 1
-            elif self._make_room(need, scheduled):
+            elif self._make_room(functools.partial(self._decode_need, s), scheduled):
                 i = self.running.index(s) + 1  # preemption may have removed samples before it (awaiting the prefix)
             else:
                 scheduled.discard(id(s))
@@ -314,10 +314,19 @@ class Scheduler:
         for seq in batch.seqs:
             seq.num_cached_tokens = min(seq.num_cached_tokens, len(seq) - 1)
 
-    def _make_room(self, need: int, protected: set[int] = frozenset()) -> bool:
-        """Preempt the most recently admitted samples outside `protected` (ids) until `need` blocks are free."""
+    def _decode_need(self, s: Sample) -> int:
+        """Free blocks the next decode step of `s` takes (both rows of a pair)."""
         bm = self.block_manager
-        while need > bm.num_free_blocks:
+        need = bm.blocks_needed(s.cond.block_table, s.cond.num_cached_tokens, 1)
+        if s.uncond is not None:
+            need += bm.blocks_needed(s.uncond.block_table, s.uncond.num_cached_tokens, 1)
+        return need
+
+    def _make_room(self, need: Callable[[], int], protected: set[int] = frozenset()) -> bool:
+        """Preempt the most recently admitted samples outside `protected` (ids) until `need()` blocks are free;
+        asked again after each preemption, which can unshare a block the requester was to copy."""
+        bm = self.block_manager
+        while need() > bm.num_free_blocks:
             victim = next((s for s in reversed(self.running) if id(s) not in protected), None)
             if victim is None:
                 return False

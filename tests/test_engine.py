@@ -786,6 +786,13 @@ def test_engine_errors_are_clear(tiny, engine):
         engine.generate([" "], use_tqdm=False)
     with pytest.raises(ValueError, match="min_reasoning_tokens"):
         SamplingParams(max_reasoning_tokens=3, min_reasoning_tokens=4)
+    # values float32/int64 sampling cannot honour: inf/NaN logits (garbage tokens) or an overflow mid-step
+    for bad, match in ((dict(text_temperature=1e-40), "text_temperature"), (dict(image_temperature=1e300), "image"),
+                       (dict(text_temperature=float("nan")), "text"), (dict(cfg_weight=1e39), "cfg_weight"),
+                       (dict(cfg_weight=float("inf")), "cfg_weight"), (dict(top_k=2**63), "top_k")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**bad)
+    SamplingParams(text_temperature=1e-3, image_temperature=1e3, cfg_weight=1e3, top_k=2**63 - 1)  # the bounds
     with pytest.raises(ValueError, match="needs a CUDA device"):
         LLMEngine(tiny, EngineConfig(num_kv_blocks=10, attention_backend="flash_attn"))
     with pytest.raises(TypeError, match="JanusBundle"):
@@ -800,5 +807,14 @@ def test_abort_frees_blocks(engine):
     assert engine.block_manager.num_used_blocks > 0
     engine.abort(rid)
     assert engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished()
+    steps = engine.num_steps
+    assert engine.step() == [] and engine.num_steps == steps  # nothing left to run: no empty batch to the model
     with pytest.raises(KeyError):
         engine.abort(rid)
+    one = SamplingParams(n=1, max_reasoning_tokens=8, decode_images=False)
+    taken = str(int(engine.add_request(PROMPTS[0], one)) + 1)
+    assert engine.add_request(PROMPTS[0], one, request_id=taken) == taken
+    auto = engine.add_request(PROMPTS[0], one)
+    assert auto not in (taken, rid) and len(engine.scheduler.groups) == 3  # an automatic id skips a caller's
+    for r in list(engine.scheduler.groups):
+        engine.abort(r)

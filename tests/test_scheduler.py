@@ -281,8 +281,8 @@ def test_cfg_weight_1_takes_no_uncond_rows_prefix_or_blocks():
     sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
     group = make_group("u", 10, 4, 6, 2, 1.0, num_image_tokens=8, seed=3)  # rows up to 10 + 6 + 1 + 8 = 25 tokens
-    assert sched.blocks_to_finish_alone(group) == 7
-    assert sched.blocks_to_finish_alone(make_group("g", 10, 4, 6, 2, num_image_tokens=8, seed=3)) == 2 * 7 + 4
+    assert sched.blocks_to_finish_alone(group) == 6  # the last image token is never fed: 24 positions of KV
+    assert sched.blocks_to_finish_alone(make_group("g", 10, 4, 6, 2, num_image_tokens=8, seed=3)) == 2 * 6 + 4
     sched.add(group)
     image_rows = 0
     while sched.has_unfinished():
@@ -333,3 +333,27 @@ def test_uncond_prefix_lives_only_while_a_guided_request_does():
             assert bm.num_used_blocks == len({b for s in sched.groups["u"].samples for b in s.cond.block_table})
             checked = True
     assert had_prefix and checked and bm.num_used_blocks == 0
+
+
+def test_preempting_a_sharer_unshares_the_block_a_sample_was_to_copy():
+    """A one-block pool that holds one unguided sample (prompt 2 + BOI + 1 image token): the first decode step's
+    sample would copy the prompt block it shares with its sibling, but preempting the sibling leaves it the
+    block's only holder, so it writes in place (the need is asked again after each preemption)."""
+    spec = (2, 2, 0, 0, 1.0)
+    roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=1)
+    tight, sched, _ = run([spec], num_blocks=1, block_size=4, num_image_tokens=1)
+    assert tight == roomy and sched.num_preemptions > 0
+
+
+@pytest.mark.parametrize("cfg_weight,num_blocks", [(1.0, 1), (5.0, 3)])
+def test_a_row_ending_one_past_a_block_boundary_fits(cfg_weight, num_blocks):
+    """Prompt 2 + 1 reasoning token + BOI + 1 image token is 5 tokens, but the last image token is sampled and
+    never fed: each row's KV is 4 positions, one block of 4 (the unconditional prefix, 3 positions, one more).
+    Such a pool is accepted, not refused as one that can never fit, and runs the request to its end."""
+    spec = (2, 2, 1, 0, cfg_weight)
+    sched = Scheduler(EngineConfig(block_size=4), BlockManager(num_blocks, 4), bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    assert sched.blocks_to_finish_alone(make_group("x", *spec, num_image_tokens=1, seed=0)) == num_blocks
+    roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=1)
+    tight, _, _ = run([spec], num_blocks=num_blocks, block_size=4, num_image_tokens=1)
+    assert tight == roomy
+
