@@ -8,6 +8,7 @@ is replaced atomically after it, so a crash at any moment leaves the previous ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -20,6 +21,7 @@ from torch import nn
 
 LATEST = "latest"
 STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
 
 
 def rng_state() -> dict[str, Any]:
@@ -37,10 +39,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a directory (its entries) to disk: a rename is only as durable as what it publishes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -56,12 +69,21 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
     model.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), **extra}, tmp / STATE)
-    with open(tmp / STATE, "rb") as f:
-        os.fsync(f.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync(f)
+    _fsync(tmp)
+    # A checkpoint of this step exists when a run resumed from an earlier one: it is renamed aside, never deleted
+    # in place, so `latest` (which may name it) is left without a complete checkpoint only between two renames.
+    aside = output_dir / f".checkpoint-{step}.old"
+    if aside.exists():
+        shutil.rmtree(aside)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, aside)
     os.replace(tmp, final)
     _write_text_atomic(output_dir / LATEST, final.name + "\n")
+    if aside.exists():
+        shutil.rmtree(aside)
     return final
 
 
@@ -77,6 +99,20 @@ def resolve_checkpoint(resume: str | Path) -> Path:
         raise FileNotFoundError(f"{path / LATEST} points to {target}, which holds no {STATE}")
     raise FileNotFoundError(f"no checkpoint at {path}: expected a checkpoint-N directory or a run directory "
                             f"with a '{LATEST}' file")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (and a torn last line): a resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    _write_text_atomic(path, "".join(kept))
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
@@ -127,4 +163,6 @@ class Checkpointed:
         set_rng_state(state["rng"])
         self.load_data_state(state["data"])
         self.step, self.history = state["step"], state.get("history", [])
+        if getattr(self, "rank", 0) == 0:
+            truncate_metrics(Path(self.output_dir) / METRICS, self.step)
         return checkpoint

@@ -92,6 +92,10 @@ class GRPOConfig(TrainConfig):
     reward_combination: str = "product"
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
     judge: str = "tiny-qwen"
+    # Groups whose rewards are all equal have zero advantages: leave them out of the update (DAPO's dynamic
+    # sampling, without resampling). One process only: under torchrun every rank must run the same collectives
+    # and micro-batches, so there all samples train, as in TRL (zero advantage; only the KL term and the
+    # normaliser see them).
     skip_zero_variance_groups: bool = True
     kv_cache_memory_bytes: int = 512 * 2**20
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ class GRPOTrainer(ckpt.Checkpointed):
         if config.prompts_per_step % self.world:
             raise ValueError(f"prompts_per_step={config.prompts_per_step} must be divisible by the "
                              f"{self.world} ranks (each group stays on one rank)")
+        if config.beta > 0 and not config.use_lora:
+            raise ValueError("beta > 0 needs use_lora: the reference model is the policy with its adapter disabled")
         if config.scale_rewards == "batch" and self.world > 1:
             raise ValueError("scale_rewards='batch' needs rewards of all ranks; use 'group' or 'none' with torchrun")
         torch.manual_seed(config.seed)
@@ -146,7 +149,7 @@ class GRPOTrainer(ckpt.Checkpointed):
         samples = [s for g in groups for s in g.samples]
         keep = torch.ones(len(samples), dtype=torch.bool)
         zero_var = adv.zero_std_groups
-        if c.skip_zero_variance_groups:
+        if c.skip_zero_variance_groups and self.world == 1:  # ranks must not diverge in DDP's collectives
             keep = ~zero_var.repeat_interleave(n)
         metrics: dict[str, Any] = {
             "reward/mean": float(totals.mean()), "reward/std": float(totals.std()) if len(totals) > 1 else 0.0,
@@ -159,6 +162,11 @@ class GRPOTrainer(ckpt.Checkpointed):
         }
         if keep.any():
             metrics.update(self.optimize([s for s, k in zip(samples, keep) if k], adv.advantages[keep]))
+        else:  # no update, but the learning rate still follows the step count (torch warns of a skipped update)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
+                for _ in range(c.num_iterations):
+                    self.scheduler.step()
         t3 = time.perf_counter()
         tokens = sum(len(s.reasoning_ids) + len(s.image_tokens) for s in samples)
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,

@@ -78,7 +78,7 @@ def _prepare(rewards: torch.Tensor, group_size: int, combine: str | int, scale_r
         used = [combine]
     else:
         raise ValueError(f"combine must be 'product', 'sum' or a column index in [0, {k}), got {combine!r}")
-    rewards = rewards.float()
+    rewards = rewards.float().contiguous()  # the kernel reads columns at stride 1
     if nan_policy == "raise":
         bad = ~torch.isfinite(rewards[:, used])
         if bad.any():
@@ -94,7 +94,7 @@ def _prepare(rewards: torch.Tensor, group_size: int, combine: str | int, scale_r
         raise ValueError(f"token_counts must be [G*N={total}], got shape {tuple(token_counts.shape)}")
     if bool((token_counts < 0).any()):
         raise ValueError("token_counts must be non-negative")
-    return rewards, token_counts, int(token_counts.sum())
+    return rewards, token_counts.contiguous(), int(token_counts.sum())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -154,3 +154,17 @@ def test_bench_reference(benchmark):
     rewards = rewards_case(16, 16)
     counts = torch.full((256,), 876, device=DEVICE)
     benchmark(group_advantages_reference, rewards, 16, token_counts=counts)
+
+
+@pytest.mark.parametrize("combine", COMBINES)
+@pytest.mark.usefixtures("poison")
+def test_strided_rewards_and_token_counts_match_reference(combine):
+    """A transposed reward matrix (column stride != 1) and a strided token-count view: the kernel must read them as
+    the reference does, not assume contiguous rows."""
+    rewards = rewards_case(3, 8).T.contiguous().T  # same values, strides (1, 24)
+    counts = torch.randint(0, 9, (48,), generator=torch.Generator().manual_seed(1)).to(DEVICE)[::2]
+    assert rewards.stride(1) != 1 and not counts.is_contiguous()
+    out = group_advantages(rewards, 8, combine=combine, token_counts=counts)
+    ref = group_advantages_reference(rewards.contiguous(), 8, combine=combine, token_counts=counts.contiguous())
+    assert max_rel_err(out.advantages, ref.advantages) < 1e-5
+    assert max_rel_err(out.token_advantages, ref.token_advantages) < 1e-5

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,25 @@ def test_zero_variance_groups_are_logged_and_skipped(tmp_path):
     assert all(h["groups/zero_variance"] == 2 and h["groups/trained"] == 0 for h in history)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
     assert (tmp_path / "checkpoint-2").is_dir()
+    assert trainer.scheduler.last_epoch == 2  # the learning rate still follows the step count
+
+
+def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    """A run resumed from an earlier checkpoint saves a step that exists: the old one is renamed aside before the
+    new one takes its name, so a crash mid-delete cannot leave `latest` naming a partial directory."""
+    import shutil
+
+    trainer = make_trainer(tmp_path, max_steps=2, save_steps=1)
+    trainer.train()
+    resumed = make_trainer(tmp_path, max_steps=2, save_steps=1)
+    resumed.resume(tmp_path / "checkpoint-1")
+    deleted = []
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (deleted.append(Path(p).name), real_rmtree(p, *a, **k)))
+    resumed.train()
+    assert deleted == [".checkpoint-2.old"]
+    assert sorted(p.name for p in tmp_path.glob("*checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-2"
 
 
 class NaNJudge:
@@ -152,3 +172,95 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(m1, m2):
         assert abs(x["reward/mean"] - y["reward/mean"]) < 1e-6
+
+
+RANK_SCRIPT = """
+import sys, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_grpo import ConstantJudge, make_trainer
+from gotr1.rewards import CodebookSubsetJudge
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+trainer = make_trainer({out!r}, judge=ConstantJudge() if rank == 0 else CodebookSubsetJudge(512), max_steps=1,
+                       save_steps=1)
+history = trainer.train()
+print("rank", rank, "zero_variance", history[0]["groups/zero_variance"], "loss" in history[0], flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_with_zero_variance_groups_on_one_rank_only_finish(tmp_path):
+    """Skipping a rank's zero-variance groups would leave it out of DDP's backward and the token all-reduce while
+    the other rank waits there: under torchrun every sample trains (zero advantage), and the step completes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path / "out")))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", port, str(script)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # rank 0's 1 zero-variance group (of 1) and rank 1's (0 of 1) averaged; both ranks ran the loss
+    assert sorted(run.stdout.split("\n")[:2]) == ["rank 0 zero_variance 0.5 True", "rank 1 zero_variance 0.5 True"]
+    assert (tmp_path / "out" / "checkpoint-1").is_dir()
+
+
+class FailingJudge(CodebookSubsetJudge):
+    """Scores `calls` batches, then dies as a crashed run would."""
+
+    def __init__(self, calls: int):
+        super().__init__(512)
+        self.calls = calls
+
+    def score(self, samples):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("judge died")
+        return super().score(samples)
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    """Steps logged after the last checkpoint are run again on resume: metrics.jsonl must not hold them twice."""
+    crashed = make_trainer(tmp_path, judge=FailingJudge(3))  # checkpoint at step 2, step 3 logged, dies in step 4
+    with pytest.raises(RuntimeError, match="judge died"):
+        crashed.train()
+    resumed = make_trainer(tmp_path)
+    resumed.resume(tmp_path)
+    assert resumed.step == 2
+    resumed.train()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_kl_without_lora_is_refused_before_any_rollout(tmp_path):
+    """The reference model is the policy with its LoRA adapter disabled; full fine-tuning has none to disable."""
+    with pytest.raises(ValueError, match="beta > 0 needs use_lora"):
+        make_trainer(tmp_path, beta=0.04, use_lora=False)
+
+
+def test_checkpoint_files_reach_the_disk_before_latest_names_them(tmp_path, monkeypatch):
+    """A power cut must not leave `latest` naming a checkpoint whose weights were never flushed: every file of the
+    checkpoint, its directory, the run directory and `latest` are fsynced, each before the rename that publishes it."""
+    import os
+
+    trainer = make_trainer(tmp_path)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
+    final = trainer.save()
+    tmp = tmp_path / f".{final.name}.tmp"
+    publish = events.index(("replace", str(tmp)))
+    synced = {p for kind, p in events[:publish] if kind == "fsync"}
+    assert {str(tmp / f.name) for f in final.iterdir()} | {str(tmp)} <= synced
+    latest_tmp = str(tmp_path / ".latest.tmp")
+    assert events.index(("fsync", latest_tmp)) < events.index(("replace", latest_tmp))
+    assert ("fsync", str(tmp_path)) in events[events.index(("replace", latest_tmp)):]
