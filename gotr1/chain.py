@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -49,6 +50,8 @@ class ParsedChain:
 
 def box_problem(box: Sequence[int]) -> str | None:
     """Why `box` is not a valid GoT box, or None."""
+    if len(box) != 4 or not all(isinstance(v, Integral) and not isinstance(v, bool) for v in box):
+        return f"a box is four integers (x1, y1, x2, y2), got {tuple(box)!r}"
     x1, y1, x2, y2 = box
     if any(not 0 <= v <= COORD_MAX for v in box):
         return f"coordinates out of range 0..{COORD_MAX}: ({x1},{y1}),({x2},{y2})"
@@ -68,6 +71,9 @@ def format_chain(objects: Iterable[ChainObject], prose: Sequence[str] = ()) -> s
     Invalid names or boxes raise: we only ever write chains that `parse_chain` reads back exactly.
     """
     objects = list(objects)
+    for text in prose:
+        if any(tag in text for tag in GOT_TAGS):
+            raise ValueError(f"prose {text!r} must be free of GoT tags")
     parts: list[str] = []
     for i, obj in enumerate(objects):
         name = obj.name
@@ -141,6 +147,10 @@ def parse_chain(text: str) -> ParsedChain:
             if bm is None:
                 out.problems.append(f"object {label!r}: malformed box {body.strip()!r}")
                 continue
+            if any(len(v.lstrip("-0")) > len(str(COORD_MAX)) for v in bm.groups()):  # int() refuses > 4300 digits
+                out.problems.append(f"object {label!r}: coordinates out of range 0..{COORD_MAX}: "
+                                    f"{body.strip()[:80]!r}")
+                continue
             box = tuple(int(v) for v in bm.groups())
             if (problem := box_problem(box)) is not None:
                 out.problems.append(f"object {label!r}: {problem}")
@@ -172,6 +182,8 @@ def draw_boxes(image: Image.Image, objects: Sequence[ChainObject], line_width: i
     font = ImageFont.load_default()
     lw = line_width or max(1, min(image.size) // 128)
     for i, obj in enumerate(objects):
+        if (problem := box_problem(obj.box)) is not None:
+            raise ValueError(f"object {obj.name!r}: {problem}")
         colour = PALETTE[i % len(PALETTE)]
         x1, y1, x2, y2 = to_pixels(obj.box, *image.size)
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=lw)
@@ -193,6 +205,8 @@ OVERLAY_MIN_SIDE = 256  # smaller images (the shapes world's 64 px) are enlarged
 def layout_overlay(image: Image.Image, objects: Sequence[ChainObject]) -> Image.Image:
     """Side by side: the generated image with the planned boxes drawn over it | the layout alone."""
     image = image.convert("RGB")
+    if min(image.size) == 0:
+        raise ValueError(f"cannot draw a layout over an empty image ({image.width}x{image.height})")
     if min(image.size) < OVERLAY_MIN_SIDE:
         scale = -(-OVERLAY_MIN_SIDE // min(image.size))
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)

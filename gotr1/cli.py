@@ -64,9 +64,16 @@ def preset_sampling(args: argparse.Namespace) -> dict[str, float]:
     return {k: v if (v := getattr(args, k)) is not None else defaults[k] for k in defaults}
 
 
+def check_out_dir(path: str | None) -> None:
+    """Before any work: an output directory that cannot be one would fail only once the samples exist."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise NotADirectoryError(f"output path {path} exists and is not a directory")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gotr1.artifacts import save_groups
 
+    check_out_dir(args.out)
     prompts = read_prompt_args(args)
     bundle = load_from_args(args, args.dtype)
     settings = {"text_temperature": args.text_temperature, "image_temperature": args.image_temperature,
@@ -221,6 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gotr1.shapes.world import parse_prompts
 
     config = build_config(EvalConfig, args)
+    check_out_dir(args.out)
     prompts = read_prompt_args(args, default_split="val")
     parse_prompts(prompts)  # before loading anything: a prompt outside the grammar cannot be scored
     bundle = load_from_args(args, args.dtype)
@@ -242,18 +250,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gotr1.model import load_adapter
     from gotr1.serving import ServerConfig, serve
 
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    bundle = load_from_args(args, args.dtype or ("bfloat16" if cuda else "float32"))
-    if args.adapter:
-        load_adapter(bundle, args.adapter)
+    if not 0 <= args.port <= 65535:  # like the flags below, checked before the model loads, not after by uvicorn
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
     engine_config = EngineConfig(**{k: v for k, v in (("block_size", args.block_size),
                                                       ("num_kv_blocks", args.num_kv_blocks),
                                                       ("num_scheduler_steps", args.num_scheduler_steps))
                                     if v is not None})
     defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
-    serve(bundle, host=args.host, port=args.port, engine_config=engine_config,
-          config=ServerConfig(max_n=args.max_n, max_queue=args.max_queue, interrupt_windows=args.interrupt_windows,
-                              **defaults))
+    config = ServerConfig(max_n=args.max_n, max_queue=args.max_queue, interrupt_windows=args.interrupt_windows,
+                          **defaults)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    bundle = load_from_args(args, args.dtype or ("bfloat16" if cuda else "float32"))
+    if args.adapter:
+        load_adapter(bundle, args.adapter)
+    serve(bundle, host=args.host, port=args.port, engine_config=engine_config, config=config)
     return 0
 
 
@@ -338,13 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from yaml import YAMLError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a checkpoint records as the command that made it
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:  # bad input or a file system refusing: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except YAMLError as e:  # only --config is YAML
+        print(f"error: {getattr(args, 'config', None)} is not valid YAML: {e}", file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """One prompt per line (text) or one JSON object with a "prompt" key per line (JSONL); blanks skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise FileNotFoundError(f"prompt file {path} {'is not a file' if path.exists() else 'does not exist'}")
     prompts = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()

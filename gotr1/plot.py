@@ -11,14 +11,14 @@ from gotr1.chain import PALETTE
 
 def plot_curves(series: dict[str, list[float]], path: str | Path, title: str = "reward",
                 size: tuple[int, int] = (720, 420)) -> Path:
-    """One line per named series over the step index (long runs: faint raw values under a trailing mean); NaN
-    points are skipped, axes labelled with the range."""
+    """One line per named series over the step index (long runs: faint raw values under a trailing mean);
+    non-finite points (NaN, inf) are skipped, axes labelled with the range."""
     width, height = size
     left, right, top, bottom = 60, 150, 30, 40
     image = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    values = [v for s in series.values() for v in s if not math.isnan(v)]
+    values = [v for s in series.values() for v in s if math.isfinite(v)]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
@@ -40,7 +40,7 @@ def plot_curves(series: dict[str, list[float]], path: str | Path, title: str = "
     window = steps // 20  # GRPO rewards are noisy step to step: a trailing mean over 5% of the run shows the trend
     for k, (name, s) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
-        points = [xy(i, v) for i, v in enumerate(s) if not math.isnan(v)]
+        points = [xy(i, v) for i, v in enumerate(s) if math.isfinite(v)]
         if len(points) > 1 and window > 1:
             draw.line(points, fill=tuple(c + (255 - c) * 3 // 4 for c in colour), width=1)  # raw, faint
             points = [xy(i, v) for i, v in enumerate(trailing_mean(s, window)) if not math.isnan(v)]
@@ -60,7 +60,7 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
     """Mean of the last `window` finite values at each step (NaN until one is seen)."""
     out, recent = [], []
     for v in values:
-        if not math.isnan(v):
+        if math.isfinite(v):
             recent = (recent + [v])[-window:]
         out.append(sum(recent) / len(recent) if recent else math.nan)
     return out

@@ -133,3 +133,57 @@ def test_layout_renderer_draws_boxes_where_planned():
     assert panel.size == (600, 260)
     small = layout_overlay(Image.new("RGB", (64, 64), (0, 0, 0)), objs)  # enlarged 4x so labels fit beside it
     assert small.size == (512, 256) and small.getpixel((255, 128)) == (0, 0, 0)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_parse_never_raises_on_a_huge_coordinate():
+    """Python refuses int() of over 4300 digits; the parser must report it, not raise."""
+    text = f"{OBJ_START}cat{OBJ_END} {BOX_START}({'9' * 5000},0),(1,1){BOX_END}"
+    parsed = parse_chain(text)
+    assert parsed.objects == [] and any("out of range" in p for p in parsed.problems)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=60), st.sampled_from(GOT_TAGS))
+def test_format_chain_refuses_prose_that_would_not_read_back(prose, tag):
+    import pytest
+
+    objs = [ChainObject("cat", (0, 0, 5, 5))]
+    with pytest.raises(ValueError, match="prose"):
+        format_chain(objs, [prose + tag])
+
+
+def test_format_chain_refuses_non_integer_boxes():
+    import pytest
+
+    for box in [(0.5, 0, 10, 10), (True, 0, 10, 10), (0, 0, 10), ("0", 0, 10, 10)]:
+        with pytest.raises(ValueError, match="box"):
+            format_chain([ChainObject("cat", box)])  # type: ignore[arg-type]
+
+
+def test_drawing_an_invalid_box_says_which_object():
+    import pytest
+    from PIL import Image
+
+    for box, message in [((500, 500, 10, 10), "reversed"), ((0, 0, 1001, 5), "out of range")]:
+        with pytest.raises(ValueError, match=f"'cat'.*{message}"):
+            render_layout([ChainObject("cat", box)], 16)
+    with pytest.raises(ValueError, match="empty image"):
+        layout_overlay(Image.new("RGB", (0, 0)), [])
+    # degenerate but valid: a point, a line, the whole canvas, on a 1-pixel image
+    for box in [(500, 500, 500, 500), (0, 10, 1000, 10), (0, 0, 1000, 1000)]:
+        assert render_layout([ChainObject("x", box)], 1).size == (1, 1)
+        assert render_layout([ChainObject("猫🐱", box)], 8).getextrema() != ((255, 255),) * 3
+
+
+unicode_names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12).filter(
+    lambda s: s == s.strip() and s and not any(t in s for t in GOT_TAGS))
+unicode_prose = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30).filter(
+    lambda s: not any(t in s for t in GOT_TAGS))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.builds(ChainObject, unicode_names, boxes()), max_size=4), st.lists(unicode_prose, max_size=5))
+def test_round_trip_with_any_unicode_names_and_prose(objs, prose):
+    parsed = parse_chain(format_chain(objs, prose))
+    assert parsed.objects == objs and parsed.problems == []

@@ -15,6 +15,8 @@ def test_read_prompts_text_and_jsonl(tmp_path):
         read_prompts(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        read_prompts(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"prompt": ""}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_prompts(tmp_path / "bad.jsonl")

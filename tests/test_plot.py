@@ -30,3 +30,15 @@ def test_short_runs_draw_the_values_themselves(tmp_path):
     colour = np.array(PALETTE[0])
     assert (pixels == colour + (255 - colour) * 3 // 4).all(1).sum() == 0
     assert (pixels == colour).all(1).sum() > 100
+
+
+def test_infinite_points_are_skipped_like_nan(tmp_path):
+    """One inf must not stretch the axis over every finite point (nor label it "inf"): drawn as if it were NaN."""
+    assert trailing_mean([1.0, math.inf, 3.0, -math.inf], 2) == [1.0, 1.0, 2.0, 2.0]
+    for short in (True, False):
+        base = [0.1, 0.2, 0.3, 0.25] * (1 if short else 50)
+        with_inf, with_nan = list(base), list(base)
+        with_inf[1], with_nan[1] = math.inf, math.nan
+        a = np.asarray(Image.open(plot_curves({"r": with_inf}, tmp_path / "inf.png")))
+        b = np.asarray(Image.open(plot_curves({"r": with_nan}, tmp_path / "nan.png")))
+        assert (a == b).all()

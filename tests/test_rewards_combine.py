@@ -89,3 +89,29 @@ def test_programmatic_judges_implement_the_protocol():
                RewardSample.from_text("p", "no boxes", Image.new("RGB", (4, 4)))]
     totals, _ = reward_fn(judge.score(samples))
     assert totals.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("combination", ["product", "sum"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_combine_raises_on_non_finite_components_and_weights(combination, bad):
+    """A NaN reward must stop the step, not become a NaN total (the product would hide it behind R_PI=0: 0*NaN)."""
+    for column in range(4):
+        m = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 1.0, 1.0]])
+        m[1, column] = bad
+        with pytest.raises(ValueError, match="finite"):
+            combine(m, combination)
+        w = [1.0] * 4
+        w[column] = bad
+        with pytest.raises(ValueError, match="finite"):
+            combine(torch.ones(2, 4), combination, w)
+
+
+def test_combine_edge_values_are_exact():
+    m = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    assert combine(m).tolist() == [0.0, 2.0, 0.0, 0.0]
+    assert combine(m, "sum").tolist() == [0.0, 4.0, 2.0, 2.0]
+    assert combine(torch.zeros(0, 4)).shape == (0,)
+    # integer components with fractional weights are weighted, not truncated to the integer dtype
+    assert combine(torch.ones(1, 4, dtype=torch.int64), "sum", [0.5, 0.25, 0.25, 0.5]).tolist() == [1.5]
+    with pytest.raises(ValueError, match="finite in torch.float32"):
+        combine(torch.ones(1, 4), weights=[1e39, 1.0, 1.0, 1.0])  # finite in Python, inf in float32

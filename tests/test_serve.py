@@ -389,3 +389,110 @@ def test_a_command_arriving_mid_window_ends_the_window(tiny, interrupt_windows):
                                                                                         use_tqdm=False)
     for got, ref in zip(outputs[0].samples, want.samples):
         assert got.reasoning_ids == ref.reasoning_ids and torch.equal(got.image_tokens, ref.image_tokens)
+
+
+BAD_SAMPLING = [
+    ({"top_k": 10**20}, "top_k: Input should be less than"),  # overflowed int64 inside the engine step: 500s
+    ({"cfg_weight": 1e300}, "cfg_weight: Input should be less than or equal to"),  # inf in float32: NaN logits
+    ({"cfg_weight": 1e38}, "cfg_weight: Input should be less than or equal to"),  # finite, but w*(c-u) is not
+    ({"text_temperature": 1e-40}, "text_temperature: Value error, must be 0 (greedy) or at least"),
+    ({"image_temperature": 1e-30}, "image_temperature: Value error, must be 0 (greedy) or at least"),
+    ({"text_temperature": 1e300}, "text_temperature: Input should be less than or equal to"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_SAMPLING, ids=[str(i) for i in range(len(BAD_SAMPLING))])
+def test_sampling_values_the_engine_cannot_honour_get_422(main_server, fields, message):
+    """Values the engine's float32/int64 settings cannot represent were accepted: a huge top_k failed every
+    request batched with it (500), a huge CFG weight or a subnormal temperature sampled from NaN logits (200 with
+    garbage tokens)."""
+    client, _ = main_server
+    r = client.post("/v1/generate", json={"prompt": "a", "max_reasoning_tokens": 2, **fields})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]
+    ok = client.post("/v1/generate", json={"prompt": "a", "max_reasoning_tokens": 2, "return": ["tokens"],
+                                           "text_temperature": 1e-3, "image_temperature": 1000.0,
+                                           "cfg_weight": 1000.0, "top_k": 2**63 - 1})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread re-raises
+def test_engine_thread_death_answers_every_pending_request(tiny):
+    """A bug that kills the engine thread must answer the requests it had not read yet, and any submitted after,
+    instead of leaving their handlers awaiting admission forever."""
+    import asyncio
+
+    from gotr1.serving.worker import FailedEvent, Job
+
+    engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=64, block_size=16))
+    worker = EngineWorker(engine, ServerMetrics(64))
+    params = SamplingParams(n=1, max_reasoning_tokens=4, seed=0, decode_images=False)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        first, during, after = (Job(name, PROMPTS[0], params, False, loop) for name in ("first", "during", "after"))
+
+        def dying_progress(request_id):
+            worker.submit(during)  # a request arrives while the engine thread steps
+            raise RuntimeError("injected bug")
+
+        engine.progress = dying_progress
+        worker.start()
+        worker.submit(first)
+        await asyncio.wait_for(first.admitted, 10)
+        event = await asyncio.wait_for(first.events.get(), 10)
+        assert isinstance(event, FailedEvent) and "injected bug" in event.message
+        with pytest.raises(RuntimeError, match="engine"):
+            await asyncio.wait_for(during.admitted, 10)
+        await asyncio.to_thread(worker._thread.join, 10)
+        assert not worker.alive
+        worker.submit(after)
+        with pytest.raises(RuntimeError, match="engine"):
+            await asyncio.wait_for(after.admitted, 10)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("body,status", [(b"[" * 100000, 400), (b'\xff\xfe{"prompt": "a"}', 400)])
+def test_unparsable_bodies_get_the_servers_error_format(main_server, body, status):
+    """JSON too deep for Python's parser or not UTF-8 failed inside FastAPI with `{"detail": ...}`, unlike every
+    other refusal (`{"error": ...}`)."""
+    client, _ = main_server
+    r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and "error parsing the body" in r.json()["error"]
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread re-raises
+def test_a_failed_step_whose_abort_also_fails_still_answers(tiny):
+    """After a failed step the worker aborts the batch's requests; an abort that raises (the engine's state is
+    broken) skipped answering them, so their handlers waited forever. Now they are answered and the thread stops
+    (/health says so), instead of stepping a broken engine."""
+    import asyncio
+
+    from gotr1.serving.worker import FailedEvent, Job
+
+    engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=64, block_size=16))
+    worker = EngineWorker(engine, ServerMetrics(64))
+    params = SamplingParams(n=1, max_reasoning_tokens=4, seed=0, decode_images=False)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("injected: block freed twice")
+
+    def failing_step(interrupt=None):
+        raise RuntimeError("injected step fault")
+
+    engine.step, engine.abort = failing_step, broken
+
+    async def scenario():
+        job = Job("a", PROMPTS[0], params, False, asyncio.get_running_loop())
+        worker.start()
+        worker.submit(job)
+        await asyncio.wait_for(job.admitted, 10)
+        event = await asyncio.wait_for(job.events.get(), 10)
+        assert isinstance(event, FailedEvent) and "injected step fault" in event.message
+        await asyncio.to_thread(worker._thread.join, 10)
+        assert not worker._thread.is_alive() and not worker.alive
+
+    asyncio.run(scenario())

@@ -29,10 +29,19 @@ def combine(components: torch.Tensor, combination: Combination = "product",
     if components.ndim != 2 or components.shape[1] != len(COMPONENTS):
         raise ValueError(f"components must be [B, {len(COMPONENTS)}] in order {COMPONENTS}, got "
                          f"{tuple(components.shape)}")
+    if not bool(torch.isfinite(components).all()):
+        bad = (~torch.isfinite(components)).nonzero()[0].tolist()
+        raise ValueError(f"reward components must be finite, got {components[bad[0], bad[1]].item()} for "
+                         f"{COMPONENTS[bad[1]]} of sample {bad[0]}")
+    if not components.is_floating_point():
+        components = components.float()  # fractional weights must not be truncated to an integer dtype
     if weights is not None:
         if len(weights) != len(COMPONENTS):
             raise ValueError(f"weights must hold {len(COMPONENTS)} numbers {COMPONENTS}, got {list(weights)}")
-        components = components * torch.as_tensor(weights, dtype=components.dtype, device=components.device)
+        w = torch.as_tensor(weights, dtype=components.dtype, device=components.device)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weights must be finite in {components.dtype}, got {list(weights)}")
+        components = components * w
     if combination not in COMBINATIONS:
         raise ValueError(f"unknown combination {combination!r}; choose one of {COMBINATIONS}")
     return combine_rewards(components, combination)

@@ -27,10 +27,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MAX_CFG_WEIGHT, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE, SamplingParams
 from gotr1.model import JanusBundle
 from gotr1.serving.metrics import ServerMetrics
 from gotr1.serving.responses import IMAGE_PARTS, RETURNABLE, StreamState, encode_images, response_json, sse
@@ -55,8 +56,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.default_max_reasoning_tokens < 0:
             raise ValueError(f"default_max_reasoning_tokens must be >= 0, got {self.default_max_reasoning_tokens}")
-        if not self.default_cfg_weight >= 0:
-            raise ValueError(f"default_cfg_weight must be >= 0, got {self.default_cfg_weight}")
+        if not 0 <= self.default_cfg_weight <= MAX_CFG_WEIGHT:
+            raise ValueError(f"default_cfg_weight must be in [0, {MAX_CFG_WEIGHT}], got {self.default_cfg_weight}")
 
 
 def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
@@ -70,10 +71,10 @@ def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
         prompt: str = Field(min_length=1, max_length=config.max_prompt_chars)
         n: int = Field(1, ge=1, le=config.max_n)
         seed: int | None = Field(None, ge=0, lt=2**63)
-        cfg_weight: float = Field(config.default_cfg_weight, ge=0)
-        text_temperature: float = Field(1.0, ge=0)
-        image_temperature: float = Field(1.0, ge=0)
-        top_k: int = Field(0, ge=0)
+        cfg_weight: float = Field(config.default_cfg_weight, ge=0, le=MAX_CFG_WEIGHT)
+        text_temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
+        image_temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
+        top_k: int = Field(0, ge=0, le=MAX_TOP_K)
         top_p: float = Field(1.0, gt=0, le=1)
         max_reasoning_tokens: int = Field(min(config.default_max_reasoning_tokens, reasoning_limit), ge=0,
                                           le=reasoning_limit)
@@ -87,6 +88,13 @@ def request_model(config: ServerConfig, bundle: JanusBundle) -> type[BaseModel]:
             if not prompt.strip():
                 raise ValueError("the prompt is blank")
             return prompt
+
+        @field_validator("text_temperature", "image_temperature")
+        @classmethod
+        def _zero_or_normal(cls, t: float) -> float:
+            if 0 < t < MIN_TEMPERATURE:
+                raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+            return t
 
     return GenerateRequest
 
@@ -197,6 +205,11 @@ class GoTServer:
             message = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in errors)
             return JSONResponse({"error": message, "detail": [{k: e[k] for k in ("loc", "msg", "type")}
                                                               for e in errors]}, status_code=422)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            """FastAPI's own refusals (a body its JSON parser gives up on, an unknown route) in our format."""
+            return error(exc.status_code, str(exc.detail), headers=exc.headers)
 
         @app.post("/v1/generate")
         async def generate(body: Body, request: Request) -> Response:  # type: ignore[valid-type]

@@ -96,6 +96,7 @@ class EngineWorker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[str, Job] = {}  # engine thread only: admitted and unfinished
         self.fatal: BaseException | None = None
+        self._exited = False  # set by the engine thread once it reads no more commands
         self._thread = threading.Thread(target=self._run, name="gotr1-engine", daemon=True)
         self._snapshot()
 
@@ -114,12 +115,15 @@ class EngineWorker:
 
     def submit(self, job: Job) -> None:
         self.inbox.put(("add", job))
+        if self._exited:  # nobody reads the inbox any more: answer what is in it (this job, at least)
+            self._refuse_pending([], "the engine is not running")
 
     def cancel(self, job: Job) -> None:
         self.inbox.put(("abort", job))
 
     # -------------------------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        commands: list = []
         try:
             while True:
                 commands = [] if self.engine.has_unfinished() else [self.inbox.get()]
@@ -140,6 +144,12 @@ class EngineWorker:
             self.fatal = e
             self._fail_all(f"engine thread died: {e!r}")
             raise
+        finally:
+            # Requests read in the last iteration but not added, and any still queued, would await admission
+            # forever; `submit` answers those that arrive from now on.
+            self._exited = True
+            self._refuse_pending(commands, "the engine is not running" if self.fatal is None else
+                                 f"engine thread died: {self.fatal!r}")
 
     def _add(self, job: Job) -> None:
         try:
@@ -203,17 +213,32 @@ class EngineWorker:
                 command[1].loop.call_soon_threadsafe(_settle, command[1].admitted, RuntimeError(message))
         self._fail_all(message)
 
+    def _refuse_pending(self, commands: list, message: str) -> None:
+        """Refuse the adds among `commands` and the inbox (a job already admitted or refused is left alone)."""
+        while True:
+            try:
+                commands.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for command in commands:
+            if command is not _STOP and command[0] == "add":
+                command[1].loop.call_soon_threadsafe(_settle, command[1].admitted, RuntimeError(message))
+
     def _fail_all(self, message: str) -> None:
-        events = []
+        events, broken = [], None
         for job in self.jobs.values():
             try:
                 self.engine.abort(job.id)
             except KeyError:
                 pass
+            except Exception as e:  # the engine's state is broken: answer every request, then stop the thread
+                broken = broken or e
             self.metrics.requests_total.inc(label_value="failed")
             events.append((job, FailedEvent(message)))
         self.jobs.clear()
         self._publish(events)
+        if broken is not None:
+            raise broken
 
     def _publish(self, events: list[tuple[Job, TokensEvent | FinishedEvent | FailedEvent]]) -> None:
         """Gauges first, then the events: a client reacting to an event reads gauges at least that new."""
