@@ -285,7 +285,8 @@ __device__ uint32_t radix_select(SharedStorage& sh, Visit&& visit, double target
 #pragma unroll
     for (int b = 0; b < kBinsPerThread; ++b) {
       exclusive += weight_of(top - b);  // now inclusive of digit top - b
-      if (highest_reaching < 0 && exclusive >= target) highest_reaching = top - b;
+      // An empty digit is never selected: with a target of 0 (a top_p that rounds to 0) every digit reaches it.
+      if (highest_reaching < 0 && exclusive >= target && sh.count[top - b] > 0u) highest_reaching = top - b;
       if (sh.count[top - b] > 0u) lowest_occupied = top - b;
     }
     if (highest_reaching >= 0) atomicMax(&sh.selected, highest_reaching);

@@ -250,7 +250,9 @@ def _radix_threshold(keys: Tensor, weights: Tensor, target: Tensor) -> Tensor:
         inclusive = above[:, None] + suffix
         exclusive = above[:, None] + torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)
         bins = torch.arange(nbins, device=keys.device)
-        highest_ok = torch.where(inclusive >= target[:, None], bins, -1).amax(1)
+        # Occupied digits only: with a target <= 0 (a top_p that underflowed fp32) every digit reaches it, and an
+        # empty one would leave no key in range (every token filtered out).
+        highest_ok = torch.where((inclusive >= target[:, None]) & (count > 0), bins, -1).amax(1)
         lowest_occupied = torch.where(count > 0, bins, nbins).amin(1).clamp_max(nbins - 1)
         chosen = torch.where(highest_ok >= 0, highest_ok, lowest_occupied)
         above = exclusive.gather(1, chosen[:, None])[:, 0]

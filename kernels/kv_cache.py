@@ -88,7 +88,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         return
     row = num_kv_heads * head_dim
     _store_kvcache_kernel[(n,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, slot_mapping.contiguous(),  # the kernel reads slot i at offset i
         key.stride(0), key.stride(1), value.stride(0), value.stride(1), k_cache.shape[0] * k_cache.shape[1],
         HEAD_DIM=head_dim, ROW=row, BLOCK=triton.next_power_of_2(row),
         num_warps=4 if row <= 2048 else 8,

@@ -333,6 +333,12 @@ def _check_kernel_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError("q must be contiguous along head_dim")
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """`t` with a unit last stride, as the kernels index the lengths and a block table's row (a copy, captured by
+    a CUDA graph, only for a strided view)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
     """Split the context until the grid covers the GPU about twice (flash-decoding); the interpreter wants 1."""
     if device.type != "cuda":
@@ -360,6 +366,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     _check_kernel_inputs(q, k_cache, v_cache)
+    block_tables, context_lens = _unit_stride(block_tables), _unit_stride(context_lens)
     bsz, num_q_heads, head_dim = q.shape
     out = torch.empty((bsz, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if bsz == 0:
@@ -408,11 +415,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     their K/V are already stored. Covers prefill from scratch (q_len == context) and extension of a cached prefix.
 
     Validates the layout on the host (one sync; prefill is not graph-captured). `max_seqlen_q`, when the caller
-    knows it, only sizes the grid.
+    knows it, only sizes the grid (it must cover the longest query).
     """
     _check_cache(q, k_cache, v_cache, block_tables, context_lens)
     _check_kernel_inputs(q, k_cache, v_cache)
     q_lens = _check_prefill(q, cu_seqlens_q, context_lens)
+    block_tables, cu_seqlens_q, context_lens = map(_unit_stride, (block_tables, cu_seqlens_q, context_lens))
     ntok, num_q_heads, head_dim = q.shape
     out = torch.empty((ntok, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if ntok == 0:
@@ -420,8 +428,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if int(context_lens.max()) > block_tables.shape[1] * k_cache.shape[1]:
         raise ValueError(f"a context of {int(context_lens.max())} tokens does not fit the block table "
                          f"({block_tables.shape[1]} blocks of {k_cache.shape[1]})")
+    longest = int(q_lens.max())
     if max_seqlen_q is None:
-        max_seqlen_q = int(q_lens.max())
+        max_seqlen_q = longest
+    elif max_seqlen_q < longest:  # the grid would skip the later query tiles, leaving their rows unwritten
+        raise ValueError(f"max_seqlen_q={max_seqlen_q} but a sequence has {longest} new tokens")
     block_m = block_n = 32 if head_dim > 64 else 64
     grid = (triton.cdiv(max_seqlen_q, block_m), num_q_heads, context_lens.shape[0])
     _prefill_kernel[grid](

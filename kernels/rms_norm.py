@@ -121,7 +121,7 @@ def cpu_rms_norm_available() -> bool:
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`F.rms_norm(x, [H], weight, eps)` for fp32 CPU tensors in one native call (within 5e-7 relative: the sum's
     order differs); x `[..., H]` contiguous along H. Needs `cpu_rms_norm_available()`."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or "cpu" != x.device.type != weight.device.type:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or {x.device.type, weight.device.type} != {"cpu"}:
         raise ValueError(f"rms_norm_cpu takes fp32 CPU tensors, got {x.dtype} on {x.device} and {weight.dtype}")
     if x.shape[-1:] != weight.shape or (x.numel() and x.stride(-1) != 1) or not weight.is_contiguous():
         raise ValueError(f"x must be [..., {weight.shape[0]}] contiguous along its last dimension, got "

@@ -106,7 +106,8 @@ def _launch(q, k, v, cos, sin_signed, positions, q_out, k_out, v_out, slots, num
     store = slots is not None
     if q.shape[0]:
         _rope_kernel[(q.shape[0], q.shape[1] + k.shape[1] * (2 if store else 1))](
-            q, k, v, cos, sin_signed, positions, q_out, k_out, v_out, slots if store else positions,
+            q, k, v, cos, sin_signed, positions.contiguous(), q_out, k_out, v_out,  # read at offset t
+            slots.contiguous() if store else positions,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), num_slots,
             NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_DIM=q.shape[2], STORE=store,
             BLOCK_D=triton.next_power_of_2(q.shape[2]), num_warps=1)

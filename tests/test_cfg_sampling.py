@@ -457,3 +457,27 @@ def test_cuda_dispatch_and_batch_invariance():
     for r in range(16):
         alone = cfg_sample(cond[r : r + 1], uncond[r : r + 1], **{k: v[r : r + 1] for k, v in params.items()})
         assert int(alone.tokens) == int(out.tokens[r])
+
+
+def test_top_p_that_underflows_float32_keeps_the_most_likely_token():
+    """A top_p too small for fp32 (SamplingParams accepts 1e-50; the sampler's fp32 tensor holds 0) keeps the most
+    likely token and its ties, as the sorting reference does, instead of filtering out every token (which drew
+    token 0 whatever the logits)."""
+    probs = torch.softmax(torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 1.0, 0.0, -1.0]]), -1)
+    zero = torch.tensor([1e-50, 1e-50], dtype=torch.float32)
+    assert top_p_mask(probs, zero).tolist() == [[False, True, False, True], [True, False, False, False]]
+    assert torch.equal(top_p_mask(probs, zero), top_p_mask_reference(probs, zero))
+    cond, uncond, params = make_batch(6, 50, paired=True, seed=7)
+    params.update(temperature=torch.full((6,), 0.8), top_p=torch.full((6,), 1e-50, dtype=torch.float32))
+    out = cfg_sample_torch(cond, uncond, **params, validate=False)
+    mixed = uncond + params["cfg_weight"][:, None] * (cond - uncond)
+    assert torch.equal(out.tokens, mixed.argmax(1))
+
+
+def test_emulated_kernel_top_p_that_underflows_float32():
+    """The CUDA kernel's radix select, like the torch path's, never selects an empty digit (with top_p 0 every digit
+    "reaches" the target): the most likely token is kept."""
+    cond, uncond, params = make_batch(6, 50, paired=True, seed=7)
+    params.update(temperature=torch.full((6,), 0.8), top_p=torch.full((6,), 1e-50, dtype=torch.float32))
+    out = emulated_sample(64, cond, uncond, **params)
+    assert_kernel_matches(out, cfg_sample_torch(cond, uncond, **params, validate=False))

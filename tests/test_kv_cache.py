@@ -111,3 +111,14 @@ def test_store_random_shapes(n, num_blocks, block_size, hkv, d, seed):
 def test_bench_store_reference(benchmark):
     key, value, k_cache, v_cache, slots = _case(64, 64, 16, 4, 64)
     benchmark(store_kvcache_reference, key, value, k_cache, v_cache, slots)
+
+
+def test_strided_slot_mapping():
+    """A strided slot mapping (every other entry of a wider tensor) is read by index, not as if contiguous."""
+    key, value, k_cache, v_cache, slots = _case(6, 4, 4, 2, 8, seed=3)
+    wide = torch.full((2 * slots.shape[0],), 15, dtype=slots.dtype, device=DEVICE)
+    wide[::2] = slots
+    store_kvcache(key, value, k_cache, v_cache, wide[::2])
+    want_k, want_v = _loop_oracle(key, value, *_case(6, 4, 4, 2, 8, seed=3)[2:4], slots)
+    assert torch.equal(k_cache.nan_to_num(7.0), want_k.nan_to_num(7.0))
+    assert torch.equal(v_cache.nan_to_num(7.0), want_v.nan_to_num(7.0))

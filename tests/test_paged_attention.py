@@ -274,3 +274,39 @@ def test_bench_prefill_reference(benchmark):
     k_cache, v_cache, table, ctx = paged_case([200] * 4, hkv=4, d=64, block_size=16)
     qp, cu = packed_queries([64] * 4, 8, 64)
     benchmark(paged_prefill_attention_reference, qp, k_cache, v_cache, table, cu, ctx, scale=0.125)
+
+
+def strided(t: torch.Tensor, fill: int) -> torch.Tensor:
+    """`t` as a view with last stride 2 (every other entry of a wider tensor holding `fill` between)."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), fill, dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@pytest.mark.usefixtures("poison")
+def test_strided_lengths_and_block_tables():
+    """Context lengths, cu_seqlens_q and block tables given as strided views are read by index, not as if
+    contiguous (the kernels index them with unit stride)."""
+    k_cache, v_cache, table, ctx = paged_case([3, 9, 5], hkv=1, d=16, block_size=4)
+    q = randn(3, 2, 16)
+    want = decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)
+    for t, c in ((table, strided(ctx, 100)), (strided(table, 999), ctx)):
+        for splits in (1, 2):
+            out = paged_decode_attention(q, k_cache, v_cache, t, c, scale=0.3, num_splits=splits)
+            assert max_rel_err(out, want) < 1e-5
+    qp, cu = packed_queries([3, 4, 5], 2, 16)
+    want = sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)
+    out = paged_prefill_attention(qp, k_cache, v_cache, strided(table, 999), strided(cu, 0), strided(ctx, 100),
+                                  scale=0.3)
+    assert max_rel_err(out, want) < 1e-5
+
+
+def test_prefill_rejects_max_seqlen_q_below_the_longest_query():
+    """A `max_seqlen_q` smaller than a sequence's new tokens would size the grid too small and leave the rows past
+    the first query tile unwritten: it raises."""
+    k_cache, v_cache, table, ctx = paged_case([70], hkv=1, d=16, block_size=16)
+    qp, cu = packed_queries([70], 2, 16)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=1)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=70)
+    assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)) < 1e-5

@@ -107,3 +107,14 @@ def test_cpu_path_rejects_other_inputs():
         rms_norm_cpu(torch.randn(2, 8).double(), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="contiguous along"):
         rms_norm_cpu(torch.randn(8, 2).t(), torch.ones(8), 1e-6)
+
+
+@pytest.mark.skipif(not cpu_rms_norm_available(), reason="no C++ compiler")
+def test_cpu_path_rejects_tensors_off_the_cpu():
+    """Either tensor off the CPU raises (a chained `!=` let a CPU x with a non-CPU weight, or both off the CPU,
+    through to the native call, which read the device pointers and crashed)."""
+    for x, weight in ((torch.randn(2, 8), torch.ones(8, device="meta")),
+                      (torch.randn(2, 8, device="meta"), torch.ones(8, device="meta")),
+                      (torch.randn(2, 8, device="meta"), torch.ones(8))):
+        with pytest.raises(ValueError, match="fp32 CPU"):
+            rms_norm_cpu(x, weight, 1e-6)

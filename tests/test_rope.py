@@ -124,3 +124,20 @@ def test_rope_store_bad_inputs_raise():
         rope_store(q, k, k, cos, sin, pos, cache, cache.clone(), pos[:1])
     with pytest.raises(ValueError, match="caches must be contiguous"):
         rope_store(q, k, k, cos, sin, pos, cache.transpose(0, 1), cache.transpose(0, 1), pos)
+
+
+def test_strided_positions_and_slots():
+    """Positions and slots that are strided views (every other entry) are read by index, not as if contiguous."""
+    qkv = torch.randn(4, 3 + 2, 8, device=DEVICE)
+    q, k, v = qkv[:, :3], qkv[:, 3:4], qkv[:, 4:]
+    cos, sin = tables(16, 8, torch.float32)
+    wide = torch.tensor([0, 15, 5, 15, 9, 15, 2, 15], device=DEVICE)
+    positions = wide[::2]
+    for got, want in zip(rope(q, k, cos, sin, positions), rope_reference(q, k, cos, sin, positions.contiguous())):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    slots = torch.tensor([3, 0, -1, 0, 7, 0, 1, 0], device=DEVICE)[::2]
+    caches = [torch.full((2, 2, 4, 1, 8), float("nan"), device=DEVICE) for _ in range(2)]
+    want_q = rope_store_reference(q, k, v, cos, sin, positions.contiguous(), *caches[0], slots.contiguous())
+    got_q = rope_store(q, k, v, cos, sin, positions, *caches[1], slots)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(caches[1], caches[0], rtol=1e-6, atol=1e-6, equal_nan=True)
