@@ -101,6 +101,7 @@ class ModelRunner:
         self.lora_buffers: dict[tuple[int, str], torch.Tensor] = {}  # LoRA weights by (layer id, what)
         self._steps: list[StepInputs] = []  # the current batch's steps, prepared by its step 0
         self._module_key: tuple = ()
+        self.dtype: torch.dtype | None = None  # the model's, set after the first bind sized everything from it
         self.bind(model)
         tc = self.janus.config.text_config
         self.num_layers = tc.num_hidden_layers
@@ -119,9 +120,8 @@ class ModelRunner:
         # [K/V, layer, block, slot, kv head, head dim]: each layer's K and V are flash-attn's paged NHD layout.
         self.kv_cache = torch.empty((2, self.num_layers, self.num_kv_blocks, self.block_size, self.num_kv_heads,
                                      self.head_dim), dtype=self.dtype, device=self.device)
-        self.cos, sin = self._rope_tables()
+        self.cos, self.sin_signed = self._rope_tables()
         half = self.head_dim // 2
-        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], 1)
         self.rope_perm = torch.cat([torch.arange(half, self.head_dim), torch.arange(half)]).to(self.device)
         # RoPE in one launch per layer where the norms and SwiGLU get theirs (16 bits on a GPU).
         self.fused_rope = gpu_kernels(weight)
@@ -136,11 +136,16 @@ class ModelRunner:
         or re-adapted since the last one is run as it is now. CUDA graphs are dropped when anything changed."""
         janus = unwrap(model)
         lm = janus.model.language_model
+        weight = lm.embed_tokens.weight
+        if self.dtype is not None and (weight.dtype, weight.device) != (self.dtype, self.device):
+            # The KV pool, RoPE tables and backend are the first bind's: a cast model would run on them silently.
+            raise RuntimeError(f"the model is now {weight.dtype} on {weight.device}, the engine was built for "
+                               f"{self.dtype} on {self.device}: build a new LLMEngine for a cast or moved model")
         self.janus = janus
         self.layers = list(lm.layers)
         merge = self.config.merge_lora
         if merge is None:
-            merge = lm.embed_tokens.weight.dtype == torch.float32
+            merge = weight.dtype == torch.float32
         previous, self.lora_buffers = self.lora_buffers, {}
         fuse = self.config.fuse_projections
         self.fuse_projections = lm.embed_tokens.weight.is_cuda if fuse is None else fuse
@@ -161,7 +166,11 @@ class ModelRunner:
         self.rotary_emb = lm.rotary_emb
         if self.rotary_emb.rope_type in ("dynamic", "longrope"):
             raise NotImplementedError(f"rope_type {self.rotary_emb.rope_type!r} depends on the sequence length; "
-                                      "the engine tabulates RoPE once")
+                                      "the engine tabulates RoPE once per rollout")
+        if self.dtype is not None:  # a rebind: the rotary buffers may have changed (a cast and back rounds them)
+            with torch.inference_mode():  # in place: decode graphs hold the tables' addresses
+                for table, now in zip((self.cos, self.sin_signed), self._rope_tables()):
+                    table.copy_(now)
         adapters = tuple((id(m), bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
                           tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
@@ -244,9 +253,12 @@ class ModelRunner:
         return int(blocks)
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin' (sin with its first half negated: see `_layers`) of every position, from the model's own
+        rotary module."""
         positions = torch.arange(self.max_model_len, device=self.device)[None]
         cos, sin = self.rotary_emb(torch.empty(1, dtype=self.dtype, device=self.device), positions)
-        return cos[0], sin[0]
+        half = self.head_dim // 2
+        return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], 1)
 
     # ------------------------------------------------------------------------------------------------ forward
     @torch.inference_mode()

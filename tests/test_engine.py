@@ -818,3 +818,45 @@ def test_abort_frees_blocks(engine):
     assert auto not in (taken, rid) and len(engine.scheduler.groups) == 3  # an automatic id skips a caller's
     for r in list(engine.scheduler.groups):
         engine.abort(r)
+
+
+@pytest.mark.parametrize("built,cast", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_a_model_cast_since_the_engine_was_built_is_refused_clearly(built, cast):
+    """The KV pool, RoPE tables and attention backend are made for the model's dtype when the engine is built. A
+    model cast since used to run on them silently (bf16 -> fp32: bf16 K/V and RoPE, log-probs off by ~1e-3) or fail
+    inside a matmul (fp32 -> bf16); the next rollout refuses it with a clear error, and runs once cast back."""
+    bundle = build_preset("tiny", image_size=64, seed=1, dtype=built)
+    eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=64, block_size=4))
+    params = SamplingParams(n=1, text_temperature=0, image_temperature=0, max_reasoning_tokens=2, decode_images=False)
+    bundle.model.to(cast)
+    with pytest.raises(RuntimeError, match="build a new LLMEngine"):
+        eng.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert not eng.has_unfinished() and eng.block_manager.num_used_blocks == 0
+    bundle.model.to(built)
+    [g] = eng.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert g.samples[0].image_tokens.shape == (16,)
+
+
+def test_rope_follows_the_rotary_buffers_of_the_model_as_it_is_now():
+    """A cast to bf16 and back rounds the rotary module's `inv_freq` (a float buffer, cast with the weights): the
+    model's RoPE is then the rounded one, and so must the engine's be at the next rollout (it tabulated RoPE once,
+    at its construction). Log-probs == a teacher-forced forward of the model as it is now; q and k scaled up, so
+    that attention is sharp enough for positions to show in them (a rollout on the stale RoPE was off by ~7e-3)."""
+    bundle = build_preset("tiny", image_size=64, seed=1)
+    with torch.no_grad():
+        for layer in bundle.model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=200, block_size=4))
+    rotary = bundle.model.model.language_model.rotary_emb
+    before = rotary.inv_freq.clone()
+    bundle.model.to(torch.bfloat16).to(torch.float32)
+    assert not torch.equal(rotary.inv_freq, before)
+    params = SamplingParams(n=2, cfg_weight=3.0, max_reasoning_tokens=6, seed=4, decode_images=False)
+    [g] = eng.generate(PROMPTS[:1], params, use_tqdm=False)
+    for s in g.samples:
+        text, cond, mixed, _ = teacher_forced(bundle, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=1.0,
+                                              image_t=1.0, cfg=3.0)
+        torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
+        torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
+        torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=1e-4)
