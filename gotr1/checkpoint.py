@@ -126,7 +126,10 @@ def load_adapter_weights(model: nn.Module, checkpoint: Path) -> None:
     if (checkpoint / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+        if result.unexpected_keys:  # peft ignores them: an adapter of other target modules would load nothing
+            raise ValueError(f"{checkpoint}: adapter weights this model has no place for (other LoRA target "
+                             f"modules?): {result.unexpected_keys[:5]}")
     else:
         files = sorted(checkpoint.glob("*.safetensors"))
         if not files:

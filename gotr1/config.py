@@ -129,7 +129,6 @@ class SFTConfig(TrainConfig):
     output_dir: str = "runs/sft"
     learning_rate: float = 1e-4
     per_device_train_batch_size: int = 8
-    num_train_epochs: int = 1
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
 
@@ -137,7 +136,6 @@ class SFTConfig(TrainConfig):
         super().validate()
         _raise_failed({
             "per_device_train_batch_size must be >= 1": self.per_device_train_batch_size >= 1,
-            "num_train_epochs must be >= 1": self.num_train_epochs >= 1,
             "loss weights must be >= 0": self.text_loss_weight >= 0 and self.image_loss_weight >= 0,
         })
 

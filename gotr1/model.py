@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import (
     AutoProcessor,
     GenerationConfig,
@@ -314,7 +315,14 @@ def check_model_dir(path: str | Path, model_type: str = "janus", what: str = "a 
     index = next((p for p in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json")
                   if p.is_file()), None)
     if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{index} is not valid JSON: {e}") from e
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{path} is incomplete: missing weight shards {', '.join(missing)}")
@@ -329,9 +337,14 @@ def load_model_dir(path: str | Path, *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu") -> JanusBundle:
     """Janus-Pro (or a saved preset) from a local Hugging Face directory; the GoT tags are added if absent."""
     path = check_model_dir(path)
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{path} has no tokenizer_config.json (it declares Janus's image tokens)")
     processor = AutoProcessor.from_pretrained(path)
     tokenizer = processor.tokenizer
-    model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: a weight file is corrupt or truncated ({e})") from e
     if tokenizer.add_tokens([t for t in GOT_TAGS if t not in tokenizer.get_vocab()]):
         if len(tokenizer) > model.config.text_config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))

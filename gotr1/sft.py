@@ -7,6 +7,7 @@ exported merged, with its processor, so `--model DIR` loads it like any Janus ch
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -48,6 +49,8 @@ def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: invalid JSON: {e}") from e
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object with prompt, chain and image, got {line[:80]!r}")
         missing = [k for k in ("prompt", "chain", "image") if not isinstance(r.get(k), str)]
         if missing:
             raise ValueError(f"{path}:{n}: missing string fields {missing}")
@@ -57,8 +60,12 @@ def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
         rows.append(r)
     if not rows:
         raise ValueError(f"SFT data file {path} holds no examples")
-    codes = encode_images(unwrap(bundle.model).model.vqmodel, [Image.open(path.parent / r["image"]) for r in rows])
-    return [SFTExample(r["prompt"], r["chain"], c) for r, c in zip(rows, codes)]
+    vq, chunks = unwrap(bundle.model).model.vqmodel, []
+    for i in range(0, len(rows), 64):  # a batch of files open at a time: a data set may hold more than ulimit -n
+        with contextlib.ExitStack() as files:
+            images = [files.enter_context(Image.open(path.parent / r["image"])) for r in rows[i:i + 64]]
+            chunks.append(encode_images(vq, images))
+    return [SFTExample(r["prompt"], r["chain"], c) for r, c in zip(rows, torch.cat(chunks))]
 
 
 class SFTTrainer(ckpt.Checkpointed):
@@ -81,6 +88,10 @@ class SFTTrainer(ckpt.Checkpointed):
         self.prompt_ids = bundle.encode_prompts([e.prompt for e in examples], max_reasoning_tokens=0)
         self.reasoning_ids = [bundle.tokenizer(e.chain, add_special_tokens=False)["input_ids"] + [bundle.boi_id]
                               for e in examples]
+        for i, (p, r) in enumerate(zip(self.prompt_ids, self.reasoning_ids)):  # as `encode_prompts` checks rollouts
+            if len(p) + len(r) + n_img > bundle.max_positions:
+                raise ValueError(f"example {i}: prompt {len(p)} + chain {len(r)} (with <begin_of_image>) + {n_img} "
+                                 f"image tokens > the model's {bundle.max_positions} positions")
         self.step, self.epoch, self.position = 0, 0, 0
         self.history: list[dict[str, Any]] = []
         self.output_dir = Path(config.output_dir)
@@ -99,7 +110,10 @@ class SFTTrainer(ckpt.Checkpointed):
         self.position += bs
         return idx
 
-    def loss(self, idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, idx: list[int], window: list[int] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the token-mean cross-entropy over `window` (the examples of every
+        micro-batch the step accumulates; default: `idx` alone), so the shares sum to the window's loss."""
+        window = idx if window is None else window
         b = self.bundle
         batch = make_batch([self.prompt_ids[i] for i in idx], [self.reasoning_ids[i] for i in idx],
                            torch.stack([self.examples[i].image_tokens for i in idx]), pad_id=b.pad_id,
@@ -108,8 +122,8 @@ class SFTTrainer(ckpt.Checkpointed):
         _, vision_head = image_head_parts(b.model)
         text_lp = token_logprobs(text_h, b.model.get_output_embeddings(), batch.reasoning_ids)
         image_lp = token_logprobs(image_h, vision_head, batch.image_tokens)
-        text_ce = -(text_lp * batch.reasoning_mask).sum() / batch.reasoning_mask.sum()
-        image_ce = -image_lp.mean()
+        text_ce = -(text_lp * batch.reasoning_mask).sum() / sum(len(self.reasoning_ids[i]) for i in window)
+        image_ce = -image_lp.sum() / (len(window) * image_lp.shape[1])
         loss = self.config.text_loss_weight * text_ce + self.config.image_loss_weight * image_ce
         return loss, {"loss": loss.item(), "loss/text": text_ce.item(), "loss/image": image_ce.item()}
 
@@ -123,11 +137,13 @@ class SFTTrainer(ckpt.Checkpointed):
             while self.step < end:
                 start = time.perf_counter()
                 sums: dict[str, float] = {}
-                for _ in range(c.gradient_accumulation_steps):
-                    loss, m = self.loss(self.next_batch())
-                    (loss / c.gradient_accumulation_steps).backward()
+                micro = [self.next_batch() for _ in range(c.gradient_accumulation_steps)]
+                window = [i for idx in micro for i in idx]
+                for idx in micro:
+                    loss, m = self.loss(idx, window)
+                    loss.backward()
                     for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v / c.gradient_accumulation_steps
+                        sums[k] = sums.get(k, 0.0) + v
                 sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
                 self.optimizer.step()
                 self.scheduler.step()

@@ -90,3 +90,31 @@ def test_transformers_does_not_take_our_kernels_for_the_kernel_hub():
 
     assert kernels.__file__.endswith("kernels/__init__.py")
     assert not import_utils.is_kernels_available()
+
+
+def test_loader_names_corrupt_or_incomplete_files(tiny, tmp_path):
+    """A truncated weight file, a broken shard index or a tokenizer without its config (Janus's image tokens live
+    there) is reported with the file at fault, not as a bare parser error from deep inside transformers."""
+    import shutil
+
+    good = tmp_path / "good"
+    save_bundle(tiny, good)
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        change(d)
+        return d
+
+    d = broken("truncated", lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00"))
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model(model_dir=d)
+    d = broken("index", lambda d: (d / "model.safetensors.index.json").write_text("{oops"))
+    with pytest.raises(ValueError, match="model.safetensors.index.json is not valid JSON"):
+        load_model(model_dir=d)
+    (d / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ValueError, match="model.safetensors.index.json has no weight_map"):
+        load_model(model_dir=d)
+    d = broken("tokenizer", lambda d: (d / "tokenizer_config.json").unlink())
+    with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
+        load_model(model_dir=d)

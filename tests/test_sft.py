@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -78,3 +79,89 @@ def test_sft_jsonl_reader_encodes_images_and_reports_errors(tmp_path):
         read_sft_jsonl(tmp_path / "bad.jsonl", bundle)
     with pytest.raises(FileNotFoundError):
         read_sft_jsonl(tmp_path / "missing.jsonl", bundle)
+    (tmp_path / "bad.jsonl").write_text('["red", "c", "a.png"]\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected a JSON object"):
+        read_sft_jsonl(tmp_path / "bad.jsonl", bundle)
+
+
+def test_sft_refuses_an_example_longer_than_the_models_positions(tmp_path):
+    """As rollouts are checked: a chain past the trained positions would be silently out of distribution."""
+    bundle = build_preset("tiny", image_size=64)
+    [ok] = _examples(bundle, 1)
+    long = SFTExample("p", "left " * bundle.max_positions, ok.image_tokens)
+    with pytest.raises(ValueError, match=r"example 1: prompt \d+ \+ chain \d+ .* positions"):
+        SFTTrainer(_config(tmp_path), bundle, [ok, long])
+
+
+def test_resuming_with_other_lora_targets_is_refused(tmp_path):
+    """peft ignores adapter weights the model has no module for: resuming a run with other target modules would
+    silently restart the adapter from scratch."""
+    bundle = build_preset("tiny", image_size=64)
+    trainer = SFTTrainer(_config(tmp_path, use_lora=True, max_steps=1), bundle, _examples(bundle))
+    trainer.train()
+    other = SFTTrainer(_config(tmp_path, use_lora=True, max_steps=1, lora_target_modules=r".*language_model.*\.q_proj"),
+                       build_preset("tiny", image_size=64), _examples(bundle))
+    with pytest.raises(ValueError, match="no place for"):
+        other.resume(tmp_path)
+
+
+def test_sft_loss_is_the_cross_entropy_of_the_whole_accumulation_window(tmp_path):
+    """Gradient accumulation changes nothing: 2 micro-batches of 2 give the loss and gradient of one batch of 4,
+    and that loss is the hand-computed token-mean cross-entropy (text and image weighted) of a plain HF forward."""
+    def sharp():  # text log-probs far from uniform, so per-token losses differ and their averaging matters
+        b = build_preset("tiny", image_size=64)
+        with torch.no_grad():
+            b.model.lm_head.weight.mul_(10)
+        return b
+
+    bundle = sharp()
+    g = torch.Generator().manual_seed(3)
+    examples = [SFTExample(f"prompt {i}", " ".join(["red circle"] * (1 + 6 * i)),
+                           torch.randint(0, 1024, (bundle.num_image_tokens,), generator=g)) for i in range(4)]
+    weights = dict(text_loss_weight=0.5, image_loss_weight=2.0)
+    model, nll_text, nll_image = bundle.model, [], []
+    with torch.no_grad():
+        for e in examples:
+            p = bundle.encode_prompts([e.prompt], 0)[0]
+            r = bundle.tokenizer(e.chain, add_special_tokens=False)["input_ids"] + [bundle.boi_id]
+            ids = torch.tensor([p + r])
+            logp = model(input_ids=ids).logits[0, len(p) - 1: -1].log_softmax(-1)
+            nll_text.append(-logp.gather(-1, torch.tensor(r)[:, None]))
+            emb = torch.cat([model.get_input_embeddings()(ids),
+                             model.prepare_embeddings_for_image_generation(e.image_tokens[None, :-1])], 1)
+            h = model.model.language_model(inputs_embeds=emb).last_hidden_state[0, ids.shape[1] - 1:]
+            logp = model.model.generation_head(h).log_softmax(-1)
+            nll_image.append(-logp.gather(-1, e.image_tokens[:, None]))
+    expect = 0.5 * torch.cat(nll_text).mean() + 2.0 * torch.cat(nll_image).mean()
+    runs = {}
+    for ga, bs in ((2, 2), (1, 4)):
+        b = bundle if ga == 2 else sharp()
+        trainer = SFTTrainer(_config(tmp_path / str(ga), max_steps=1, per_device_train_batch_size=bs,
+                                     gradient_accumulation_steps=ga, max_grad_norm=1e9, **weights), b, examples)
+        runs[ga] = trainer.train()[0]
+    assert runs[2]["loss"] == pytest.approx(float(expect), rel=1e-5)
+    assert runs[1]["loss"] == pytest.approx(float(expect), rel=1e-5)
+    assert runs[2]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-4)
+
+
+def test_sft_jsonl_reader_keeps_few_files_open(tmp_path):
+    """A data set of more images than the process may open files still loads (images opened one batch at a time)."""
+    resource = pytest.importorskip("resource")
+    bundle = build_preset("tiny", image_size=64)
+    n = 130
+    with open(tmp_path / "data.jsonl", "w") as f:
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 255 - i, 7)).save(tmp_path / f"{i}.png")
+            f.write(json.dumps({"prompt": "p", "chain": "c", "image": f"{i}.png"}) + "\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    taken = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    limit = next(lim for lim in range(100, hard) if lim - sum(fd < lim for fd in taken) >= 100)  # 100 fds free
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        examples = read_sft_jsonl(tmp_path / "data.jsonl", bundle)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(examples) == n
+    images = [Image.open(tmp_path / f"{i}.png") for i in (0, 129)]
+    assert torch.equal(torch.stack([examples[0].image_tokens, examples[129].image_tokens]),
+                       encode_images(bundle.model.model.vqmodel, images))
