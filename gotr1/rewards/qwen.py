@@ -362,8 +362,11 @@ class QwenVLJudge:
     # -- prompts
     def _clean(self, text: str) -> str:
         """User and policy text with the tokenizer's special-token strings removed: a chain that spells
-        `<|image_pad|>` or `<|im_end|>` must stay text, not become control tokens."""
-        return self._specials_re.sub("", text)
+        `<|image_pad|>` or `<|im_end|>` must stay text, not become control tokens. Repeated until nothing is
+        left to remove: dropping one can join its neighbours into another (`<|image_<|im_end|>pad|>`)."""
+        while (cleaned := self._specials_re.sub("", text)) != text:
+            text = cleaned
+        return text
 
     def _rubric_text(self, rubric: Rubric, sample: RewardSample) -> str:
         return rubric.template.format(prompt=self._clean(sample.prompt.strip()),

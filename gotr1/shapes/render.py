@@ -22,8 +22,8 @@ BACKGROUND = (255, 255, 255)
 def shape_mask(shape: str, box: Box, width: int, height: int) -> np.ndarray:
     """Boolean `[height, width]` mask of `shape` filling `box` (0..1000 frame); its pixel bbox is `to_pixels(box)`.
 
-    circle: the inscribed ellipse; triangle: apex at the top centre, base along the bottom edge (the apex row
-    always holds the centre pixel(s), so the mask reaches the box's top).
+    circle: the inscribed ellipse; triangle: apex at the top centre, base along the bottom edge (every row holds
+    the centre pixel(s), so the mask reaches the box's top and stays one piece however narrow the box).
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
@@ -40,7 +40,7 @@ def shape_mask(shape: str, box: Box, width: int, height: int) -> np.ndarray:
         inside = ((xs - w / 2) / (w / 2)) ** 2 + ((ys - h / 2) / (h / 2)) ** 2 <= 1.0
         inside |= centre_column | (np.abs(ys - h / 2) <= 0.5)
     else:
-        inside = (np.abs(xs - w / 2) <= (ys + 0.5) * w / (2 * h)) | (centre_column & (ys < 1))
+        inside = (np.abs(xs - w / 2) <= (ys + 0.5) * w / (2 * h)) | centre_column
     mask[y1:y2, x1:x2] = inside
     return mask
 
