@@ -240,3 +240,13 @@ def test_a_tall_triangle_is_one_piece_the_judge_detects_whole(x, y, w, stretch, 
     assert len(np.unique(labels[mask])) == 1
     (found,) = detect_objects(render_objects([("red", "triangle", box)], size))
     assert found.pixel_box == to_pixels(box, size, size)
+
+
+def test_one_colour_objects_get_distinct_shapes_without_being_asked():
+    """One colour for every object leaves only the shape to tell names apart: asked without `distinct_shapes`, a
+    repeated shape used to retry its colour forever."""
+    from gotr1.shapes.world import _random_objects
+
+    for seed in range(20):
+        objects = _random_objects(random.Random(seed), 3, same_colour=True)
+        assert len({o.name for o in objects}) == 3 and len({o.colour for o in objects}) == 1

@@ -457,7 +457,8 @@ def _random_objects(rng: random.Random, n: int, *, same_shape: bool = False, dis
     if same_shape:
         shape = rng.choice(SHAPES)
         return [ObjectSpec(c, shape) for c in rng.sample(list(COLOURS), n)]
-    shapes = rng.sample(SHAPES, n) if distinct_shapes else [rng.choice(SHAPES) for _ in range(n)]
+    # one colour for all: only distinct shapes give distinct names (else the loop below never ends)
+    shapes = rng.sample(SHAPES, n) if distinct_shapes or same_colour else [rng.choice(SHAPES) for _ in range(n)]
     colour = rng.choice(list(COLOURS))
     out: list[ObjectSpec] = []
     for s in shapes:
