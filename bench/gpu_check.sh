@@ -12,6 +12,10 @@
 #   with and without window interrupts), then the tests;
 #   judge: the reward benchmark at Qwen2.5-VL-7B's shape (graphed scoring and decoding vs one at a time), then
 #   the tests (the judge's CUDA tests among them).
+# The lent machines' image has torch and triton but another transformers, maybe another peft, and no fastapi,
+# uvicorn or pydantic: carry them as wheels (.whl/: transformers 5.24.0, peft 0.21.2, and for serve fastapi,
+# starlette, uvicorn, pydantic + pydantic_core for cp312, annotated-types, typing-inspection, typing-extensions,
+# opentelemetry-api) installed with `pip install --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site.
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail

@@ -3,8 +3,10 @@
 Each group is one prompt with N samples: exactly R reasoning tokens (min = max, so both sides do identical work),
 the forced `<begin_of_image>`, then all image tokens with CFG. Both sides sample (temperatures 1, no top-k/top-p,
 GoT-R1's recipe) with the same torch thread count; `hf_match` comes from a separate small greedy run whose tokens
-must be equal on both sides (it also warms both up). The timed rollouts alternate engine / transformers, so load
-from other processes on a shared machine hits both alike; each side's figure is its median. A third side is the
+must be equal on both sides (it also warms both up). Then every side runs once untimed at the timed settings, so
+what a side pays only on its first run at a shape (Triton specialisations, allocator growth, transformers' image
+cache) is in no side's timed runs. The timed rollouts alternate engine / transformers, so load from other
+processes on a shared machine hits both alike; each side's figure is its median. A third side is the
 same engine with multi-step decoding off (`num_scheduler_steps=1`: a host sync after every step), so the gain of
 keeping the device fed is measured in the same run; its tokens must equal the multi-step engine's. A fourth is the
 same engine with `fuse_projections` the other way from its default (fused on a GPU: q/k/v and gate/up as one matmul
@@ -85,8 +87,9 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def bandwidth_floor(bundle, *, rows: int, prompt_len: int, reasoning: int, bandwidth: float) -> dict[str, float]:
-    """Bytes one decode step must read, text and image phase (contexts at their mid-point), and the time floor."""
+def bandwidth_floor(bundle, *, rows: int, prompt_len: float, reasoning: int, bandwidth: float) -> dict[str, float]:
+    """Bytes one decode step must read, text and image phase (contexts at their mid-point), and the time floor.
+    `prompt_len`: the mean over the rows (prompts of several lengths are not padded in the engine's cache)."""
     janus = bundle.model
     lm = janus.model.language_model
     tc = janus.config.text_config
@@ -167,6 +170,9 @@ def run(args: argparse.Namespace) -> dict:
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
         return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
 
+    for steps, fuse in ((args.num_scheduler_steps, not fused), (1, fused), (args.num_scheduler_steps, fused)):
+        rollout(steps, fuse)  # untimed: each side's first run at the timed shapes (see the module docstring)
+    reference.generate(prompts, **settings)
     compiled = ReferenceGenerator(bundle, compile=True) if args.hf_compile else None
     if compiled is not None:  # compilation and graph recording at the timed shapes, untimed: the second call
         for _ in range(2):  # compiles again, for the static caches the first one initialised
@@ -197,10 +203,11 @@ def run(args: argparse.Namespace) -> dict:
                                                                         hf_times))
     t_fused, t_unfused = (t_engine, t_other) if fused else (t_other, t_engine)
 
-    prompt_len = max(len(ids) for ids in bundle.encode_prompts(prompts, r))
+    prompt_lens = [len(ids) for ids in bundle.encode_prompts(prompts, r)]
+    prompt_len = max(prompt_lens)  # transformers left-pads every row to the longest prompt
     tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
-    floor = bandwidth_floor(bundle, rows=args.n * args.groups, prompt_len=prompt_len, reasoning=r,
-                            bandwidth=copy_bandwidth(args.device))
+    floor = bandwidth_floor(bundle, rows=args.n * args.groups, prompt_len=statistics.fmean(prompt_lens),
+                            reasoning=r, bandwidth=copy_bandwidth(args.device))
     engine_ms_per_step = t_engine / steps * 1e3
     rows_hf = 2 * args.n * args.groups
     metrics = {

@@ -11,7 +11,7 @@ tabulated once for every position.
 
 On CUDA with a graph-safe backend, decode steps replay CUDA graphs of the whole layer stack captured per batch-size
 bucket (padding rows store to slot -1 and attend to nothing); embeddings, heads and sampling stay outside the graph.
-Graphs are recaptured when the model's modules or adapter state change.
+Graphs are recaptured when the model's modules, hooks, adapter state or weight addresses change.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as module_globals
 from transformers import JanusForConditionalGeneration
 
 from engine.attention import AttentionMetadata, select_backend
@@ -126,9 +127,9 @@ class ModelRunner:
         # RoPE in one launch per layer where the norms and SwiGLU get theirs (16 bits on a GPU).
         self.fused_rope = gpu_kernels(weight)
         self.rope_stores = self.fused_rope and self.backend.triton_store
-        self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                                and self.backend.graph_safe)
         self.graph_sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs]
+        self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
+                                and self.backend.graph_safe and bool(self.graph_sizes))  # no bucket fits: eager
 
     # ------------------------------------------------------------------------------------------------ set-up
     def bind(self, model: torch.nn.Module) -> None:
@@ -173,8 +174,12 @@ class ModelRunner:
                     table.copy_(now)
         adapters = tuple((id(m), bool(getattr(m, "disable_adapters", False)), tuple(m.merged_adapters),
                           tuple(m.active_adapters)) for m in lm.modules() if hasattr(m, "merged_adapters"))
+        # Hooks and instance forwards decide what `lean` bypasses: a graph would replay the choice of its capture.
+        hooks = (tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks), id(m.__dict__.get("forward")))
+                       for m in lm.modules()),
+                 tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
-               tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
+               hooks, tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
                merge, self.fuse_projections, self.config.skinny_matmul)
         if key != self._module_key:
             self.graphs.clear()

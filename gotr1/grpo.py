@@ -167,6 +167,8 @@ class GRPOTrainer(ckpt.Checkpointed):
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler.step\(\)` before", UserWarning)
                 for _ in range(c.num_iterations):
                     self.scheduler.step()
+        if self.bundle.device.type == "cuda":  # the optimizer's kernels belong to this step's train time
+            torch.cuda.synchronize(self.bundle.device)
         t3 = time.perf_counter()
         tokens = sum(len(s.reasoning_ids) + len(s.image_tokens) for s in samples)
         metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,

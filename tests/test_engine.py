@@ -860,3 +860,27 @@ def test_rope_follows_the_rotary_buffers_of_the_model_as_it_is_now():
         torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
         torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
         torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=1e-4)
+
+
+def test_rebind_drops_graphs_when_a_hook_changes_what_a_module_runs():
+    """`lean` bypasses a module only while it has no hooks, decided at each bind: a hook added (or removed) since
+    the graphs were captured changes the forward, so the graphs (which replay the old one) must go; a rebind that
+    changes nothing keeps them."""
+    bundle = build_preset("tiny", image_size=64)
+    runner = LLMEngine(bundle, EngineConfig(num_kv_blocks=8)).runner
+    mlp = runner.layers[0].mlp
+    sentinel = object()  # stands for a captured graph: bind only decides whether to drop them
+    runner.graphs[1] = sentinel
+    runner.bind(bundle.model)
+    assert runner.graphs == {1: sentinel}
+    handle = mlp.register_forward_hook(lambda module, args, out: out * 2)
+    runner.bind(bundle.model)
+    assert runner.forwards[0].mlp is mlp  # the module is called now, hook and all
+    assert not runner.graphs
+    runner.graphs[1] = sentinel
+    handle.remove()
+    runner.bind(bundle.model)
+    assert not runner.graphs
+    with torch.no_grad():
+        x = torch.randn(3, mlp.gate_proj.in_features)
+        torch.testing.assert_close(runner.forwards[0].mlp(x), mlp(x))

@@ -1,0 +1,67 @@
+"""`python -m bench rollout`: the bandwidth floor against a hand count, and the result's figures against their
+definitions on a tiny run (its speed is not asserted: speed claims come from the benchmark's JSON only)."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import pytest
+
+from bench import rollout
+from gotr1.model import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def test_bandwidth_floor_matches_a_hand_count(tiny):
+    """Tiny preset, fp32: hidden 64, 2 layers, 4 query / 2 KV heads of 16 (GQA), MLP 128, text vocabulary 576 (head
+    tied to the embeddings), image head 64 -> 64 -> 1024 and aligner 8 -> 64 -> 64, both with biases."""
+    layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q, k, v, o, gate/up/down, two norms
+    stack = 4 * (2 * layer + 64)  # bytes: layers + final norm
+    text_head = 4 * 576 * 64
+    image_head = 4 * ((64 * 64 + 64) + (64 * 1024 + 1024) + (8 * 64 + 64) + (64 * 64 + 64))
+    kv = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads (not query heads), head dim, fp32
+    rows, prompt, r, image = 16, 20.5, 300, 576
+    text = stack + text_head + rows * (prompt + r / 2) * kv
+    cfg = stack + image_head + 2 * rows * (prompt + r + 1 + image / 2) * kv  # conditional + unconditional rows
+    mean = ((r + 1) * text + image * cfg) / (r + 1 + image)
+    floor = rollout.bandwidth_floor(tiny, rows=rows, prompt_len=prompt, reasoning=r, bandwidth=2e9)
+    assert floor["kv_bytes_per_token"] == kv
+    assert floor["step_bytes_text"] == pytest.approx(text, rel=1e-12)
+    assert floor["step_bytes_image"] == pytest.approx(cfg, rel=1e-12)
+    assert floor["step_bytes_mean"] == pytest.approx(mean, rel=1e-12)
+    assert floor["floor_ms_per_step"] == pytest.approx(mean / 2e9 * 1e3, rel=1e-12)
+
+
+def test_rollout_result_figures(tiny, tmp_path):
+    """Two prompts of different lengths: the floor counts each row's own prompt, the contiguous cache pads to the
+    longest; ratios, rates and the promised keys are what the JSON says they are."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    rollout.add_args(parser)
+    path = tmp_path / "rollout.json"
+    args = parser.parse_args(["--groups", "2", "--n", "1", "--reasoning-tokens", "2", "--repeats", "1",
+                              "--json", str(path)])
+    rollout.run(args)
+    result = json.loads(path.read_text())
+    m, env = result["metrics"], result["env"]
+    for key in ("device", "torch", "transformers", "git_commit"):
+        assert env[key]
+    assert m["hf_match"] is True and m["other_fusion_tokens_match"] is True
+    assert m["speedup_vs_hf"] == pytest.approx(m["hf_s"] / m["engine_s"])
+    assert m["engine_s"] == statistics.median(m["engine_s_runs"]) and m["hf_s"] == statistics.median(m["hf_s_runs"])
+    assert m["engine_groups_per_s"] == pytest.approx(2 / m["engine_s"])
+    assert m["hf_groups_per_s"] == pytest.approx(2 / m["hf_s"])
+    assert m["engine_tokens_per_s"] == pytest.approx(2 * 1 * (2 + 1 + 576) / m["engine_s"])
+    lens = [len(ids) for ids in tiny.encode_prompts(list(rollout.PROMPTS[:2]), 2)]
+    assert lens[0] != lens[1]
+    kv = rollout.bandwidth_floor(tiny, rows=1, prompt_len=0, reasoning=0, bandwidth=1.0)["kv_bytes_per_token"]
+    assert m["kv_bytes_contiguous"] == 2 * 2 * (max(lens) + 2 + 1 + 576) * kv
+    assert 0 < m["kv_bytes_engine"] and m["kv_ratio"] == m["kv_bytes_engine"] / m["kv_bytes_contiguous"]
+    floor = rollout.bandwidth_floor(tiny, rows=2, prompt_len=statistics.fmean(lens), reasoning=2, bandwidth=1.0)
+    assert m["step_bytes_mean"] == pytest.approx(floor["step_bytes_mean"], rel=1e-12)
