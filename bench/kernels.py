@@ -8,7 +8,7 @@ during the call (inputs excluded).
 - `--scale gpu`: the issue's shapes in bf16.
   - GRPO loss: B=16 sequences of T=300+576 tokens, H in {2048, 4096}, V in {102400, 16384}; with and without
     the weight gradient.
-  - Paged decode: batch 32 x 800 tokens, Janus-Pro 1B and 7B heads, and a CFG image step (16 x 876 + 16 x 576).
+  - Paged decode: batch 32 x 800 tokens, Janus-Pro 1B and 7B heads, and a step of mixed lengths (16 x 876 + 16 x 576).
     `note` gives its K/V read bandwidth as a fraction of the measured device copy bandwidth (read + write bytes of
     a 1 GiB `copy_`). On CUDA our kernel is timed as the engine runs it, replayed from a CUDA graph (so host launch
     latency is not counted); the eager reference syncs on the host and cannot be captured. `--decode-sweep` adds
@@ -173,8 +173,8 @@ def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
     if args.scale == "small":
         shapes = [(4, 100, 4, 4, 32, "MHA"), (4, 100, 6, 2, 32, "GQA"), (4, (100, 100, 40, 40), 4, 4, 32, "MHA CFG")]
     else:
-        # The issue's 32 x 800 at both models' heads, and a CFG image step as the engine runs it: 16 conditional
-        # rows (prompt + 300 reasoning + image tokens so far) and their 16 shorter unconditional rows.
+        # The issue's 32 x 800 at both models' heads, and a step of mixed context lengths (labelled "CFG" in the
+        # results since the first run; the engine's unconditional rows are as long as their conditional ones).
         shapes = [(32, 800, 16, 16, 128, "Janus-1B"), (32, 800, 32, 32, 128, "Janus-7B"),
                   (32, (876,) * 16 + (576,) * 16, 16, 16, 128, "Janus-1B CFG")]
     copy_bw = _copy_bandwidth(device, repeats) if device.startswith("cuda") else None
