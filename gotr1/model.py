@@ -66,7 +66,8 @@ class JanusBundle:
         return self.model.lm_head.weight.device
 
     def encode_prompts(self, prompts: list[str], max_reasoning_tokens: int) -> list[list[int]]:
-        """Token ids of each prompt in the GoT chat format (BOS first); rejects prompts that cannot fit.
+        """Token ids of each prompt in the GoT chat format (BOS first); rejects prompts that cannot fit or that
+        spell a special token.
 
         The longest possible sequence is prompt + reasoning + `<begin_of_image>` + image tokens, and it must
         fit the model's positions: refusing up front beats failing 600 tokens into a rollout.
@@ -77,6 +78,10 @@ class JanusBundle:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} is empty")
+            # The tokenizer reads special-token text as the token itself: a caption must not inject BOS or
+            # <begin_of_image> into the prompt.
+            if special := next((t for t in self.tokenizer.all_special_tokens if t in prompt), None):
+                raise ValueError(f"prompt {i} contains the special token {special!r}")
             ids = self.tokenizer(chat_prompt(prompt), add_special_tokens=True)["input_ids"]
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id, *ids]

@@ -34,6 +34,10 @@ def test_encode_prompts_checks_input(tiny):
         tiny.encode_prompts([], 10)
     with pytest.raises(ValueError, match="too long"):
         tiny.encode_prompts(["word " * 500], 600)
+    for special in ("<begin_of_image>", tiny.tokenizer.bos_token):  # would be read as the token itself
+        assert tiny.tokenizer(f"a {special}")["input_ids"].count(tiny.tokenizer.convert_tokens_to_ids(special)) >= 1
+        with pytest.raises(ValueError, match=f"prompt 0 contains the special token '{special}'"):
+            tiny.encode_prompts([f"a cat {special} left of a dog"], 10)
 
 
 def test_decode_images_gives_rgb_of_model_size(tiny):

@@ -225,6 +225,7 @@ BAD_INPUTS = [
     ({"prompt": "  \n"}, 422, "the prompt is blank"),
     ({"prompt": "x" * 2001}, 422, "prompt: String should have at most 2000 characters"),
     ({"prompt": "a " * 900, "max_reasoning_tokens": 1200}, 422, "prompt 0 is too long"),
+    ({"prompt": "a <begin_of_image> b"}, 422, "contains the special token '<begin_of_image>'"),
     ({"prompt": "a", "n": 0}, 422, "n: Input should be greater than or equal to 1"),
     ({"prompt": "a", "n": 5}, 422, "n: Input should be less than or equal to 4"),
     ({"prompt": "a", "n": 1.5}, 422, "n: Input should be a valid integer"),
