@@ -12,9 +12,10 @@ from gotr1.chain import ParsedChain, layout_overlay
 
 def save_sample(out_dir: Path, stem: str, *, prompt: str, reasoning_text: str, chain: ParsedChain,
                 image: Image.Image | None) -> dict:
-    """Write `stem.png` (image), `stem_chain.txt` and `stem_layout.png`; return the JSON record of the sample."""
+    """Write `stem.png` (image), `stem_chain.txt` (UTF-8 whatever the locale: chains hold any character) and
+    `stem_layout.png`; return the JSON record of the sample."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}_chain.txt").write_text(reasoning_text + "\n")
+    (out_dir / f"{stem}_chain.txt").write_text(reasoning_text + "\n", encoding="utf-8")
     record = {"prompt": prompt, "reasoning": reasoning_text,
               "objects": [asdict(o) for o in chain.objects], "problems": chain.problems}
     if image is not None:
@@ -30,7 +31,7 @@ def save_groups(out_dir: Path, groups) -> int:
     `samples.jsonl`; returns the number of samples written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    with open(out_dir / "samples.jsonl", "w") as f:
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for p, group in enumerate(groups):
             for s, sample in enumerate(getattr(group, "samples", group)):
                 prompt = group.prompt if hasattr(group, "prompt") else sample.prompt

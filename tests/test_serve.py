@@ -497,3 +497,78 @@ def test_a_failed_step_whose_abort_also_fails_still_answers(tiny):
         assert not worker._thread.is_alive() and not worker.alive
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------------------------ output formats
+def test_only_counters_end_in_total():
+    """promtool's lint (`non-counter metrics should not have "_total" suffix`): the KV pool size, a gauge, was
+    exposed as `gotr1_kv_blocks_total`, which reads as a counter to tools that go by the name."""
+    families = dict(line.split()[2:4] for line in ServerMetrics(8).render().splitlines()
+                    if line.startswith("# TYPE "))
+    assert families["gotr1_kv_blocks_capacity"] == "gauge"
+    assert {n: k for n, k in families.items() if n.endswith("_total") != (k == "counter")} == {}
+
+
+def test_saved_artifacts_are_utf8_under_any_locale(tmp_path):
+    """`save_groups` wrote the chain files in the locale's encoding: under a C/ASCII locale (no UTF-8 coercion)
+    a chain naming `猫` failed the whole save. Also: an unparsable chain, zero objects, no image."""
+    import os
+    import subprocess
+    import sys
+
+    script = """if True:
+        import sys
+        from pathlib import Path
+        from types import SimpleNamespace as S
+        from PIL import Image
+        from gotr1.artifacts import save_groups
+        from gotr1.chain import parse_chain
+        texts = ["un <|obj_start|>\\u732b \\U0001f431<|obj_end|> <|box_start|>(250,250),(750,750)<|box_end|> \\xe9",
+                 "<|obj_start|>dog<|obj_end|> <|box_start|>(1,2)", "no objects\\nat all"]
+        samples = [S(reasoning_text=t, chain=parse_chain(t), image=Image.new("RGB", (64, 64)) if i != 2 else None)
+                   for i, t in enumerate(texts)]
+        print(save_groups(Path(sys.argv[1]), [S(prompt="chat \\xfc", samples=samples)]))
+    """  # ASCII: a C locale cannot decode a non-ASCII command line
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii"}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "p000_s00.png", "p000_s00_chain.txt", "p000_s00_layout.png", "p000_s01.png", "p000_s01_chain.txt",
+        "p000_s01_layout.png", "p000_s02_chain.txt", "samples.jsonl"]
+    chain = (tmp_path / "p000_s00_chain.txt").read_bytes().decode("utf-8")
+    assert chain == "un <|obj_start|>猫 🐱<|obj_end|> <|box_start|>(250,250),(750,750)<|box_end|> é\n"
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["objects"] for r in records] == [[{"name": "猫 🐱", "box": [250, 250, 750, 750]}], [], []]
+    assert records[0]["prompt"] == "chat ü" and records[0]["problems"] == [] and records[2]["problems"] == []
+    assert records[1]["problems"] and records[1]["layout"] == "p000_s01_layout.png"
+    assert "image" not in records[2] and (tmp_path / "p000_s02_chain.txt").read_text("utf-8") == "no objects\nat all\n"
+    layout = np.asarray(Image.open(tmp_path / "p000_s00_layout.png").convert("RGB"))
+    assert layout.shape == (256, 512, 3)  # 64 px enlarged 4x | the layout alone
+    red = (230, 25, 75)  # the first object's colour, on the box's left edge at x = 250/1000 * 256 = 64
+    assert tuple(layout[128, 64]) == red and tuple(layout[128, 256 + 64]) == red
+    empty = np.asarray(Image.open(tmp_path / "p000_s01_layout.png").convert("RGB"))
+    assert (empty[:, 256:] == 255).all()  # no object: a blank layout beside the image
+
+
+def test_image_decoding_failure_is_an_error_response_or_event(main_server, monkeypatch):
+    """The decoder thread failing (a GPU out of memory, say) closed a stream mid-way with no `error` event and
+    answered a plain request with a bare-text 500; a request without images records no time to image."""
+    client, state = main_server
+
+    def broken(output, returns):
+        raise RuntimeError("injected decoder fault")
+
+    monkeypatch.setattr(state, "_images", broken)
+    body = dict(prompt=PROMPTS[0], max_reasoning_tokens=2, seed=3)
+    r = client.post("/v1/generate", json={**body, "return": ["image"]})
+    assert r.status_code == 500 and "image decoding failed" in r.json()["error"]
+    with client.stream("POST", "/v1/generate", json={**body, "return": ["image"], "stream": True}) as s:
+        events = list(sse_events(s.iter_lines()))
+    assert events[-1][0] == "error" and "injected decoder fault" in events[-1][1]["error"]
+    images_before = metric(client, "gotr1_time_to_image_seconds_count")
+    assert client.post("/v1/generate", json={**body, "return": ["tokens"]}).status_code == 200
+    assert metric(client, "gotr1_time_to_image_seconds_count") == images_before
+    monkeypatch.undo()
+    assert client.post("/v1/generate", json={**body, "return": ["image"]}).status_code == 200

@@ -172,7 +172,8 @@ class GoTServer:
             images = await asyncio.get_running_loop().run_in_executor(self.decoder, self._images, event.output,
                                                                       returns)
         done = time.perf_counter() - job.arrival
-        self.metrics.time_to_image.observe(done)
+        if images is not None:  # without images it would be the time to the last token again
+            self.metrics.time_to_image.observe(done)
         return images, {"time_to_first_token_s": event.time_to_first_token_s,
                         "time_to_last_token_s": event.time_to_last_token_s, "time_to_image_s": done}
 
@@ -270,7 +271,10 @@ class GoTServer:
             lease.finished = True
             if isinstance(event, FailedEvent):
                 return error(499 if event.cancelled else 500, event.message)
-            pngs, timing = await self._decode(job, event, returns if images else None)
+            try:
+                pngs, timing = await self._decode(job, event, returns if images else None)
+            except Exception as e:  # the decoder failed (out of memory, say): the tokens exist, the images do not
+                return error(500, f"image decoding failed: {e!r}")
             return JSONResponse(response_json(event.output, seed=seed, returns=returns, images=pngs, timing=timing))
         finally:
             if not streaming:
@@ -291,7 +295,11 @@ class GoTServer:
                 assert isinstance(event, FinishedEvent)
                 if late := state.catch_up(event.output):
                     yield late
-                pngs, timing = await self._decode(job, event, returns if images else None)
+                try:
+                    pngs, timing = await self._decode(job, event, returns if images else None)
+                except Exception as e:  # as in `_generate`, but the status line is long sent: an error event
+                    yield sse("error", {"error": f"image decoding failed: {e!r}"})
+                    return
                 if pngs is not None:
                     yield "".join(sse("image", {"sample": i, **im}) for i, im in enumerate(pngs))
                 yield sse("done", response_json(event.output, seed=seed, returns=returns, timing=timing))

@@ -142,7 +142,8 @@ class ServerMetrics:
                                                            "bounds it; beyond it requests get 429).")
         self.kv_blocks_used = Gauge("gotr1_kv_blocks_used", "KV cache blocks held by requests.")
         self.kv_blocks_free = Gauge("gotr1_kv_blocks_free", "KV cache blocks in the free pool.")
-        self.kv_blocks_total = Gauge("gotr1_kv_blocks_total", "KV cache blocks in the pool.")
+        # Not `_total`: Prometheus reserves the suffix for counters (promtool's lint refuses it on a gauge).
+        self.kv_blocks_total = Gauge("gotr1_kv_blocks_capacity", "KV cache blocks in the pool.")
         self.kv_blocks_total.set(num_kv_blocks)
         self.tokens_per_second = Gauge("gotr1_tokens_per_second", "Generated tokens (reasoning + image) of the "
                                                                   "requests finished over the last 10 s, per s.")
