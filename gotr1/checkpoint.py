@@ -155,12 +155,15 @@ class Checkpointed:
     def save(self) -> Path:
         return save_checkpoint(self.output_dir, self.step, self.bundle.model, self.optimizer, self.scheduler,
                                {"data": self.data_state(), "history": self.history,
-                                "config": dataclasses.asdict(self.config)})
+                                "config": dataclasses.asdict(self.config), "trainer": type(self).__name__})
 
     def resume(self, path: str | Path) -> Path:
         checkpoint = resolve_checkpoint(path)
-        load_adapter_weights(self.bundle.model, checkpoint)
         state = load_state(checkpoint)
+        if state.get("trainer", type(self).__name__) != type(self).__name__:  # an SFT run's optimizer and step
+            raise ValueError(f"{checkpoint} was written by {state['trainer']}, not {type(self).__name__}: start "
+                             f"from its exported model instead of resuming it")
+        load_adapter_weights(self.bundle.model, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

@@ -70,23 +70,52 @@ def check_out_dir(path: str | None) -> None:
         raise NotADirectoryError(f"output path {path} exists and is not a directory")
 
 
+def check_out_file(path: str | None) -> None:
+    """Before any work: an output file that is a directory would fail only once the scores exist."""
+    if path is not None and Path(path).is_dir():
+        raise IsADirectoryError(f"output file {path} is a directory")
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """Before the model (and a judge) load: a `--resume` path that holds no checkpoint."""
+    if args.resume:
+        from gotr1.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(args.resume)
+
+
+def yaml_error_line(error: Exception) -> str:
+    """PyYAML's message on one line: what it was parsing and what it found, each with its line and column."""
+    parts = []
+    for what, mark in (("context", "context_mark"), ("problem", "problem_mark")):
+        text, where = getattr(error, what, None), getattr(error, mark, None)
+        if text:
+            parts.append(text + (f" (line {where.line + 1}, column {where.column + 1})" if where else ""))
+    return ": ".join(parts) or " ".join(str(error).split())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.sampling_params import SamplingParams
     from gotr1.artifacts import save_groups
 
     check_out_dir(args.out)
     prompts = read_prompt_args(args)
-    bundle = load_from_args(args, args.dtype)
     settings = {"text_temperature": args.text_temperature, "image_temperature": args.image_temperature,
                 "top_k": args.top_k, "top_p": args.top_p, **preset_sampling(args)}
+    # checked before the model loads, for either backend
+    params = [SamplingParams(n=args.n, seed=args.seed + i, **settings) for i in range(len(prompts))]
+    if args.backend == "reference" and settings["cfg_weight"] <= 1:
+        raise ValueError(f"--backend reference needs --cfg-weight > 1 (transformers' Janus image generation always "
+                         f"runs CFG), got {settings['cfg_weight']}")
+    bundle = load_from_args(args, args.dtype)
     start = time.perf_counter()
     if args.backend == "reference":
         from gotr1.reference import ReferenceGenerator
 
         groups = ReferenceGenerator(bundle).generate(prompts, n=args.n, seed=args.seed, progress=True, **settings)
     else:
-        from engine import LLMEngine, SamplingParams
+        from engine import LLMEngine
 
-        params = [SamplingParams(n=args.n, seed=args.seed + i, **settings) for i in range(len(prompts))]
         groups = LLMEngine(bundle).generate(prompts, params)
     elapsed = time.perf_counter() - start
     total = save_groups(Path(args.out), groups)
@@ -139,10 +168,11 @@ def _train(args: argparse.Namespace, config: GRPOConfig, device: str | None) -> 
 
     shapes = args.preset == "shapes"
     prompts = read_prompt_args(args, default_split="train" if shapes else None)
-    judge = make_judge(config.judge)  # fails now, not mid-training, when judge weights are missing
-    eval_prompts = eval_config = None
     if args.eval_n < 0:
         raise ValueError(f"--eval-n must be >= 0, got {args.eval_n}")
+    check_resume(args)
+    judge = make_judge(config.judge)  # fails now, not mid-training, when judge weights are missing
+    eval_prompts = eval_config = None
     if shapes and args.eval_n > 0:
         from gotr1.shapes.world import parse_prompts
 
@@ -191,6 +221,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
     shapes = args.preset == "shapes"
     config = build_config(SFTConfig, args, args.config, preset_defaults(args, "SFT_DEFAULTS"))
+    check_resume(args)
     if shapes:  # SFT in the shapes world starts from the untrained base, on the world's own training scenes
         from gotr1.shapes.preset import load_shapes, save_sft_weights, sft_data
 
@@ -229,6 +260,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = build_config(EvalConfig, args)
     check_out_dir(args.out)
+    check_out_file(args.json)
     prompts = read_prompt_args(args, default_split="val")
     parse_prompts(prompts)  # before loading anything: a prompt outside the grammar cannot be scored
     bundle = load_from_args(args, args.dtype)
@@ -359,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except YAMLError as e:  # only --config is YAML
-        print(f"error: {getattr(args, 'config', None)} is not valid YAML: {e}", file=sys.stderr)
+        print(f"error: {getattr(args, 'config', None)} is not valid YAML: {yaml_error_line(e)}", file=sys.stderr)
         return 2
 
 

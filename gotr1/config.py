@@ -40,7 +40,7 @@ class TrainConfig:
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: str = LM_LORA_TARGETS
+    lora_target_modules: str | list[str] = LM_LORA_TARGETS  # a regex or module names, as peft takes them
     seed: int = 0
     save_steps: int = 50
     logging_steps: int = 1
@@ -206,6 +206,31 @@ def _field_parser(tp: Any):
     return tp, None
 
 
+def _yaml_value(path: Path, name: str, value: Any, tp: Any) -> Any:
+    """A YAML value as its field's type: YAML 1.1 reads `1e-5` (no dot) as a string, so strings are converted as a
+    flag's would be; anything else of the wrong type is refused here, not met as a TypeError in `validate`."""
+    convert, nargs = _field_parser(tp)
+    if isinstance(value, str) and nargs is None:
+        try:
+            value = convert(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"{path}: {name}: {e}") from e
+    if not _fits(value, tp):
+        raise ValueError(f"{path}: {name} must be {tp}, got {value!r}")
+    return float(value) if tp is float and type(value) is int else value
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if tp is float:
+        return type(value) in (int, float)
+    return value is None if tp is type(None) else type(value) is tp
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field, in both spellings; defaults stay unset so YAML values are not overridden."""
     hints = typing.get_type_hints(cls)
@@ -234,11 +259,11 @@ def build_config(cls: type, args: argparse.Namespace, config_file: str | None = 
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a mapping of field: value")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(loaded) - known)
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(loaded) - set(hints))
         if unknown:
             raise ValueError(f"{path}: unknown fields {', '.join(unknown)}")
-        values.update(loaded)
+        values.update({name: _yaml_value(path, name, value, hints[name]) for name, value in loaded.items()})
     values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
     config = cls(**values)
     config.validate()

@@ -61,3 +61,60 @@ def test_serve_checks_its_flags_before_loading_the_model(capsys, monkeypatch):
                            (["--num-kv-blocks", "0"], "num_kv_blocks must be a positive int")]:
         assert main(["serve", "--preset", "tiny", *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def _no_loading(monkeypatch):
+    """Make loading a model or a judge fail the test: the checks under test must come before either."""
+    import gotr1.cli
+    import gotr1.rewards
+
+    def loaded(*a, **k):
+        raise AssertionError("loaded")
+
+    monkeypatch.setattr(gotr1.cli, "load_from_args", loaded)
+    monkeypatch.setattr(gotr1.rewards, "make_judge", loaded)
+
+
+def test_bad_yaml_config_is_one_line_with_both_positions(tmp_path, capsys):
+    """PyYAML's own message spans five lines (with a caret drawing); `error:` messages are one line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: [unclosed\n")
+    assert main(["sft", "--preset", "tiny", "--data", "x.jsonl", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.rstrip("\n")
+    assert "\n" not in err
+    assert err == (f"error: {bad} is not valid YAML: while parsing a flow sequence (line 1, column 16): "
+                   "expected ',' or ']', but got '<stream end>' (line 2, column 1)")
+
+
+def test_eval_refuses_a_json_path_that_is_a_directory_before_evaluating(tmp_path, capsys, monkeypatch):
+    """It failed with `[Errno 21] Is a directory` only after every sample had been drawn and scored."""
+    _no_loading(monkeypatch)
+    assert main(["eval", "--preset", "shapes", "--prompt", "a red circle", "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: output file {tmp_path} is a directory\n"
+
+
+def test_a_resume_path_without_a_checkpoint_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """It was found only after the judge and the policy had loaded (minutes at 7B)."""
+    _no_loading(monkeypatch)
+    missing = tmp_path / "nothing"
+    for command in (["train", "--preset", "tiny", "--prompt", "a"], ["sft", "--preset", "tiny", "--data", "x"]):
+        assert main([*command, "--resume", str(missing)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: no checkpoint at {missing}: ")
+    assert main(["train", "--preset", "tiny", "--prompt", "a", "--eval-n", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --eval-n must be >= 0, got -1\n"
+
+
+def test_generate_checks_sampling_flags_before_loading_for_either_backend(capsys, monkeypatch):
+    """The reference backend took `--top-p 2` silently and refused the shapes preset's CFG weight 1 only after
+    the reasoning had been generated; the engine's checks ran after the model had loaded."""
+    _no_loading(monkeypatch)
+    cases = [(["--preset", "tiny", "--top-p", "2"], "top_p must be in (0, 1], got 2.0"),
+             (["--preset", "tiny", "--text-temperature", "-1"], "text_temperature must be 0 (greedy) or in"),
+             (["--preset", "tiny", "-n", "0"], "n must be a positive int, got 0"),
+             (["--preset", "shapes"], "--backend reference needs --cfg-weight > 1"),
+             (["--preset", "tiny", "--cfg-weight", "1"], "--backend reference needs --cfg-weight > 1")]
+    for flags, message in cases:
+        for backend in (["reference"] if "cfg-weight" in message else ["engine", "reference"]):
+            assert main(["generate", *flags, "--prompt", "a red circle", "--backend", backend]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and message in err, (flags, backend, err)

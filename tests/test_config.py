@@ -32,6 +32,23 @@ def test_both_spellings_and_yaml_precedence(tmp_path):
     assert c.num_generations == 6 and c.epsilon_high is None
 
 
+def test_yaml_values_take_their_fields_types(tmp_path):
+    """YAML 1.1 reads `1e-5` (no dot) as a string: converted as a flag would be. Values of the wrong type are
+    refused naming the field, not met as a TypeError inside `validate`."""
+    good = tmp_path / "good.yaml"
+    good.write_text("learning_rate: 1e-5\nbeta: 1e-3\nepsilon_high: null\nmax_steps: 10\n"
+                    "lora_target_modules: [q_proj, v_proj]\n")
+    c = build_config(GRPOConfig, parse(GRPOConfig, []), str(good))
+    assert (c.learning_rate, c.beta, c.epsilon_high, c.max_steps) == (1e-5, 1e-3, None, 10)
+    assert c.lora_target_modules == ["q_proj", "v_proj"]
+    bad = tmp_path / "bad.yaml"
+    for text, match in (("max_steps: ten\n", "max_steps: invalid literal"), ("learning_rate: [1]\n", "learning_rate"),
+                        ("use_lora: 3\n", "use_lora must be"), ("max_steps: 2.5\n", "max_steps must be")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            build_config(GRPOConfig, parse(GRPOConfig, []), str(bad))
+
+
 def test_invalid_values_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="loss_type must be one of"):
         build_config(GRPOConfig, parse(GRPOConfig, ["--loss-type", "ppo"]))

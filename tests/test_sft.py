@@ -165,3 +165,19 @@ def test_sft_jsonl_reader_keeps_few_files_open(tmp_path):
     images = [Image.open(tmp_path / f"{i}.png") for i in (0, 129)]
     assert torch.equal(torch.stack([examples[0].image_tokens, examples[129].image_tokens]),
                        encode_images(bundle.model.model.vqmodel, images))
+
+
+def test_grpo_refuses_to_resume_an_sft_run(tmp_path):
+    """An SFT checkpoint holds SFT's optimizer, step and data position: a GRPO run starts from its exported model,
+    it does not resume it."""
+    from gotr1.config import GRPOConfig
+    from gotr1.grpo import GRPOTrainer
+    from gotr1.rewards import CodebookSubsetJudge
+
+    bundle = build_preset("tiny", image_size=64)
+    SFTTrainer(_config(tmp_path / "sft", use_lora=True, max_steps=1), bundle, _examples(bundle)).train()
+    grpo = GRPOTrainer(GRPOConfig(output_dir=str(tmp_path / "grpo"), num_generations=2, prompts_per_step=1,
+                                  max_reasoning_tokens=2, judge="codebook:512"),
+                       build_preset("tiny", image_size=64), ["a cat"], CodebookSubsetJudge(512))
+    with pytest.raises(ValueError, match="written by SFTTrainer, not GRPOTrainer"):
+        grpo.resume(tmp_path / "sft")
