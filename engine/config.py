@@ -28,7 +28,8 @@ class EngineConfig:
     (vLLM's merged projections: fewer and wider kernels for a decode step's few rows), on their weights stacked in
     one tensor: the model's parameters are re-homed into it at the first rollout (they become views of it, the
     same `Parameter` objects with the same values), so nothing is copied and optimizer steps reach it. None
-    (default) fuses on a GPU only: on a CPU the rollout benchmark measured it 4-12% slower at the tiny preset.
+    (default) fuses on a GPU only: on a CPU the rollout benchmark measured it from 12% slower to 8% faster at the
+    tiny preset, within that machine's noise.
     `merge_lora` runs each peft LoRA projection as one matmul on a merged weight `W + scaling * B A`, computed
     from the policy's own parameters at the start of every rollout into a buffer of the engine (`W` is never
     touched; TRL merges before generating, in place). None (default) merges fp32 weights only: a 16-bit merged
