@@ -12,6 +12,14 @@ def tiny():
     return build_preset("tiny", image_size=64)
 
 
+def image_logits(janus, ids: list[int], image: torch.Tensor) -> torch.Tensor:
+    """transformers' own image-generation logits of `image` after the text `ids` (one unpadded sequence)."""
+    emb = torch.cat([janus.get_input_embeddings()(torch.tensor([ids])),
+                     janus.prepare_embeddings_for_image_generation(image[None, :-1])], 1)
+    hidden = janus.model.language_model(inputs_embeds=emb).last_hidden_state
+    return janus.model.generation_head(hidden[0, len(ids) - 1:])
+
+
 def test_teacher_forced_logprobs_equal_full_forward(tiny):
     """Variable prompt/reasoning lengths in one right-padded batch == each sample's own HF forward."""
     g = torch.Generator().manual_seed(0)
@@ -57,15 +65,9 @@ def test_guided_image_logprobs_equal_cfg_mixed_full_forwards(tiny):
         got = token_logprobs(guided_h, vision_head, images, temperature=0.7)
         assert (got - token_logprobs(cond_h, vision_head, images, temperature=0.7)).abs().max() > 0.1
 
-        def image_logits(ids, i):
-            emb = torch.cat([janus.get_input_embeddings()(torch.tensor([ids])),
-                             janus.prepare_embeddings_for_image_generation(images[i: i + 1, :-1])], 1)
-            return janus.model.generation_head(janus.model.language_model(inputs_embeds=emb)
-                                               .last_hidden_state[0, len(ids) - 1:])
-
         for i, (p, r) in enumerate(zip(prompts, reasoning)):
-            c = image_logits(p + r, i)
-            u = image_logits([tiny.bos_id] + [tiny.pad_id] * (len(p) + len(r) - 2) + [tiny.boi_id], i)
+            c = image_logits(janus, p + r, images[i])
+            u = image_logits(janus, [tiny.bos_id] + [tiny.pad_id] * (len(p) + len(r) - 2) + [tiny.boi_id], images[i])
             expect = ((u + 3.0 * (c - u)) / 0.7).log_softmax(-1).gather(-1, images[i][:, None]).squeeze(-1)
             torch.testing.assert_close(got[i], expect, rtol=1e-5, atol=1e-5)
         _, plain = policy_hidden(janus, batch, Guidance(1.0, tiny.bos_id, tiny.pad_id, tiny.boi_id))
@@ -101,12 +103,6 @@ def test_policy_logprobs_and_train_masks_equal_hf_forwards(tiny, samples, cfg_we
         text_lp = token_logprobs(text_h, janus.lm_head, batch.reasoning_ids)
         img_lp = token_logprobs(img_h, vision_head, images)
 
-        def image_logits(ids, i):
-            emb = torch.cat([janus.get_input_embeddings()(torch.tensor([ids])),
-                             janus.prepare_embeddings_for_image_generation(images[i: i + 1, :-1])], 1)
-            return janus.model.generation_head(janus.model.language_model(inputs_embeds=emb)
-                                               .last_hidden_state[0, len(ids) - 1:])
-
         for i, (p, r) in enumerate(zip(prompts, reasoning)):
             ids = p + r
             logp = janus(input_ids=torch.tensor([ids])).logits[0, len(p) - 1: -1].log_softmax(-1)
@@ -114,9 +110,9 @@ def test_policy_logprobs_and_train_masks_equal_hf_forwards(tiny, samples, cfg_we
                                        rtol=1e-5, atol=1e-5)
             assert batch.reasoning_mask[i].tolist() == [float(m) for m in masks[i]] + [0.0] * (
                 batch.reasoning_ids.shape[1] - len(r))
-            c = image_logits(ids, i)
+            c = image_logits(janus, ids, images[i])
             if cfg_weight != 1:
-                u = image_logits([tiny.bos_id] + [tiny.pad_id] * (len(ids) - 2) + [tiny.boi_id], i)
+                u = image_logits(janus, [tiny.bos_id] + [tiny.pad_id] * (len(ids) - 2) + [tiny.boi_id], images[i])
                 c = u + cfg_weight * (c - u)
             torch.testing.assert_close(img_lp[i], c.log_softmax(-1).gather(-1, images[i][:, None]).squeeze(-1),
                                        rtol=1e-5, atol=1e-5)
