@@ -116,7 +116,7 @@ class EngineWorker:
     def submit(self, job: Job) -> None:
         self.inbox.put(("add", job))
         if self._exited:  # nobody reads the inbox any more: answer what is in it (this job, at least)
-            self._refuse_pending([], "the engine is not running")
+            self._refuse(self._drain([]), "the engine is not running")
 
     def cancel(self, job: Job) -> None:
         self.inbox.put(("abort", job))
@@ -126,12 +126,7 @@ class EngineWorker:
         commands: list = []
         try:
             while True:
-                commands = [] if self.engine.has_unfinished() else [self.inbox.get()]
-                while True:
-                    try:
-                        commands.append(self.inbox.get_nowait())
-                    except queue.Empty:
-                        break
+                commands = self._drain([] if self.engine.has_unfinished() else [self.inbox.get()])
                 if _STOP in commands:
                     self._shut_down(commands)
                     return
@@ -148,8 +143,8 @@ class EngineWorker:
             # Requests read in the last iteration but not added, and any still queued, would await admission
             # forever; `submit` answers those that arrive from now on.
             self._exited = True
-            self._refuse_pending(commands, "the engine is not running" if self.fatal is None else
-                                 f"engine thread died: {self.fatal!r}")
+            self._refuse(self._drain(commands), "the engine is not running" if self.fatal is None else
+                         f"engine thread died: {self.fatal!r}")
 
     def _add(self, job: Job) -> None:
         try:
@@ -208,18 +203,20 @@ class EngineWorker:
 
     def _shut_down(self, commands: list) -> None:
         message = "the server is shutting down"
-        for command in commands:
-            if command is not _STOP and command[0] == "add":
-                command[1].loop.call_soon_threadsafe(_settle, command[1].admitted, RuntimeError(message))
+        self._refuse(commands, message)
         self._fail_all(message)
 
-    def _refuse_pending(self, commands: list, message: str) -> None:
-        """Refuse the adds among `commands` and the inbox (a job already admitted or refused is left alone)."""
+    def _drain(self, commands: list) -> list:
+        """`commands` with everything queued in the inbox appended, without waiting."""
         while True:
             try:
                 commands.append(self.inbox.get_nowait())
             except queue.Empty:
-                break
+                return commands
+
+    @staticmethod
+    def _refuse(commands: list, message: str) -> None:
+        """Refuse the adds among `commands` (a job already admitted or refused is left alone)."""
         for command in commands:
             if command is not _STOP and command[0] == "add":
                 command[1].loop.call_soon_threadsafe(_settle, command[1].admitted, RuntimeError(message))
