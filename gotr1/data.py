@@ -64,5 +64,10 @@ class PromptStream:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        """Restore `state()`; a position past this prompt list (a shorter file on resume) is an error, not a skip."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= len(self.prompts):
+            raise ValueError(f"data state epoch {epoch}, position {position} does not fit {len(self.prompts)} "
+                             "prompts (resumed with another prompt file?)")
+        self.epoch, self.position = epoch, position
         self._shuffle()

@@ -27,6 +27,7 @@ from gotr1.data import PromptStream
 from gotr1.model import JanusBundle
 from gotr1.plot import plot_curves
 from gotr1.policy import GoTBatch, Guidance, image_head_parts, make_batch, policy_hidden, token_logprobs
+from gotr1.rewards.combine import advantage_combine
 from gotr1.rewards.protocol import COMPONENTS, Judge, reward_samples
 from gotr1.training import add_lora, lr_scheduler
 
@@ -142,9 +143,8 @@ class GRPOTrainer(ckpt.Checkpointed):
         matrix = self.rewards(groups)
         t2 = time.perf_counter()
         weighted = matrix * torch.tensor(c.reward_weights, dtype=matrix.dtype)
-        combine = c.reward_combination if c.reward_combination in ("product", "sum") \
-            else COMPONENTS.index(c.reward_combination)
-        adv = group_advantages(weighted, n, combine=combine, scale_rewards=c.scale_rewards)
+        adv = group_advantages(weighted, n, combine=advantage_combine(c.reward_combination),
+                               scale_rewards=c.scale_rewards)
         totals = adv.combined_rewards
         samples = [s for g in groups for s in g.samples]
         keep = torch.ones(len(samples), dtype=torch.bool)

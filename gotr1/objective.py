@@ -43,7 +43,9 @@ def grpo_objective(text_h: torch.Tensor, image_h: torch.Tensor, lm_head: nn.Line
                    config: GRPOConfig, num_micro_batches: int, total_tokens: float, max_completion_length: int,
                    world: int = 1) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """The micro-batch's share of the step loss, its metrics (token-weighted over both heads) and the per-token
-    log-probs `([B, R], [B, I])` the loss saw. `old_logp=None` is TRL's on-policy case (ratio 1)."""
+    log-probs `([B, R], [B, I])` the loss saw. `old_logp=None` is TRL's on-policy case (ratio 1).
+    Metrics are per micro-batch, to be averaged over the step's micro-batches: the logged `loss` is therefore the
+    share times `num_micro_batches`, so that its average is the step's loss (TRL logs the sum of the shares)."""
     w_text, w_image = token_weights(batch.reasoning_mask, batch.image_tokens.shape[1], config,
                                     num_micro_batches=num_micro_batches, total_tokens=total_tokens,
                                     max_completion_length=max_completion_length, world=world)
@@ -62,7 +64,8 @@ def grpo_objective(text_h: torch.Tensor, image_h: torch.Tensor, lm_head: nn.Line
         return 0.0 if a is None or b is None else (float(a) * n_t + float(b) * n_i) / max(n_t + n_i, 1.0)
 
     loss = loss_t + loss_i
-    metrics = {"loss": loss.item(), "kl": mix(m_t.kl, m_i.kl), "ratio_mean": mix(m_t.ratio_mean, m_i.ratio_mean),
+    metrics = {"loss": loss.item() * num_micro_batches, "kl": mix(m_t.kl, m_i.kl),
+               "ratio_mean": mix(m_t.ratio_mean, m_i.ratio_mean),
                "clip_ratio/low_mean": mix(m_t.clip_ratio_low, m_i.clip_ratio_low),
                "clip_ratio/high_mean": mix(m_t.clip_ratio_high, m_i.clip_ratio_high),
                "clip_ratio/region_mean": mix(m_t.clip_ratio_region, m_i.clip_ratio_region)}

@@ -30,6 +30,8 @@ def test_product_and_sum_formulas_are_exact():
     w = [2.0, 1.0, 3.0, 0.5]
     assert combine(m, "product", w)[0].item() == pytest.approx(2 * 0.5 * (0.25 + 3 * 0.5) * 0.5 * 0.75)
     assert combine(m, "sum", w)[0].item() == pytest.approx(2 * 0.5 + 0.25 + 3 * 0.5 + 0.5 * 0.75)
+    for j, name in enumerate(("R_PI", "R_sem", "R_spa", "R_RI")):  # a component alone (reward_combination)
+        assert combine(m, name, w)[0].item() == pytest.approx(m[0, j].item() * w[j])
 
 
 def test_combine_rejects_bad_input():

@@ -250,3 +250,68 @@ def test_one_colour_objects_get_distinct_shapes_without_being_asked():
     for seed in range(20):
         objects = _random_objects(random.Random(seed), 3, same_colour=True)
         assert len({o.name for o in objects}) == 3 and len({o.colour for o in objects}) == 1
+
+
+# ------------------------------------------------------------------------------------- evaluation summaries
+def _fake_evaluation(prompts, config):
+    """`evaluate` with a stand-in engine that draws each prompt's ground-truth scene from its request seed (a
+    wrong seed shows up as other layouts), so the judge's numbers are known without a model."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gotr1.shapes.evaluate import evaluate
+
+    class Engine:
+        def __init__(self):
+            self.seeds = []
+
+        def generate(self, prompts, params, use_tqdm=False):
+            groups = []
+            for p, sp in zip(prompts, params, strict=True):
+                self.seeds.append(sp.seed)
+                samples = []
+                for j in range(sp.n):
+                    scene = scene_for_prompt(p, random.Random(sp.seed * 100 + j))
+                    chain = parse_chain(gt_chain(scene))
+                    # odd samples: an empty image, so categories and samples differ in their scores
+                    image = render_scene(scene) if j % 2 == 0 else render_objects([])
+                    samples.append(SimpleNamespace(chain=chain, image=image, reasoning_text=gt_chain(scene),
+                                                   image_tokens=None))
+                groups.append(SimpleNamespace(prompt=p, samples=samples))
+            return groups
+
+    engine = Engine()
+    bundle = SimpleNamespace(model=torch.nn.Linear(1, 1))
+    return evaluate(bundle, prompts, config, engine=engine, progress=False), engine
+
+
+@pytest.mark.parametrize("combination", ["product", "sum", "R_PI", "R_sem", "R_spa", "R_RI"])
+def test_evaluate_summarises_every_reward_combination_the_config_accepts(combination):
+    """EvalConfig validates single-component totals (as GRPOConfig, whose fields `train --eval-prompts` copies);
+    the evaluation must then tabulate them (total = that component), not fail after generating everything."""
+    from gotr1.config import EvalConfig
+    from gotr1.rewards.combine import combine
+    from gotr1.shapes.evaluate import format_table
+    from gotr1.shapes.judge import breakdown
+
+    prompts = ["a red square left of a blue circle", "two green triangles", "a yellow circle above a purple square",
+               "a red circle"]
+    config = EvalConfig(n=2, seed=5, reward_combination=combination)
+    config.validate()
+    result, engine = _fake_evaluation(prompts, config)
+    assert engine.seeds == [5, 6, 7, 8]  # prompt i seeded seed + i
+    samples = result.to_json()["samples"]
+    assert [s["prompt"] for s in samples] == [p for p in prompts for _ in range(2)]
+    matrix = breakdown(result.verdicts).as_matrix()
+    totals = (combine(matrix, combination) if combination in ("product", "sum")
+              else matrix[:, ["R_PI", "R_sem", "R_spa", "R_RI"].index(combination)])
+    assert [s["total"] for s in samples] == pytest.approx(totals.tolist())
+    for category in {v.category for v in result.verdicts} | {"overall"}:
+        rows = [i for i, v in enumerate(result.verdicts) if category in ("overall", v.category)]
+        row = result.summary[category]
+        assert row["n"] == len(rows)
+        assert row["total"] == pytest.approx(float(totals[rows].mean()))
+        assert row["accuracy"] == pytest.approx(sum(result.verdicts[i].exact_match for i in rows) / len(rows))
+    assert set(result.summary) == {v.category for v in result.verdicts} | {"overall"}  # no empty category rows
+    assert "overall" in format_table({"a": result.summary, "b": result.summary})

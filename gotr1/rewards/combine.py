@@ -7,6 +7,7 @@
   the rewards by their sum; it publishes no formula, so we read it as every `*` of the product turned into `+`
   (the components unweighted, like the product). It scores worse there (2D-Spatial 0.2254 vs 0.2674).
 
+A component's name (`R_PI`, ...) as the combination takes that component alone (`GRPOConfig.reward_combination`).
 `weights` scale the columns before combining (`GRPOConfig.reward_weights`); all ones gives the formulas above.
 """
 from __future__ import annotations
@@ -19,8 +20,15 @@ import torch
 from gotr1.rewards.protocol import COMPONENTS, RewardBreakdown
 from kernels.advantages import combine_rewards
 
-Combination = Literal["product", "sum"]
-COMBINATIONS = ("product", "sum")
+Combination = Literal["product", "sum", "R_PI", "R_sem", "R_spa", "R_RI"]
+COMBINATIONS = ("product", "sum", *COMPONENTS)
+
+
+def advantage_combine(combination: str) -> Literal["product", "sum"] | int:
+    """`combination` as the advantage op's `combine`: the formula's name, or the component's column."""
+    if combination not in COMBINATIONS:
+        raise ValueError(f"unknown combination {combination!r}; choose one of {COMBINATIONS}")
+    return COMPONENTS.index(combination) if combination in COMPONENTS else combination  # type: ignore[return-value]
 
 
 def combine(components: torch.Tensor, combination: Combination = "product",
@@ -42,9 +50,7 @@ def combine(components: torch.Tensor, combination: Combination = "product",
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"weights must be finite in {components.dtype}, got {list(weights)}")
         components = components * w
-    if combination not in COMBINATIONS:
-        raise ValueError(f"unknown combination {combination!r}; choose one of {COMBINATIONS}")
-    return combine_rewards(components, combination)
+    return combine_rewards(components, advantage_combine(combination))
 
 
 def reward_fn(breakdown: RewardBreakdown, combination: Combination = "product",
