@@ -53,9 +53,11 @@ def evaluate(bundle, prompts: Sequence[str], config: EvalConfig | None = None, e
     params = [sampling_params(config, n=config.n, seed=config.seed + i) for i in range(len(prompts))]
     was_training = bundle.model.training
     bundle.model.eval()
-    with torch.no_grad():
-        groups = (engine or LLMEngine(bundle)).generate(list(prompts), params, use_tqdm=progress)
-    bundle.model.train(was_training)
+    try:
+        with torch.no_grad():
+            groups = (engine or LLMEngine(bundle)).generate(list(prompts), params, use_tqdm=progress)
+    finally:  # a failed evaluation inside a training run must not leave the policy in eval mode
+        bundle.model.train(was_training)
     verdicts = ShapesJudge().verdicts(reward_samples(groups))
     return EvalResult(config, verdicts, summarise(verdicts, config.reward_combination), groups)
 
