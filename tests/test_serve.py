@@ -572,3 +572,53 @@ def test_image_decoding_failure_is_an_error_response_or_event(main_server, monke
     assert metric(client, "gotr1_time_to_image_seconds_count") == images_before
     monkeypatch.undo()
     assert client.post("/v1/generate", json={**body, "return": ["image"]}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ decoder thread
+def test_the_decoder_thread_runs_without_autograd(main_server, monkeypatch):
+    """Grad mode is per thread: the decoder thread VQ-decoded with autograd on, keeping every activation of the
+    decoder alive until the images were made (peak memory and time for nothing)."""
+    client, state = main_server
+    seen, decode = [], state.bundle.model.decode_image_tokens
+
+    def recording(tokens):
+        seen.append(torch.is_grad_enabled())
+        return decode(tokens)
+
+    monkeypatch.setattr(state.bundle.model, "decode_image_tokens", recording)
+    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=2, seed=4))
+    assert r.status_code == 200 and seen == [False]
+
+
+def test_a_client_gone_before_its_decode_runs_is_not_decoded(main_server, monkeypatch):
+    """A plain request whose client left after its last token still had its images decoded on the one decoder
+    thread, delaying every later request's images; its slot was free meanwhile, so a burst of such clients
+    queued decodes without bound. Now a decode whose client is gone by its turn is skipped."""
+    import socket
+    import threading
+
+    client, state = main_server
+    gate, calls, images = threading.Event(), [], state._images
+
+    def gated(output, returns):
+        calls.append(output.request_id)
+        assert gate.wait(30)
+        return images(output, returns)
+
+    monkeypatch.setattr(state, "_images", gated)
+    decoded = metric(client, "gotr1_time_to_image_seconds_count")
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=2))
+        assert wait_until(lambda: len(calls) == 1)  # the first request holds the decoder
+        completed = metric(client, 'gotr1_requests_total{outcome="completed"}')
+        body = json.dumps(dict(prompt=PROMPTS[1], max_reasoning_tokens=2)).encode()
+        with socket.create_connection((client.base_url.host, client.base_url.port), timeout=30) as gone:
+            gone.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert wait_until(lambda: metric(client, 'gotr1_requests_total{outcome="completed"}') == completed + 1)
+        assert wait_until(lambda: client.get("/health").json()["in_flight"] == 1)  # only the first holds a slot
+        gate.set()
+        assert first.result(timeout=60).status_code == 200
+    assert wait_until(lambda: client.get("/health").json()["in_flight"] == 0)
+    time.sleep(0.2)  # the decoder thread would take the second decode now
+    assert len(calls) == 1 and metric(client, "gotr1_time_to_image_seconds_count") == decoded + 1

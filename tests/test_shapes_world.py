@@ -315,3 +315,20 @@ def test_evaluate_summarises_every_reward_combination_the_config_accepts(combina
         assert row["accuracy"] == pytest.approx(sum(result.verdicts[i].exact_match for i in rows) / len(rows))
     assert set(result.summary) == {v.category for v in result.verdicts} | {"overall"}  # no empty category rows
     assert "overall" in format_table({"a": result.summary, "b": result.summary})
+
+
+def test_a_failed_evaluation_leaves_the_model_in_its_training_mode():
+    from types import SimpleNamespace
+
+    import torch
+
+    from gotr1.shapes.evaluate import evaluate
+
+    class Failing:
+        def generate(self, prompts, params, use_tqdm=False):
+            raise RuntimeError("out of memory")
+
+    bundle = SimpleNamespace(model=torch.nn.Linear(1, 1).train())
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate(bundle, ["a red circle"], engine=Failing(), progress=False)
+    assert bundle.model.training
