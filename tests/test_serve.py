@@ -575,21 +575,6 @@ def test_image_decoding_failure_is_an_error_response_or_event(main_server, monke
 
 
 # ------------------------------------------------------------------------------------------------ decoder thread
-def test_the_decoder_thread_runs_without_autograd(main_server, monkeypatch):
-    """Grad mode is per thread: the decoder thread VQ-decoded with autograd on, keeping every activation of the
-    decoder alive until the images were made (peak memory and time for nothing)."""
-    client, state = main_server
-    seen, decode = [], state.bundle.model.decode_image_tokens
-
-    def recording(tokens):
-        seen.append(torch.is_grad_enabled())
-        return decode(tokens)
-
-    monkeypatch.setattr(state.bundle.model, "decode_image_tokens", recording)
-    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=2, seed=4))
-    assert r.status_code == 200 and seen == [False]
-
-
 def test_a_client_gone_before_its_decode_runs_is_not_decoded(main_server, monkeypatch):
     """A plain request whose client left after its last token still had its images decoded on the one decoder
     thread, delaying every later request's images; its slot was free meanwhile, so a burst of such clients

@@ -165,13 +165,17 @@ class GoTServer:
         tokens = torch.stack([s.image_tokens for s in output.samples])
         return encode_images(output, self.bundle.decode_images(tokens), returns)
 
-    async def _decode(self, job: Job, event: FinishedEvent, returns: list[str] | None):
-        """(per-sample PNGs, or None without `returns`; timing). The time to image is taken once the PNGs exist."""
+    async def _decode(self, lease: _Lease, event: FinishedEvent, returns: list[str] | None):
+        """(per-sample PNGs, or None without `returns` or once the client left; timing). The time to image is
+        taken once the PNGs exist. A decode whose client left while it queued behind others is skipped: its slot
+        is free already, so clients leaving after their last token would otherwise queue decodes without bound."""
+        def images_if_wanted():
+            return None if lease.released else self._images(event.output, returns)
+
         images = None
         if returns is not None:
-            images = await asyncio.get_running_loop().run_in_executor(self.decoder, self._images, event.output,
-                                                                      returns)
-        done = time.perf_counter() - job.arrival
+            images = await asyncio.get_running_loop().run_in_executor(self.decoder, images_if_wanted)
+        done = time.perf_counter() - lease.job.arrival
         if images is not None:  # without images it would be the time to the last token again
             self.metrics.time_to_image.observe(done)
         return images, {"time_to_first_token_s": event.time_to_first_token_s,
@@ -272,7 +276,7 @@ class GoTServer:
             if isinstance(event, FailedEvent):
                 return error(499 if event.cancelled else 500, event.message)
             try:
-                pngs, timing = await self._decode(job, event, returns if images else None)
+                pngs, timing = await self._decode(lease, event, returns if images else None)
             except Exception as e:  # the decoder failed (out of memory, say): the tokens exist, the images do not
                 return error(500, f"image decoding failed: {e!r}")
             return JSONResponse(response_json(event.output, seed=seed, returns=returns, images=pngs, timing=timing))
@@ -296,7 +300,7 @@ class GoTServer:
                 if late := state.catch_up(event.output):
                     yield late
                 try:
-                    pngs, timing = await self._decode(job, event, returns if images else None)
+                    pngs, timing = await self._decode(lease, event, returns if images else None)
                 except Exception as e:  # as in `_generate`, but the status line is long sent: an error event
                     yield sse("error", {"error": f"image decoding failed: {e!r}"})
                     return
