@@ -75,12 +75,13 @@ class JanusBundle:
         if not prompts:
             raise ValueError("no prompts given")
         out = []
+        # The tokenizer reads special-token text as the token itself: a caption must not inject BOS or
+        # <begin_of_image> into the prompt.
+        specials = self.tokenizer.all_special_tokens
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} is empty")
-            # The tokenizer reads special-token text as the token itself: a caption must not inject BOS or
-            # <begin_of_image> into the prompt.
-            if special := next((t for t in self.tokenizer.all_special_tokens if t in prompt), None):
+            if special := next((t for t in specials if t in prompt), None):
                 raise ValueError(f"prompt {i} contains the special token {special!r}")
             ids = self.tokenizer(chat_prompt(prompt), add_special_tokens=True)["input_ids"]
             if not ids or ids[0] != self.bos_id:
