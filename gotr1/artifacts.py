@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 
 from gotr1.chain import ParsedChain, layout_overlay
+
+_SAMPLE_FILE = re.compile(r"p\d+_s\d+(?:\.png|_layout\.png|_chain\.txt)")  # what `save_groups` names
 
 
 def save_sample(out_dir: Path, stem: str, *, prompt: str, reasoning_text: str, chain: ParsedChain,
@@ -28,8 +31,12 @@ def save_sample(out_dir: Path, stem: str, *, prompt: str, reasoning_text: str, c
 
 def save_groups(out_dir: Path, groups) -> int:
     """Every sample of every group (anything with `.prompt` and `.samples` or a list of samples), plus
-    `samples.jsonl`; returns the number of samples written."""
+    `samples.jsonl`; returns the number of samples written. The sample files of an earlier save into the same
+    folder go first, so the folder holds exactly what `samples.jsonl` lists; other files are left alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for path in out_dir.iterdir():
+        if _SAMPLE_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink()
     count = 0
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
         for p, group in enumerate(groups):

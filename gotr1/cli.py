@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gotr1.config import EvalConfig, GRPOConfig, SFTConfig, add_config_args, build_config
 from gotr1.model import PRESETS
+from gotr1.shapes import defaults as shapes_defaults
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -48,19 +49,18 @@ def read_prompt_args(args: argparse.Namespace, default_split: str | None = None,
 
 
 def preset_defaults(args: argparse.Namespace, table: str) -> dict:
-    """What the chosen preset sets for a command, under YAML and flags: `gotr1.shapes.preset`'s `SFT_DEFAULTS`,
+    """What the chosen preset sets for a command, under YAML and flags: `gotr1.shapes.defaults`' `SFT_DEFAULTS`,
     `GRPO_DEFAULTS` or `SAMPLING_DEFAULTS` for `--preset shapes`, nothing for any other model."""
-    if args.preset != "shapes":
-        return {}
-    from gotr1.shapes import preset
+    return dict(getattr(shapes_defaults, table)) if args.preset == "shapes" else {}
 
-    return dict(getattr(preset, table))
+
+GOT_SAMPLING = {"cfg_weight": 5.0, "max_reasoning_tokens": 600}  # GoT-R1's
 
 
 def preset_sampling(args: argparse.Namespace) -> dict[str, float]:
     """`--cfg-weight` / `--max-reasoning-tokens` as given, else the preset's (the shapes model has no
     unconditional branch and writes short chains), else GoT-R1's (CFG 5, 600 tokens)."""
-    defaults = {"cfg_weight": 5.0, "max_reasoning_tokens": 600, **preset_defaults(args, "SAMPLING_DEFAULTS")}
+    defaults = {**GOT_SAMPLING, **preset_defaults(args, "SAMPLING_DEFAULTS")}
     return {k: v if (v := getattr(args, k)) is not None else defaults[k] for k in defaults}
 
 
@@ -299,11 +299,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """What every training command takes: a YAML config, a checkpoint to resume, and one flag per config field."""
+def add_run_args(parser: argparse.ArgumentParser, cls: type, table: str) -> None:
+    """What every training command takes: a YAML config, a checkpoint to resume, and one flag per config field
+    (its help naming the shapes preset's value from `table` where that preset sets it)."""
     parser.add_argument("--config", metavar="FILE", help=f"YAML with {cls.__name__} fields (flags override it)")
     parser.add_argument("--resume", metavar="PATH", help="a checkpoint-N directory or a run directory")
-    add_config_args(parser, cls)
+    add_config_args(parser, cls, {"shapes": getattr(shapes_defaults, table)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,8 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image-temperature", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--cfg-weight", type=float, default=None, help="default 5 (1 with --preset shapes)")
-    gen.add_argument("--max-reasoning-tokens", type=int, default=None, help="default 600 (96 with --preset shapes)")
+    shapes = shapes_defaults.SAMPLING_DEFAULTS
+    gen.add_argument("--cfg-weight", type=float, default=None,
+                     help=f"default {GOT_SAMPLING['cfg_weight']:g} ({shapes['cfg_weight']:g} with --preset shapes)")
+    gen.add_argument("--max-reasoning-tokens", type=int, default=None,
+                     help=f"default {GOT_SAMPLING['max_reasoning_tokens']} ({shapes['max_reasoning_tokens']} with "
+                          "--preset shapes)")
     gen.add_argument("--backend", choices=["engine", "reference"], default="engine",
                      help="our rollout engine, or transformers' generate (the reference)")
     gen.set_defaults(func=cmd_generate)
@@ -336,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-prompts", metavar="FILE", help="--preset shapes: held-out prompts evaluated before "
                        "and after training (default: the validation split)")
     train.add_argument("--eval-n", type=int, default=4, help="--preset shapes: samples per held-out prompt; 0: none")
-    add_run_args(train, GRPOConfig)
+    add_run_args(train, GRPOConfig, "GRPO_DEFAULTS")
     train.set_defaults(func=cmd_train)
 
     sft = sub.add_parser("sft", help="supervised GoT training on (prompt, chain, image) triples")
@@ -345,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "default the world's training scenes, from the untrained base)")
     sft.add_argument("--export", metavar="PATH", help="where the merged model goes (default OUTPUT_DIR/final); "
                      "with --preset shapes a *.safetensors path writes the compact file the preset loads")
-    add_run_args(sft, SFTConfig)
+    add_run_args(sft, SFTConfig, "SFT_DEFAULTS")
     sft.set_defaults(func=cmd_sft)
 
     ev = sub.add_parser("eval", help="score samples for shapes-world prompts with the exact judge, per category")

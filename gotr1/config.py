@@ -24,6 +24,9 @@ IMAGE_LOGPROBS = ("conditional", "guided")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")  # transformers' `get_scheduler` names
+
+
 @dataclass
 class TrainConfig:
     """What SFT and GRPO share: optimisation, LoRA, checkpoints, logging."""
@@ -50,8 +53,10 @@ class TrainConfig:
     def validate(self) -> None:
         checks = {
             "learning_rate must be > 0": self.learning_rate > 0,
-            "lr_scheduler_type must be 'cosine', 'linear' or 'constant'":
-                self.lr_scheduler_type in ("cosine", "linear", "constant"),
+            f"lr_scheduler_type must be one of {LR_SCHEDULERS}": self.lr_scheduler_type in LR_SCHEDULERS,
+            # transformers' 'constant' ignores warmup_steps: a warm-up asked for must not silently vanish
+            "warmup_steps needs lr_scheduler_type='constant_with_warmup', not 'constant'":
+                self.warmup_steps == 0 or self.lr_scheduler_type != "constant",
             "warmup_steps must be >= 0": self.warmup_steps >= 0,
             "max_steps must be >= 1": self.max_steps >= 1,
             "gradient_accumulation_steps must be >= 1": self.gradient_accumulation_steps >= 1,
@@ -231,14 +236,18 @@ def _fits(value: Any, tp: Any) -> bool:
     return value is None if tp is type(None) else type(value) is tp
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field, in both spellings; defaults stay unset so YAML values are not overridden."""
+def add_config_args(parser: argparse.ArgumentParser, cls: type, presets: dict[str, dict[str, Any]] | None = None
+                    ) -> None:
+    """One flag per field, in both spellings; defaults stay unset so YAML values are not overridden. The help
+    names the class default and, per preset in `presets` that sets the field, that preset's."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         convert, nargs = _field_parser(hints[f.name])
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        shown = [f"default: {_default(f)}"] + [f"--preset {name}: {values[f.name]}"
+                                               for name, values in (presets or {}).items() if f.name in values]
         parser.add_argument(*flags, dest=f.name, type=convert, nargs=nargs, default=argparse.SUPPRESS,
-                            help=f"(default: {_default(f)})")
+                            help=f"({'; '.join(shown)})")
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -31,6 +31,14 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The visiting order of `count` items in `epoch`: a shuffle seeded with `seed + epoch`, so a resumed run
+    needs only `(epoch, position)` (GRPO prompts and SFT examples alike)."""
+    order = list(range(count))
+    random.Random(seed + epoch).shuffle(order)
+    return order
+
+
 @dataclass
 class PromptStream:
     """Endless prompts, reshuffled each epoch with `seed + epoch`; `(epoch, position)` is all its state."""
@@ -47,8 +55,7 @@ class PromptStream:
         self._shuffle()
 
     def _shuffle(self) -> None:
-        self._order = list(range(len(self.prompts)))
-        random.Random(self.seed + self.epoch).shuffle(self._order)
+        self._order = epoch_order(len(self.prompts), self.seed, self.epoch)
 
     def take(self, count: int) -> list[str]:
         out = []

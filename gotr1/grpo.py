@@ -59,6 +59,9 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t)}
 
 
+STALL_WARNING_STEPS = 10  # consecutive steps with no group trained before the run says it is learning nothing
+
+
 class GRPOTrainer(ckpt.Checkpointed):
     """GoT-R1's GRPO on a Janus bundle (LoRA policy, reference = the same model with the adapter disabled)."""
 
@@ -255,12 +258,21 @@ class GRPOTrainer(ckpt.Checkpointed):
             self.output_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.output_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = tqdm(total=end, initial=self.step, desc="grpo", disable=self.rank != 0)
+        stalled = 0
         try:
             while self.step < end:
                 metrics = all_reduce_mean(self.train_step())
                 self.step += 1
                 metrics["step"] = self.step
                 self.history.append(metrics)
+                stalled = stalled + 1 if metrics["groups/zero_variance"] * self.world == c.prompts_per_step else 0
+                if stalled == STALL_WARNING_STEPS and self.rank == 0:
+                    warnings.warn(
+                        f"no group has had any reward variance for {stalled} steps (mean reward "
+                        f"{metrics['reward/mean']:.3g}): every advantage is 0, so the reward teaches nothing. With "
+                        f"reward_combination={c.reward_combination!r}, one component that is always 0 (R_RI from an "
+                        f"untrained judge) zeroes every reward: check the judge's per-component means, or try "
+                        f"reward_combination='sum'", RuntimeWarning, stacklevel=2)
                 if log is not None and self.step % c.logging_steps == 0:
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()

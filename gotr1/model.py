@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 from transformers import (
     AutoProcessor,
     GenerationConfig,
@@ -122,12 +123,14 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def encode_images(vq: torch.nn.Module, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
-    """Images -> `[B, grid*grid]` codebook ids through transformers' `JanusVQVAE.encode`, at the VQ's own size."""
+def encode_images(vq: torch.nn.Module, images: list[Image.Image], batch_size: int = 64,
+                  progress: bool = False) -> torch.Tensor:
+    """Images -> `[B, grid*grid]` codebook ids through transformers' `JanusVQVAE.encode`, at the VQ's own size;
+    `progress` shows a bar (a data set's worth takes minutes on a CPU)."""
     size = vq.config.num_patches * 2 ** (len(vq.config.channel_multiplier) - 1)
     param = next(vq.parameters())
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc="VQ-encoding images", unit="batch", disable=not progress):
         pixels = pixel_values(images[i:i + batch_size], size).to(param.device, param.dtype)
         tokens = vq.encode(pixels).image_tokens  # flat [b * grid * grid] in transformers 5.x
         out.append(tokens.view(pixels.shape[0], -1).cpu())

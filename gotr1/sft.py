@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 from engine.model_runner import unwrap
 from gotr1 import checkpoint as ckpt
 from gotr1.config import SFTConfig
+from gotr1.data import epoch_order
 from gotr1.model import JanusBundle, encode_images, save_bundle
 from gotr1.plot import plot_curves
 from gotr1.policy import image_head_parts, make_batch, policy_hidden, token_logprobs
@@ -61,7 +61,8 @@ def read_sft_jsonl(path: str | Path, bundle: JanusBundle) -> list[SFTExample]:
     if not rows:
         raise ValueError(f"SFT data file {path} holds no examples")
     vq, chunks = unwrap(bundle.model).model.vqmodel, []
-    for i in range(0, len(rows), 64):  # a batch of files open at a time: a data set may hold more than ulimit -n
+    # A batch of files open at a time: a data set may hold more than ulimit -n.
+    for i in tqdm(range(0, len(rows), 64), desc="VQ-encoding images", unit="batch"):
         with contextlib.ExitStack() as files:
             images = [files.enter_context(Image.open(path.parent / r["image"])) for r in rows[i:i + 64]]
             chunks.append(encode_images(vq, images))
@@ -97,9 +98,7 @@ class SFTTrainer(ckpt.Checkpointed):
         self.output_dir = Path(config.output_dir)
 
     def _order(self) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(self.config.seed + self.epoch).shuffle(order)
-        return order
+        return epoch_order(len(self.examples), self.config.seed, self.epoch)
 
     def next_batch(self) -> list[int]:
         bs, order = self.config.per_device_train_batch_size, self._order()

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from gotr1.cli import main
 
 
@@ -13,6 +15,33 @@ def test_generate_writes_image_chain_and_layout(tmp_path):
         assert r["prompt"] == "a red circle"
         assert (tmp_path / r["image"]).stat().st_size > 0 and (tmp_path / r["layout"]).stat().st_size > 0
     assert (tmp_path / "p000_s01_chain.txt").read_text().strip() == records[1]["reasoning"].strip()
+
+
+
+def test_generating_again_into_a_folder_leaves_only_the_new_samples(tmp_path):
+    """A smaller second run must not leave the first run's files beside its own."""
+    (tmp_path / "notes.txt").write_text("mine")
+    args = ["generate", "--preset", "tiny", "--prompt", "a red circle", "--seed", "1", "--max-reasoning-tokens",
+            "4", "--out", str(tmp_path)]
+    assert main([*args, "-n", "3"]) == 0
+    assert main([*args, "-n", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "p000_s00.png", "p000_s00_chain.txt",
+                                                           "p000_s00_layout.png", "samples.jsonl"]
+
+
+
+@pytest.mark.parametrize("command, flag, shown", [
+    ("train", "--learning-rate", "(default: 1e-05; --preset shapes: 0.0002)"),
+    ("train", "--lr-scheduler-type", "(default: cosine; --preset shapes: constant)"),
+    ("sft", "--max-steps", "(default: 1000; --preset shapes: 3000)"),
+])
+def test_training_help_names_the_shapes_presets_values(command, flag, shown, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"{flag} {flag.removeprefix('--').upper().replace('-', '_')}, --{flag[2:].replace('-', '_')} " \
+           f"{flag.removeprefix('--').upper().replace('-', '_')} {shown}" in help_text
 
 
 def test_generate_reports_bad_model_dir(tmp_path, capsys):

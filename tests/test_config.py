@@ -1,6 +1,7 @@
 import argparse
 
 import pytest
+import torch
 
 from gotr1.config import EvalConfig, GRPOConfig, SFTConfig, add_config_args, build_config, sampling_params
 
@@ -67,6 +68,23 @@ def test_invalid_values_fail_before_any_work(tmp_path):
         parse(GRPOConfig, ["--use-lora", "maybe"])
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         build_config(SFTConfig, parse(SFTConfig, ["--per-device-train-batch-size", "0"]))
+    with pytest.raises(ValueError, match="warmup_steps needs lr_scheduler_type='constant_with_warmup'"):
+        build_config(GRPOConfig, parse(GRPOConfig, ["--lr-scheduler-type", "constant", "--warmup-steps", "5"]))
+
+
+def test_constant_with_warmup_warms_up_then_holds():
+    from gotr1.training import lr_scheduler
+
+    config = GRPOConfig(learning_rate=1.0, lr_scheduler_type="constant_with_warmup", warmup_steps=4)
+    config.validate()
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = lr_scheduler(optimizer, config, 10)
+    rates = []
+    for _ in range(7):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
 def test_sampling_fields_become_the_engines_sampling_params():

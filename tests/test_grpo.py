@@ -89,6 +89,16 @@ def test_zero_variance_groups_are_logged_and_skipped(tmp_path):
     assert trainer.scheduler.last_epoch == 2  # the learning rate still follows the step count
 
 
+def test_a_run_that_trains_no_group_for_long_says_so_once(tmp_path, monkeypatch):
+    """The product reward with a component stuck at 0 gives every group zero variance: the run must say that it is
+    learning nothing (once, not every step), not only log it."""
+    monkeypatch.setattr("gotr1.grpo.STALL_WARNING_STEPS", 2)
+    trainer = make_trainer(tmp_path, judge=ConstantJudge(), max_steps=4, save_steps=100)
+    with pytest.warns(RuntimeWarning, match="the reward teaches nothing") as caught:
+        trainer.train()
+    assert len([w for w in caught if "teaches nothing" in str(w.message)]) == 1
+
+
 def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(tmp_path, monkeypatch):
     """A run resumed from an earlier checkpoint saves a step that exists: the old one is renamed aside before the
     new one takes its name, so a crash mid-delete cannot leave `latest` naming a partial directory."""

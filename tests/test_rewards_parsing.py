@@ -22,6 +22,8 @@ from gotr1.rewards.parsing import expected_score, parse_box, parse_score, scale_
     ('{"score": 7', 7.0),  # cut at max_new_tokens
     ("{'score': 1}", 1.0),  # Python-style quotes
     ('{"score": 7.5}', 7.5),
+    ('"score": 1e1', 10.0),  # an exponent, as JSON allows, in a truncated answer: not 1
+    ("Score: 8.5e-1", 0.85),
 ])
 def test_parse_score_reads_the_judges_answer_shapes(text, expected):
     assert parse_score(text, 0, 10) == expected
@@ -29,7 +31,8 @@ def test_parse_score_reads_the_judges_answer_shapes(text, expected):
 
 @pytest.mark.parametrize("text", [
     "", "   ", "garbage", "I would say three", "7 out of 12 objects 3", '{"score": null}', '{"score": true}',
-    '{"score": "high"}', '{"score": 11}', '{"score": -1}', "NaN", '{"score": NaN}', '{"note": 5}', "[1, 2, 3]",
+    '{"score": "high"}', '{"score": 11}', '"score": 2e1', '{"score": "1e9"}',
+    '{"score": -1}', "NaN", '{"score": NaN}', '{"note": 5}', "[1, 2, 3]",
     "{{{{", "]]]][[[[",
 ])
 def test_parse_score_rejects_garbage_and_out_of_range(text):

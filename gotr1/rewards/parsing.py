@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 MAX_ANSWER_CHARS = 4096  # judge answers are a few dozen tokens; longer text is cut before scanning
-_NUM = r"[-+]?\d+(?:\.\d+)?"
+_NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"  # JSON's number grammar, leading zeros allowed
 _SCORE_KEY_RE = re.compile(rf"""["']?score["']?\s*[:=]\s*["']?({_NUM})""", re.IGNORECASE)
 _PLAIN_RE = re.compile(rf"(?:score\s*[:=]?\s*)?({_NUM})\s*(?:/\s*10|out of 10)?\s*\.?", re.IGNORECASE)
 _BRACKET_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")

@@ -84,7 +84,7 @@ def sft_examples(scenes: Sequence[Scene], bundle: JanusBundle, batch_size: int =
     """(prompt, chain, codes) for each scene: its ground-truth render encoded by the bundle's own VQ."""
     vq = bundle.model.model.vqmodel.eval()
     images = [render_scene(s, bundle.image_size) for s in scenes]
-    codes = encode_images(vq, images, batch_size)
+    codes = encode_images(vq, images, batch_size, progress=True)
     if codes.shape[1] != bundle.num_image_tokens:
         raise ValueError(f"the VQ gives {codes.shape[1]} codes per image, the model expects {bundle.num_image_tokens}")
     return [SFTExample(s.prompt, gt_chain(s), c) for s, c in zip(scenes, codes)]

@@ -1,9 +1,10 @@
-"""The `shapes` preset: the world's SFT checkpoint (shipped in `assets/`) and the settings commands use on it.
+"""The `shapes` preset: the world's SFT checkpoint (shipped in `assets/`) and its data splits.
 
 `--preset shapes` is `build_shapes_base()` (tokenizer, geometry, the trained VQ) with `assets/sft.safetensors`
 loaded into everything but the VQ, which is its own asset. `gotr1 sft --preset shapes` trains that checkpoint
 from the untrained base on the world's training scenes; `SFT_COMMAND` rebuilds the shipped file exactly as it was
-made. The defaults below sit under YAML and flags: a user who passes `--learning-rate` still gets it.
+made. The settings commands use on it are in `defaults`; they sit under YAML and flags: a user who passes
+`--learning-rate` still gets it.
 """
 from __future__ import annotations
 
@@ -28,18 +29,6 @@ GRPO_SCENES = 2_000  # the GRPO prompt pool: the first scenes of the same traini
 SFT_COMMAND = ("gotr1 sft --preset shapes --output-dir runs/shapes-sft "
                "--export gotr1/shapes/assets/sft.safetensors")
 _VQ_PREFIX = "model.vqmodel."
-
-# Full fine-tuning of the 1M-parameter LM (LoRA is for GRPO); 3000 steps of 32 = ~10 epochs of the split.
-SFT_DEFAULTS = {"use_lora": False, "per_device_train_batch_size": 32, "max_steps": 3000, "learning_rate": 2e-3,
-                "warmup_steps": 100, "weight_decay": 0.01, "save_steps": 500, "logging_steps": 10,
-                "output_dir": "runs/shapes-sft"}
-# cfg_weight 1: images are sampled from the very distribution the GRPO loss differentiates (exactly on-policy),
-# and the SFT model never learned an unconditional branch. Chains are ~45 tokens; 96 leaves room to ramble.
-SAMPLING_DEFAULTS = {"cfg_weight": 1.0, "max_reasoning_tokens": 96}
-GRPO_DEFAULTS = {**SAMPLING_DEFAULTS, "judge": "shapes", "num_generations": 8, "prompts_per_step": 4,
-                 "max_steps": 500, "learning_rate": 2e-4, "lora_r": 16, "lora_alpha": 32, "beta": 0.0,
-                 "loss_type": "dapo", "lr_scheduler_type": "constant", "save_steps": 20, "sample_steps": 20,
-                 "output_dir": "runs/shapes-grpo"}
 
 
 def load_shapes(trained: bool = True, *, dtype: torch.dtype = torch.float32,
