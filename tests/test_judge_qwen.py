@@ -143,19 +143,82 @@ def test_scoring_forward_matches_transformers(judge):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
 
 
+def _transformers_greedy(judge: QwenVLJudge, text: str, image: Image.Image | None, max_new_tokens: int,
+                         **generate_kwargs) -> str:
+    """The oracle: transformers' own `generate` (greedy, the model's generation_config and `generate_kwargs`) on
+    one unpadded chat turn, cut at the first stop token and decoded as `QwenVLJudge.generate` decodes."""
+    enc = judge.processor(text=[chat(text, image=image is not None)], images=None if image is None else [image],
+                          return_tensors="pt")
+    with torch.no_grad():
+        out = judge.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=judge.stop_ids, pad_token_id=judge.pad_id, **generate_kwargs)
+    want = out[0, enc["input_ids"].shape[1]:].tolist()
+    want = want[:next((k for k, t in enumerate(want) if t in judge.stop_ids), len(want))]
+    return judge.tokenizer.decode(want, skip_special_tokens=True)
+
+
 def test_greedy_decoding_matches_transformers_generate(judge):
     image = Image.new("RGB", (56, 56), (10, 120, 240))
     prepared = judge.prepare([RewardSample.from_text("p", "x", image)])
-    request = judge.request(GROUNDING.format(object="cat"), 0)
-    enc = judge.processor(text=[chat(GROUNDING.format(object="cat"), image=True)], images=[image],
-                          return_tensors="pt")
-    judge.model.generation_config.eos_token_id = judge.stop_ids
-    judge.model.generation_config.pad_token_id = judge.pad_id
-    with torch.no_grad():
-        out = judge.model.generate(**enc, max_new_tokens=12, do_sample=False)
-    want = out[0, enc["input_ids"].shape[1]:].tolist()
-    want = want[:next((k for k, t in enumerate(want) if t in judge.stop_ids), len(want))]
-    assert judge.generate([request], prepared, 12) == [judge.tokenizer.decode(want, skip_special_tokens=True)]
+    text = GROUNDING.format(object="cat")
+    assert judge.generate([judge.request(text, 0)], prepared, 12) == [_transformers_greedy(judge, text, image, 12)]
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])  # 1.3 first bites in a decode step, 0.7 on the first token
+def test_repetition_penalty_matches_transformers_generate(judge, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor over the prompt (image placeholders included) and the answer
+    so far, from the first token on; strong enough that the tiny judge's answer changes."""
+    image = Image.new("RGB", (56, 56), (10, 120, 240))
+    prepared = judge.prepare([RewardSample.from_text("p", "x", image)])
+    text = GROUNDING.format(object="a red ball")
+    got = _variant(judge, repetition_penalty=penalty).generate([judge.request(text, 0)], prepared, 12)
+    assert got == [_transformers_greedy(judge, text, image, 12, repetition_penalty=penalty)]
+    assert got != judge.generate([judge.request(text, 0)], prepared, 12)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_batched_equals_one_at_a_time_and_transformers(judge, penalty):
+    """Left-padded rows of different lengths (two batches: grounding with pictures, long text-only rubrics) decode
+    as each does alone and as transformers does unpadded: padding is no seen token, each row has its own."""
+    images = [Image.new("RGB", (56, 56), c) for c in ((10, 120, 240), (200, 30, 30), (20, 200, 90), (90, 90, 9))]
+    prepared = judge.prepare([RewardSample.from_text("p", "x", im) for im in images])
+    cases = [(GROUNDING.format(object=o), k) for k, o in enumerate(["a red ball", "thing 1", "cat", "the small wooden "
+                                                                     "chair next to a dog"])]
+    cases += [(R_SEM.template.format(prompt="p" * i, reasoning="r"), None) for i in (1, 9)]
+    requests = [judge.request(text, None if k is None else 2 * k) for text, k in cases]
+    assert len({len(r.ids) for r in requests}) == len(requests)
+    batched = _variant(judge, repetition_penalty=penalty, max_batch_size=8)
+    got = batched.generate(requests, prepared, 10)
+    assert got == [_variant(batched, max_batch_size=1).generate([r], prepared, 10)[0] for r in requests]
+    assert got == [_transformers_greedy(judge, text, None if k is None else images[k], 10, repetition_penalty=penalty)
+                   for text, k in cases]
+    assert got != judge.generate(requests, prepared, 10)
+    # the tiny judge never puts the padding token near the top, so the oracle cannot see padding counted as seen:
+    # the seen tokens of a padded batch are exactly each row's own, none in the dummy rows
+    seen = batched._seen_tokens(requests[:4], 6)
+    assert [row.nonzero().flatten().tolist() for row in seen] == [sorted(set(r.ids)) for r in requests[:4]] + [[]] * 2
+
+
+def test_repetition_penalty_defaults_to_generation_config_and_is_validated(judge):
+    """None: the model's generation_config, as transformers' `generate` (called here without the argument)."""
+    own = build_tiny_qwen_judge(seed=0, config=FAST)  # its own model: the test changes its generation_config
+    assert own.model.generation_config.repetition_penalty is None and own.repetition_penalty == 1.0
+    own.model.generation_config.repetition_penalty = 1.3
+    default = QwenVLJudge(own.model, own.processor, own.config)
+    assert default.repetition_penalty == 1.3 and _variant(default, repetition_penalty=1.0).repetition_penalty == 1.0
+    image = Image.new("RGB", (56, 56), (10, 120, 240))
+    prepared = default.prepare([RewardSample.from_text("p", "x", image)])
+    text = GROUNDING.format(object="a red ball")
+    got = default.generate([default.request(text, 0)], prepared, 12)
+    assert got == [_transformers_greedy(default, text, image, 12)]
+    assert got != judge.generate([judge.request(text, 0)], prepared, 12)
+    for bad in (0, -1.05, float("nan"), float("inf"), True, "1.05"):
+        with pytest.raises(ValueError, match="repetition_penalty must be None or a finite number > 0"):
+            _variant(judge, repetition_penalty=bad)
+    own.model.generation_config.repetition_penalty = -2.0
+    with pytest.raises(ValueError, match="generation_config.repetition_penalty must be a finite number > 0"):
+        QwenVLJudge(own.model, own.processor, own.config)
+    assert _variant(own, repetition_penalty=1.3).repetition_penalty == 1.3  # an explicit value needs no default
 
 
 # --------------------------------------------------------------------------------------- batched == single
@@ -389,16 +452,20 @@ def test_decoding_a_bucket_after_a_longer_one_reads_nothing_stale(judge, monkeyp
     assert used.generate(short, prepared, 6) == want
 
 
-def test_decode_step_is_idempotent_as_graph_capture_needs(judge, monkeypatch):
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_decode_step_is_idempotent_as_graph_capture_needs(judge, monkeypatch, penalty):
     """A graph's capture runs its body more than once before the first replay (warm-ups): the decode step writes
-    its keys and values at the position it is given, not at a cursor it advances, so running each step three
-    times decodes what running it once does."""
+    its keys and values at the position it is given, not at a cursor it advances, and reads the repetition
+    penalty's seen tokens as an input, so running each step three times decodes what running it once does.
+    Without a penalty the step has no seen-token input at all."""
     prepared = judge.prepare(_samples(3))
     requests = [judge.request(GROUNDING.format(object=f"thing {i}"), 2 * i) for i in range(3)]
-    want = _variant(judge).generate(requests, prepared, 6)
-    thrice = _variant(judge)
-    monkeypatch.setattr(thrice, "_decoder", lambda *inputs: [thrice._decode_step(*inputs) for _ in range(3)][-1])
+    want = _variant(judge, repetition_penalty=penalty).generate(requests, prepared, 6)
+    thrice, arity = _variant(judge, repetition_penalty=penalty), set()
+    monkeypatch.setattr(thrice, "_decoder", lambda *inputs: arity.add(len(inputs)) or
+                        [thrice._decode_step(*inputs) for _ in range(3)][-1])
     assert thrice.generate(requests, prepared, 6) == want
+    assert arity == {4 if penalty == 1.0 else 5}
 
 
 def test_graphs_need_cuda_when_absent():
@@ -426,6 +493,9 @@ def test_cuda_graph_scoring_equals_eager():
     for chunk in (requests, requests[:4], requests):  # graphed decode steps == eager, shapes reused
         assert graphed.generate(chunk, prepared, 6) == eager.generate(chunk, prepared, 6)
     assert len(graphed._decoder.graphs) >= 2
+    penalised, penalised_eager = _variant(graphed, repetition_penalty=1.3), _variant(eager, repetition_penalty=1.3)
+    for chunk in (requests, requests[:4], requests):  # the seen-token mask is a graph input, refreshed every replay
+        assert penalised.generate(chunk, prepared, 6) == penalised_eager.generate(chunk, prepared, 6)
 
 
 def test_control_tokens_spelled_around_a_removed_one_stay_text(judge):

@@ -15,10 +15,13 @@ Decoding runs in the same (batch, length) buckets: the prompt is prefilled eager
 bucket (`batching.DecodeCaches`: one memory arena for every bucket), and on CUDA each decode step of the bucket is
 one CUDA graph (language model, head and argmax) that writes its keys and values at the position it is given.
 The vision tower, embedding lookup and Qwen's 3-D rotary positions (transformers' own `get_rope_index`) run
-eagerly; only the language model and the read-outs are in the graphs.
+eagerly; only the language model and the read-outs are in the graphs. Decoding applies the model's repetition
+penalty (Qwen2.5-VL-7B-Instruct's generation_config: 1.05) as transformers' and vLLM's `generate` do, so the judge
+answers what their users get.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,6 +177,8 @@ class JudgeConfig:
     max_new_tokens_score: int = 20  # generate mode: `{"score": 10}` in a code fence is ~10 Qwen tokens
     max_new_tokens_box: int = 40  # grounding: `[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]` in a fence
     cuda_graphs: bool = True  # capture the scoring forward and decode step per bucket (CUDA only; eager elsewhere)
+    # decoding only, transformers' RepetitionPenaltyLogitsProcessor; None: the model's generation_config (1.0 if unset)
+    repetition_penalty: float | None = None
 
     def validate(self, merge_factor: int) -> None:
         problems = [msg for msg, ok in {
@@ -186,9 +191,15 @@ class JudgeConfig:
                 len(self.seq_buckets) > 0 and all(a < b for a, b in zip((0, *self.seq_buckets), self.seq_buckets)),
             "max_new_tokens_score and max_new_tokens_box must be >= 1":
                 self.max_new_tokens_score >= 1 and self.max_new_tokens_box >= 1,
+            f"repetition_penalty must be None or a finite number > 0, got {self.repetition_penalty!r}":
+                self.repetition_penalty is None or _valid_penalty(self.repetition_penalty),
         }.items() if not ok]
         if problems:
             raise ValueError("invalid JudgeConfig: " + "; ".join(problems))
+
+
+def _valid_penalty(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -233,6 +244,7 @@ class QwenVLJudge:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
         self.stop_ids = sorted({tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
         self.digit_ids = self._check_digits()
+        self.repetition_penalty = self._check_repetition_penalty()
         specials = sorted({t.content for t in tok.added_tokens_decoder.values()} | set(QWEN_SPECIALS), key=len,
                           reverse=True)
         self._specials_re = re.compile("|".join(map(re.escape, specials)))
@@ -263,6 +275,19 @@ class QwenVLJudge:
                 raise ValueError(f"{self.name}: the tokenizer merges the answer prefix {ANSWER_PREFIX!r} with the "
                                  f"score {answer!r}; expected-mode scoring reads the score right after the prefix")
         return ids
+
+    def _check_repetition_penalty(self) -> float:
+        """The configured penalty, else the model's generation_config's (read once, here), else 1.0: what
+        transformers' `generate` applies."""
+        if self.config.repetition_penalty is not None:
+            return float(self.config.repetition_penalty)
+        value = getattr(self.model.generation_config, "repetition_penalty", None)
+        if value is None:
+            return 1.0
+        if not _valid_penalty(value):
+            raise ValueError(f"{self.name}: generation_config.repetition_penalty must be a finite number > 0, got "
+                             f"{value!r}; set JudgeConfig.repetition_penalty to override it")
+        return float(value)
 
     def _check_image_size(self) -> int:
         size = self.config.image_size
@@ -423,26 +448,47 @@ class QwenVLJudge:
             self.counters["score_forwards"] += 1
         return out
 
+    def _greedy(self, hidden: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The next tokens `[B]` from the last hidden states `[B, H]`. With `seen` `[B, V]` (the tokens each row's
+        prompt and answer hold), transformers' RepetitionPenaltyLogitsProcessor first, on fp32 logits as its
+        `generate` does: a seen token's logit is multiplied by the penalty if negative, else divided by it."""
+        logits = self.model.lm_head(hidden)
+        if seen is not None:
+            logits, p = logits.float(), self.repetition_penalty
+            logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+        return logits.argmax(-1)
+
+    def _seen_tokens(self, rows: Sequence[JudgeRequest], batch: int) -> torch.Tensor:
+        """`[batch, V]`: True where the token occurs in the row's prompt (image placeholders included, padding
+        not: transformers skips the left padding too)."""
+        seen = torch.zeros(batch, self.model.lm_head.out_features, dtype=torch.bool, device=self.device)
+        which = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(r.ids) for r in rows]))
+        seen[which.to(self.device), torch.tensor([t for r in rows for t in r.ids], device=self.device)] = True
+        return seen
+
     def _decode_step(self, embeds: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-                     position: torch.Tensor) -> torch.Tensor:
+                     position: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """One greedy step of a fixed-shape batch (the CUDA-graph body): the new tokens' embeddings `[B, 1, H]`,
-        their rotary positions `[3, B, 1]`, the keys they may see `[B, 1, 1, T]` (T: the bucket's cache) and the
-        cache position their keys and values go to -> the next tokens `[B]`."""
+        their rotary positions `[3, B, 1]`, the keys they may see `[B, 1, 1, T]` (T: the bucket's cache), the
+        cache position their keys and values go to and, with a repetition penalty, the tokens seen so far `[B, V]`
+        (an input, not state the step updates, so the step stays idempotent) -> the next tokens `[B]`."""
         cache = self._decode_caches.get(embeds.shape[0], keys.shape[-1])
         seek(cache, position)
         hidden = self.text_model(inputs_embeds=embeds, position_ids=positions, attention_mask={"full_attention": keys},
                                  cache=cache, use_cache=True).last_hidden_state
-        return self.model.lm_head(hidden[:, -1]).argmax(-1)
+        return self._greedy(hidden[:, -1], seen)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[JudgeRequest], prepared: PreparedBatch, max_new_tokens: int) -> list[str]:
         """Greedy answers (special tokens dropped) in the scoring's fixed-shape batches, decode steps graphed on
-        CUDA; a row stops at <|im_end|>/<|endoftext|> (the batch when all of its rows have)."""
+        CUDA, with `repetition_penalty` (no extra work at 1.0); a row stops at <|im_end|>/<|endoftext|> (the
+        batch when all of its rows have)."""
         out = [""] * len(requests)
         cfg = self.config
         for idx, length, batch in plan_batches([len(r.ids) for r in requests], cfg.seq_buckets, cfg.max_batch_size):
-            n = len(idx)
-            embeds, positions, valid = self._inputs([requests[i] for i in idx], prepared, length, batch)
+            n, rows = len(idx), [requests[i] for i in idx]
+            embeds, positions, valid = self._inputs(rows, prepared, length, batch)
+            seen = self._seen_tokens(rows, batch) if self.repetition_penalty != 1.0 else None
             total = length + max_new_tokens
             cache = self._decode_caches.get(batch, total)
             keys = torch.zeros(batch, total, dtype=torch.bool, device=self.device)  # the cache positions written
@@ -451,7 +497,7 @@ class QwenVLJudge:
             seek(cache, 0)
             hidden = self.text_model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True,
                                      attention_mask={"full_attention": prompt_mask}).last_hidden_state
-            token = self.model.lm_head(hidden[:, -1]).argmax(-1)
+            token = self._greedy(hidden[:, -1], seen)
             step_fn = self._decoder if length <= cfg.seq_buckets[-1] else self._decode_step
             next_pos = positions.amax(dim=(0, 2)) + 1  # Qwen: text after the prompt continues from its max position
             where = torch.arange(length, total, device=self.device)
@@ -464,7 +510,10 @@ class QwenVLJudge:
                     break
                 keys[:, length + step] = True
                 pos = (next_pos + step).view(1, -1, 1).expand(3, -1, 1)
-                token = step_fn(self.text_model.embed_tokens(token[:, None]), pos, keys[:, None, None], where[step])
+                # the penalty counts the token being fed in: mark it, then hand the mask to the step as an input
+                seen_now = () if seen is None else (seen.scatter_(1, token[:, None], True),)
+                token = step_fn(self.text_model.embed_tokens(token[:, None]), pos, keys[:, None, None], where[step],
+                                *seen_now)
             self.counters["decode_rows"] += n
             self.counters["decode_steps"] += len(new)
             for i, row in zip(idx, torch.stack(new, 1)[:n].tolist()):
