@@ -289,8 +289,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                       ("num_scheduler_steps", args.num_scheduler_steps))
                                     if v is not None})
     defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
-    config = ServerConfig(max_n=args.max_n, max_queue=args.max_queue, interrupt_windows=args.interrupt_windows,
-                          **defaults)
+    config = ServerConfig(max_n=args.max_n, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                          interrupt_windows=args.interrupt_windows, **defaults)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     bundle = load_from_args(args, args.dtype or ("bfloat16" if cuda else "float32"))
     if args.adapter:
@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-n", type=int, default=16, help="most samples one request may ask for")
     srv.add_argument("--max-queue", type=int, default=64, help="requests in flight at once; more get 429")
+    srv.add_argument("--max-body-bytes", type=int, default=2**20, help="larger request bodies get 413")
     srv.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: sized to memory)")
     srv.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default: engine's)")
     srv.add_argument("--num-scheduler-steps", type=int, default=None,

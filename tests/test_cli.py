@@ -87,6 +87,7 @@ def test_serve_checks_its_flags_before_loading_the_model(capsys, monkeypatch):
     monkeypatch.setattr(gotr1.cli, "load_from_args", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
     for flags, message in [(["--port", "99999"], "port must be in 0..65535"), (["--port", "-1"], "port must be"),
                            (["--max-n", "0"], "max_n must be a positive int"),
+                           (["--max-body-bytes", "0"], "max_body_bytes must be a positive int"),
                            (["--num-kv-blocks", "0"], "num_kv_blocks must be a positive int")]:
         assert main(["serve", "--preset", "tiny", *flags]) == 2
         assert message in capsys.readouterr().err

@@ -1,9 +1,11 @@
 """The HTTP server against the offline engine, on a real uvicorn on loopback (tiny preset, 64 px = 16 image
 tokens, short chains). Every wait is bounded: client timeouts, polls with deadlines, joins with timeouts."""
 import base64
+import http.client
 import io
 import json
 import math
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,6 +83,21 @@ def metric(client, line_prefix):
         if line.startswith(line_prefix + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def raw_post(client, headers, timeout_s=10.0):
+    """A connection that sent `POST /v1/generate` with `headers` (CRLF-ended lines) and no body byte yet."""
+    sock = socket.create_connection((client.base_url.host, client.base_url.port), timeout=timeout_s)
+    sock.sendall(f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n"
+                 .encode())
+    return sock
+
+
+def read_response(sock):
+    """(status, JSON body) of the response on a `raw_post` connection."""
+    r = http.client.HTTPResponse(sock)
+    r.begin()
+    return r.status, json.loads(r.read())
 
 
 def png_array(b64):
@@ -184,7 +201,7 @@ def test_client_disconnect_cancels_and_returns_every_block(main_server):
 def test_stream_disconnect_full_queue_and_never_fit(tight_server):
     client, state = tight_server
     total = client.get("/health").json()["kv_blocks_total"]
-    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=400))
+    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=600))
     assert r.status_code == 422 and "can never fit the KV cache" in r.json()["error"]
     long = dict(prompt=PROMPTS[0], seed=1, max_reasoning_tokens=250, min_reasoning_tokens=250, stream=True)
     with client.stream("POST", "/v1/generate", json=long) as stream:
@@ -274,6 +291,69 @@ def test_health_and_metrics_format(main_server):
     for name in ("gotr1_time_to_first_token_seconds", "gotr1_time_to_image_seconds", "gotr1_engine_step_seconds"):
         assert families[name] == "histogram"
         assert metric(client, f'{name}_bucket{{le="+Inf"}}') == metric(client, f"{name}_count")
+
+
+def test_a_body_over_the_limit_gets_413_while_it_arrives(main_server):
+    """The whole body was read and parsed before any check: a client could make the server buffer and parse
+    gigabytes. Now a Content-Length over `max_body_bytes` is refused before a body byte arrives, and a chunked
+    body as soon as its bytes pass the limit, before it ends."""
+    client, state = main_server
+    limit = state.config.max_body_bytes
+    small = json.dumps(dict(prompt=PROMPTS[0], max_reasoning_tokens=2, **{"return": ["tokens"]})).encode()
+    at_limit = client.post("/v1/generate", content=small + b" " * (limit - len(small)),
+                           headers={"content-type": "application/json"})
+    assert at_limit.status_code == 200, at_limit.text
+    too_large = {"error": f"the request body is larger than {limit} bytes"}
+    with raw_post(client, f"Content-Length: {limit + 1}\r\n") as sock:
+        assert read_response(sock) == (413, too_large)
+    with raw_post(client, "Transfer-Encoding: chunked\r\n") as sock:
+        chunk = b" " * 2**16
+        for _ in range(limit // len(chunk) + 1):  # one chunk past the limit; no last chunk: the body never ends
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        assert read_response(sock) == (413, too_large)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        ServerConfig(max_body_bytes=0)
+
+
+def test_shutdown_answers_every_request_in_flight_with_503(tiny, monkeypatch):
+    """Stopping the server with long requests in flight: uvicorn waited `timeout_graceful_shutdown`, then
+    cancelled them (a plain request got uvicorn's bare-text 500, a stream ended without an `error` event) before
+    the app's own shutdown ran, which counted them as failed. Now, as soon as shutdown begins, a running stream,
+    a request queued in the engine and one whose body arrives afterwards each get a 503 "shutting down" answer
+    (an `error` event for the stream), counted as shed by the shutdown, and every KV block returns."""
+    srv, state = _start(tiny, EngineConfig(num_kv_blocks=512, block_size=16, max_num_seqs=2, num_scheduler_steps=1),
+                        ServerConfig(max_n=1, max_queue=4))
+    step = state.engine.step
+
+    def slow_step(interrupt=None):  # 1900 steps take 19 s at least: far longer than the test, even unfixed
+        time.sleep(0.01)
+        return step(interrupt=interrupt)
+
+    monkeypatch.setattr(state.engine, "step", slow_step)
+    long = dict(prompt=PROMPTS[0], seed=1, max_reasoning_tokens=1900, min_reasoning_tokens=1900)
+    late = json.dumps(dict(prompt=PROMPTS[1], max_reasoning_tokens=2)).encode()
+    shutting_down = {"error": "the server is shutting down"}
+    with srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client, ThreadPoolExecutor(2) as pool:
+        with client.stream("POST", "/v1/generate", json={**long, "stream": True}) as stream:
+            events = sse_events(stream.iter_lines())
+            assert next(events)[0] == "token"  # running
+            queued = pool.submit(client.post, "/v1/generate", json=long)  # max_num_seqs: waits for the stream
+            assert wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
+            with raw_post(client, f"Content-Length: {len(late)}\r\n", timeout_s=30) as sock:
+                sock.sendall(late[:5])
+                assert wait_until(lambda: len(srv.server.server_state.tasks) == 3)  # its handler awaits the body
+                closing = pool.submit(srv.close)
+                rest = list(events)
+                assert rest[-1] == ("error", shutting_down) and {k for k, _ in rest[:-1]} <= {"token"}
+                r = queued.result(timeout=30)
+                assert (r.status_code, r.json()) == (503, shutting_down)
+                sock.sendall(late[5:])  # shutdown has begun: answered, not run
+                assert read_response(sock) == (503, shutting_down)
+            closing.result(timeout=30)
+    outcomes = state.metrics.requests_total
+    assert [outcomes.get(o) for o in ("shutdown", "failed", "cancelled", "completed")] == [3, 0, 0, 0]
+    bm = state.engine.block_manager
+    assert not state.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -579,7 +659,6 @@ def test_a_client_gone_before_its_decode_runs_is_not_decoded(main_server, monkey
     """A plain request whose client left after its last token still had its images decoded on the one decoder
     thread, delaying every later request's images; its slot was free meanwhile, so a burst of such clients
     queued decodes without bound. Now a decode whose client is gone by its turn is skipped."""
-    import socket
     import threading
 
     client, state = main_server

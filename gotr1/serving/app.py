@@ -6,7 +6,7 @@ events. A request holds one of `max_queue` in-flight slots from admission to its
 disconnects releases its slot and aborts its engine request, which frees its KV blocks before the next step.
 Images are VQ-decoded (and PNG-encoded) on a decoder thread, not inside an engine step: a group's decode would
 otherwise stall every other request's tokens for its duration (about 0.85 s per 384 px image for the tiny preset
-on one CPU thread).
+on one CPU thread). Once shutdown begins, every request not answered yet gets a 503 (see `_Server`).
 """
 import asyncio
 import contextlib
@@ -27,7 +27,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -35,23 +37,25 @@ from engine.sampling_params import MAX_CFG_WEIGHT, MAX_TEMPERATURE, MAX_TOP_K, M
 from gotr1.model import JanusBundle
 from gotr1.serving.metrics import ServerMetrics
 from gotr1.serving.responses import IMAGE_PARTS, RETURNABLE, StreamState, encode_images, response_json, sse
-from gotr1.serving.worker import EngineWorker, FailedEvent, FinishedEvent, Job, TokensEvent
+from gotr1.serving.worker import SHUTTING_DOWN, EngineWorker, FailedEvent, FinishedEvent, Job, TokensEvent
 
 
 @dataclass(slots=True)
 class ServerConfig:
     """Admission limits and request defaults. `max_queue` bounds the requests in flight (queued or running); the
-    next gets 429. The defaults are the model's (`--preset shapes`: CFG 1, 96 reasoning tokens)."""
+    next gets 429. A request body over `max_body_bytes` gets 413 as it arrives, before it is parsed (a valid body
+    is a few KiB). The defaults are the model's (`--preset shapes`: CFG 1, 96 reasoning tokens)."""
 
     max_n: int = 16
     max_queue: int = 64
     max_prompt_chars: int = 2000
+    max_body_bytes: int = 2**20
     default_max_reasoning_tokens: int = 600
     default_cfg_weight: float = 5.0
     interrupt_windows: bool = True  # a request arriving mid multi-step window ends the window at its next step
 
     def __post_init__(self) -> None:
-        for name in ("max_n", "max_queue", "max_prompt_chars"):
+        for name in ("max_n", "max_queue", "max_prompt_chars", "max_body_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.default_max_reasoning_tokens < 0:
@@ -103,6 +107,38 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+class _BodyLimit:
+    """Refuses a request body over `limit` bytes while it is read, before it is buffered or parsed: at the first
+    read if its Content-Length is over, else (chunked) once the bytes received pass it. The 413 is raised inside
+    the read, so the app's handler answers it in the server's format (FastAPI's own `max_body_size` answers a
+    Content-Length over the limit in plain text, replacing whatever the app responds)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            if length.isdigit() and int(length) > self.limit:
+                raise self._too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, receive_within_limit, send)
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(413, f"the request body is larger than {self.limit} bytes")
+
+
 class _Lease:
     """A request's in-flight slot, released exactly once (answer, failure or disconnect); releasing it before
     the engine finished the request aborts it there."""
@@ -151,6 +187,7 @@ class GoTServer:
         # Streams detokenize on the event loop: with their own tokenizer, never borrowed by the engine thread.
         self.stream_bundle = dataclasses.replace(bundle, tokenizer=copy.deepcopy(bundle.tokenizer))
         self.in_flight = 0
+        self.shutting_down = False
         self.app = self._build_app()
 
     def _warm_up(self) -> None:
@@ -181,6 +218,13 @@ class GoTServer:
         return images, {"time_to_first_token_s": event.time_to_first_token_s,
                         "time_to_last_token_s": event.time_to_last_token_s, "time_to_image_s": done}
 
+    def shut_down(self) -> None:
+        """Refuse new requests (503) and have the engine thread answer those it holds or has not read yet with a
+        503 and abort them, freeing their KV blocks. Images being decoded still finish."""
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.worker.stop()
+
     def health(self) -> dict:
         m = self.metrics
         return {"status": "ok" if self.worker.alive else "engine stopped", "model": self.bundle.name,
@@ -195,10 +239,12 @@ class GoTServer:
             try:
                 yield
             finally:
-                await asyncio.to_thread(self.worker.stop)
+                self.shut_down()  # done already when `_Server` runs the app; not under other ASGI servers
+                await asyncio.to_thread(self.worker.join)
                 self.decoder.shutdown(wait=False, cancel_futures=True)
 
         app = FastAPI(title="gotr1", description=__doc__, lifespan=lifespan)
+        app.add_middleware(_BodyLimit, limit=self.config.max_body_bytes)
         Body = request_model(self.config, self.bundle)
 
         @app.exception_handler(RequestValidationError)
@@ -213,7 +259,8 @@ class GoTServer:
 
         @app.exception_handler(StarletteHTTPException)
         async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-            """FastAPI's own refusals (a body its JSON parser gives up on, an unknown route) in our format."""
+            """FastAPI's own refusals (a body its JSON parser gives up on, an unknown route) and `_BodyLimit`'s, in
+            our format."""
             return error(exc.status_code, str(exc.detail), headers=exc.headers)
 
         @app.post("/v1/generate")
@@ -230,7 +277,15 @@ class GoTServer:
 
         return app
 
+    def _shed(self) -> JSONResponse:
+        """A request the stopping server will not run: 503, counted apart from failures (a retry elsewhere
+        succeeds)."""
+        self.metrics.requests_total.inc(label_value="shutdown")
+        return error(503, SHUTTING_DOWN)
+
     async def _generate(self, body, request: Request) -> Response:
+        if self.shutting_down:
+            return self._shed()
         if not self.worker.alive:
             return error(503, "the engine is not running")
         if self.in_flight >= self.config.max_queue:
@@ -261,9 +316,9 @@ class GoTServer:
                 lease.finished = True
                 self.metrics.requests_total.inc(label_value="invalid")
                 return error(422, f"request refused: {e}")
-            except RuntimeError as e:
+            except RuntimeError as e:  # the engine thread stopped (shutdown) or died before reading the request
                 lease.finished = True
-                return error(503, str(e))
+                return self._shed() if self.shutting_down else error(503, str(e))
             if body.stream:
                 streaming = True
                 return StreamingResponse(self._stream(job, lease, returns, images, seed),
@@ -274,7 +329,7 @@ class GoTServer:
                 pass
             lease.finished = True
             if isinstance(event, FailedEvent):
-                return error(499 if event.cancelled else 500, event.message)
+                return error(event.status, event.message)
             try:
                 pngs, timing = await self._decode(lease, event, returns if images else None)
             except Exception as e:  # the decoder failed (out of memory, say): the tokens exist, the images do not
@@ -320,16 +375,36 @@ def create_app(bundle: JanusBundle, engine_config: EngineConfig | None = None,
     return server.app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn for an app of `create_app`, telling the app that shutdown began before uvicorn gives up on its
+    requests. uvicorn 0.54's `Server.shutdown` (uvicorn/server.py; reached from `should_exit`, which SIGINT and
+    SIGTERM set) closes the listeners, asks each connection to close after its current response, waits up to
+    `timeout_graceful_shutdown` for them, then cancels the request tasks left (a plain request gets uvicorn's
+    bare-text 500, a stream ends with no `error` event) and only then runs the lifespan's exit: too late to answer
+    them. Shutting the `GoTServer` down first answers each within an engine step, which ends that wait early."""
+
+    def __init__(self, app: FastAPI, **config):
+        super().__init__(uvicorn.Config(app, **config))
+        self.got: GoTServer = app.state.server
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.got.shut_down()
+        await super().shutdown(sockets)
+
+
 def serve(bundle: JanusBundle, *, host: str = "127.0.0.1", port: int = 8000,
           engine_config: EngineConfig | None = None, config: ServerConfig | None = None) -> None:
     """Serve until interrupted (what `gotr1 serve` runs)."""
-    uvicorn.run(create_app(bundle, engine_config, config), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=10)
+    server = _Server(create_app(bundle, engine_config, config), host=host, port=port, log_level="info",
+                     timeout_graceful_shutdown=10)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT that stopped it (as `uvicorn.run`)
+        server.run()
 
 
 class BackgroundServer:
     """uvicorn in a daemon thread, on a socket bound here first (port 0 picks a free port, with no race):
-    for tests and benchmarks that need a real server on loopback. Use as a context manager."""
+    for tests and benchmarks that need a real server on loopback. `app` comes from `create_app`. Use as a context
+    manager."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0):
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then; without it Nagle plus
@@ -338,7 +413,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = _Server(app, log_level="warning", timeout_graceful_shutdown=5)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="gotr1-http")
         self.thread.start()

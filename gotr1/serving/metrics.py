@@ -150,7 +150,9 @@ class ServerMetrics:
         self.tokens_rate = Rate(10.0)
         self.generated_tokens_total = Counter("gotr1_generated_tokens_total", "Tokens (reasoning + image) of "
                                                                               "finished requests.")
-        self.requests_total = Counter("gotr1_requests_total", "Requests by outcome.", label="outcome")
+        self.requests_total = Counter("gotr1_requests_total", "Requests by outcome: completed, cancelled (by the "
+                                      "client), failed, invalid, queue_full, shutdown (shed by a stopping server).",
+                                      label="outcome")
         self.steps_total = Counter("gotr1_engine_steps_total", "Engine steps (one forward each).")
         self.time_to_first_token = Histogram("gotr1_time_to_first_token_seconds",
                                              "Arrival to the first reasoning token of a finished request.")

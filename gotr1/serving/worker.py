@@ -42,8 +42,11 @@ class FinishedEvent:
 
 @dataclass(frozen=True, slots=True)
 class FailedEvent:
+    """The request ended without a result; `status` answers a plain request (499: its client cancelled it, 503:
+    the server is shutting down, 500: the engine failed)."""
+
     message: str
-    cancelled: bool = False
+    status: int = 500
 
 
 @dataclass(eq=False)
@@ -84,6 +87,7 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
 
 
 _STOP = object()
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class EngineWorker:
@@ -104,10 +108,13 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self._thread.is_alive():
-            self.inbox.put(_STOP)
-            self._thread.join(timeout)
+    def stop(self) -> None:
+        """Without waiting: the thread answers every request it holds or has not read yet with a 503
+        `SHUTTING_DOWN`, aborts them in the engine (their KV blocks return) and exits."""
+        self.inbox.put(_STOP)
+
+    def join(self, timeout: float = 30.0) -> None:
+        self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -160,7 +167,7 @@ class EngineWorker:
             return
         self.engine.abort(job.id)
         self.metrics.requests_total.inc(label_value="cancelled")
-        self._publish([(job, FailedEvent("request cancelled", cancelled=True))])
+        self._publish([(job, FailedEvent("request cancelled", status=499))])
 
     def _has_commands(self) -> bool:
         return not self.inbox.empty()
@@ -202,9 +209,8 @@ class EngineWorker:
         self._publish(events)
 
     def _shut_down(self, commands: list) -> None:
-        message = "the server is shutting down"
-        self._refuse(commands, message)
-        self._fail_all(message)
+        self._refuse(commands, SHUTTING_DOWN)
+        self._fail_all(SHUTTING_DOWN, outcome="shutdown", status=503)
 
     def _drain(self, commands: list) -> list:
         """`commands` with everything queued in the inbox appended, without waiting."""
@@ -221,7 +227,7 @@ class EngineWorker:
             if command is not _STOP and command[0] == "add":
                 command[1].loop.call_soon_threadsafe(_settle, command[1].admitted, RuntimeError(message))
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, outcome: str = "failed", status: int = 500) -> None:
         events, broken = [], None
         for job in self.jobs.values():
             try:
@@ -230,8 +236,8 @@ class EngineWorker:
                 pass
             except Exception as e:  # the engine's state is broken: answer every request, then stop the thread
                 broken = broken or e
-            self.metrics.requests_total.inc(label_value="failed")
-            events.append((job, FailedEvent(message)))
+            self.metrics.requests_total.inc(label_value=outcome)
+            events.append((job, FailedEvent(message, status)))
         self.jobs.clear()
         self._publish(events)
         if broken is not None:
