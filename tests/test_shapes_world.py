@@ -118,10 +118,34 @@ def test_category_is_a_function_of_the_text(text, category):
     ("a red circle blue square", "expected and"),
     ("a red circle and a blue square, both green", "both/all green"),
     ("three squares, one red and one blue", "split into 2"),
+    ("a red circle left of a blue square and the blue square left of the red circle",
+     "no layout can hold: the red circle left of the blue square and the blue square left of the red circle"),
+    ("a red circle left of a blue square and the red circle above the blue square", "no layout can hold"),
+    ("a red circle next to a blue square and the red circle below the blue square", "no layout can hold"),
+    ("a red circle on top of a blue square and the red circle below the blue square", "no layout can hold"),
+    ("a red circle left of a blue square, the blue square left of a green triangle and the green triangle left "
+     "of the red circle", "the red circle left of the blue square and the blue square left of the green "
+                          "triangle and the green triangle left of the red circle"),
+    ("a red circle below a blue square, the blue square below a green triangle and the red circle above the green "
+     "triangle", "no layout can hold"),
 ])
 def test_text_outside_the_grammar_raises_a_clear_error(text, words):
     with pytest.raises(PromptParseError, match=words):
         parse_prompt(text)
+
+
+@pytest.mark.parametrize("text", [
+    "a red circle left of a blue square and the blue square right of the red circle",
+    "a red circle above a blue square and the red circle on top of the blue square",
+    "a red circle next to a blue square and the red circle right of the blue square",
+    "a red circle left of a blue square, the blue square left of a green triangle and the red circle left of the "
+    "green triangle",
+    "a red circle above a blue square and the red circle left of a green triangle",
+])
+def test_relations_that_agree_are_accepted_and_laid_out(text):
+    """What `_contradiction` lets through, a layout exists for: the ground-truth sampler finds one."""
+    scene = scene_for_prompt(text, random.Random(0))
+    assert layout_valid(scene.spec, scene.objects)
 
 
 def test_a_prompt_file_is_checked_as_a_whole():

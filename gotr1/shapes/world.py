@@ -360,7 +360,64 @@ class _Parser:
             raise PromptParseError(f"cannot parse {self.prompt!r}: the {' '.join(dup)} is introduced twice (refer "
                                    f"back with 'the {' '.join(dup)}', or give one count)")
         objects = tuple(ObjectSpec(e.colour, e.shape, e.count) for e in self.entities)  # type: ignore[arg-type]
+        if (clash := _contradiction(objects, self.relations)) is not None:
+            raise PromptParseError(f"{self.prompt!r} asks for what no layout can hold: {clash}")
         return PromptSpec(objects, tuple(self.relations))
+
+
+# Each relation as (axis, sign): the axis its centre offset must be mostly along (`relation_holds`) and the order
+# of subject and reference on it (-1: the subject first; 0: either).
+_DIRECTIONS = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "on top of": ("y", -1),
+               "below": ("y", 1), "next to": ("x", 0)}
+
+
+def _contradiction(objects: Sequence[ObjectSpec], relations: Sequence[Relation]) -> str | None:
+    """Why no layout satisfies `relations` together, or None: two relations of one pair along different axes or
+    in opposite orders ("left of" and "above", "left of" and "right of"), or a cycle of strict orders along one
+    axis (A left of B, B left of C, C left of A)."""
+    def said(r: Relation) -> str:
+        return f"the {objects[r.subject].name} {r.relation} the {objects[r.reference].name}"
+
+    pairs: dict[tuple[int, int], tuple[Relation, str, int]] = {}
+    before: dict[str, dict[int, list[tuple[int, Relation]]]] = {"x": {}, "y": {}}
+    for r in relations:
+        axis, sign = _DIRECTIONS[r.relation]
+        key, oriented = (r.subject, r.reference), sign
+        if key[0] > key[1]:
+            key, oriented = key[::-1], -sign
+        if (seen := pairs.get(key)) is not None:
+            if seen[1] != axis or seen[2] * oriented < 0:
+                return f"{said(seen[0])} and {said(r)}"
+            oriented = oriented or seen[2]
+        pairs[key] = (r, axis, oriented)
+        if sign:
+            first, second = (r.subject, r.reference) if sign < 0 else (r.reference, r.subject)
+            before[axis].setdefault(first, []).append((second, r))
+    for edges in before.values():
+        if (cycle := _cycle(edges)) is not None:
+            return " and ".join(said(r) for r in cycle)
+    return None
+
+
+def _cycle(edges: dict[int, list[tuple[int, Relation]]]) -> list[Relation] | None:
+    """The relations along one cycle of the directed graph `edges` (node -> (next node, relation)), or None."""
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+
+    def walk(nodes: list[int], path: list[Relation]) -> list[Relation] | None:
+        """Depth first from `nodes[-1]`; `path[i]` is the relation from `nodes[i]` to `nodes[i + 1]`."""
+        state[nodes[-1]] = 1
+        for nxt, r in edges.get(nodes[-1], ()):
+            if state.get(nxt) == 1:
+                return [*path[nodes.index(nxt):], r]
+            if nxt not in state and (found := walk([*nodes, nxt], [*path, r])) is not None:
+                return found
+        state[nodes[-1]] = 2
+        return None
+
+    for start in list(edges):
+        if start not in state and (cycle := walk([start], [])) is not None:
+            return cycle
+    return None
 
 
 @lru_cache(maxsize=65536)
@@ -585,7 +642,13 @@ def sample_layout(spec: PromptSpec, rng: random.Random, tries: int = 200) -> tup
     """
     subjects = {r.subject for r in spec.relations}
     related = subjects | {r.reference for r in spec.relations}
-    order = [i for i in range(len(spec.objects)) if i in related and i not in subjects] + sorted(subjects)
+    pending = [i for i in range(len(spec.objects)) if i in related and i not in subjects] + sorted(subjects)
+    order: list[int] = []  # each subject after all of its references, where no cycle ("next to" both ways) forbids it
+    while pending:
+        ent = next((e for e in pending if all(r.reference in order for r in spec.relations if r.subject == e)),
+                   pending[0])
+        order.append(ent)
+        pending.remove(ent)
     free = [i for i in range(len(spec.objects)) if i not in related]
     sizes = (3, 4) if spec.total > 3 else (3, 4, 5)
     for _ in range(tries):
