@@ -72,14 +72,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ requests
     def blocks_to_finish_alone(self, group: Group) -> int:
-        """KV blocks one sample of `group` needs with nothing else in the pool: its conditional row and, when
-        guided, the shared unconditional prefix and its unconditional row, each at their longest (the last image
-        token is sampled, never fed: a row's KV holds `max_len - 1` positions)."""
-        bm = self.block_manager
-        cond = bm.blocks_for(group.max_len - 1)
-        if not group.guided:
-            return cond
-        return 2 * cond + bm.blocks_for(len(group.prompt_ids) + group.params.max_reasoning_tokens)
+        """The least KV pool in which one sample of `group` finishes with nothing else in it (`add` refuses a
+        request that needs more). A row's KV holds at most `max_len - 1` positions (the last image token is
+        sampled, never fed); at its last image step a guided sample holds two such rows, which share no block.
+        Nothing earlier needs more: the prompt and the text phase fit in one row's blocks, the shared prefix
+        (prompt + reasoning positions at most) fits beside the conditional row, and a guided sample that does not
+        fit beside the prefix takes the prefix's blocks over (`_admit`) or drops the prefix (`_schedule_decode`),
+        so neither the fork's copy-on-write block nor the prefix's unshared tail is ever paid on top."""
+        return self.block_manager.blocks_for(group.max_len - 1) * (1 + group.guided)
 
     def add(self, group: Group) -> None:
         if group.request_id in self.groups:
@@ -182,14 +182,19 @@ class Scheduler:
                               or rows + peak_rows > self.max_num_seqs
                               or blocks + rows + peak_rows > bm.num_free_blocks):
                 break
-            if alone and blocks > bm.num_free_blocks:
+            take_prefix = False
+            if alone and blocks > bm.num_free_blocks:  # the prefix is the only other holder of blocks
                 if self.uncond_prefix is None:
                     raise RuntimeError("a request that fits an empty KV cache could not be admitted (a bug)")
-                self._drop_prefix()  # the only other holder of blocks; it is recomputed when needed
-                ready = 0
-                continue
+                if not (isinstance(item, Sample) and item.awaits_uncond):
+                    self._drop_prefix()  # recomputed when needed
+                    ready = 0
+                    continue
+                take_prefix = True  # dropping it would leave nothing to fork: inherit its blocks instead
             self.waiting.popleft()
-            self._admit(item, batch)
+            self._admit(item, batch, take_prefix)
+            if take_prefix:
+                ready = 0
             rows += peak_rows
         return batch
 
@@ -208,7 +213,10 @@ class Scheduler:
         uncond_blocks = bm.blocks_for(len(cond)) - shared // bm.block_size  # the partial shared block is copied
         return 2, 2 * len(cond) - shared, bm.blocks_for(len(cond)) + uncond_blocks
 
-    def _admit(self, item: Group | Sample, batch: ScheduledBatch) -> None:
+    def _admit(self, item: Group | Sample, batch: ScheduledBatch, take_prefix: bool = False) -> None:
+        """Prefill `item`. `take_prefix`: a guided image-phase sample alone in a pool too small for it beside the
+        prefix forks the prefix and then drops it, so that its unconditional row is the shared blocks' only holder
+        and writes its BOI block in place: its two rows then take no more blocks than they hold at their end."""
         bm = self.block_manager
         if isinstance(item, Group):
             seq = item.prompt_seq = Sequence(list(item.prompt_ids))
@@ -220,6 +228,10 @@ class Scheduler:
                 batch.text_samples.append(s)
             self.running.extend(item.samples)
             return
+        if item.awaits_uncond:
+            item.uncond = self._fork_uncond(item)
+            if take_prefix:
+                self._drop_prefix()
         item.status = SampleStatus.RUNNING
         self.running.append(item)
         row = batch.add_row(item.cond, bm.append(item.cond, len(item.cond)))
@@ -229,8 +241,7 @@ class Scheduler:
             return
         batch.cond_rows.append(row)
         batch.image_samples.append(item)
-        if item.group.guided:
-            item.uncond = self._fork_uncond(item)
+        if item.uncond is not None:
             copies = bm.append(item.uncond, len(item.uncond) - item.uncond.num_cached_tokens)
             batch.uncond_rows.append(batch.add_row(item.uncond, copies))
 

@@ -1,19 +1,25 @@
 """Scheduler properties with a fake model: every request finishes with the same tokens however tight the KV
 pool (preemption by recompute never drops or corrupts anything), refs drain to zero, rows only ever read the KV
 their own tokens produced, prompt / unconditional-prefix blocks are shared as designed, and requests with
-cfg_weight 1 hold no unconditional rows at all."""
+cfg_weight 1 hold no unconditional rows at all. Then the refusal bound through the real engine at the tiny preset:
+a request alone fills a pool of exactly its bound and cannot run in one block fewer, and mixed requests in a pool
+just above the largest bound sample the tokens of a roomy run."""
+import functools
 import itertools
 import random
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Group, Sample, Sequence, sample_key
+from gotr1.model import build_preset
 
 PAD, BOS, BOI = 0, 1, 2
 
@@ -282,7 +288,8 @@ def test_cfg_weight_1_takes_no_uncond_rows_prefix_or_blocks():
     model = FakeModel(bm)
     group = make_group("u", 10, 4, 6, 2, 1.0, num_image_tokens=8, seed=3)  # rows up to 10 + 6 + 1 + 8 = 25 tokens
     assert sched.blocks_to_finish_alone(group) == 6  # the last image token is never fed: 24 positions of KV
-    assert sched.blocks_to_finish_alone(make_group("g", 10, 4, 6, 2, num_image_tokens=8, seed=3)) == 2 * 6 + 4
+    # guided: the two rows at their end, and nothing for the shared prefix on top
+    assert sched.blocks_to_finish_alone(make_group("g", 10, 4, 6, 2, num_image_tokens=8, seed=3)) == 2 * 6
     sched.add(group)
     image_rows = 0
     while sched.has_unfinished():
@@ -345,11 +352,12 @@ def test_preempting_a_sharer_unshares_the_block_a_sample_was_to_copy():
     assert tight == roomy and sched.num_preemptions > 0
 
 
-@pytest.mark.parametrize("cfg_weight,num_blocks", [(1.0, 1), (5.0, 3)])
+@pytest.mark.parametrize("cfg_weight,num_blocks", [(1.0, 1), (5.0, 2)])
 def test_a_row_ending_one_past_a_block_boundary_fits(cfg_weight, num_blocks):
     """Prompt 2 + 1 reasoning token + BOI + 1 image token is 5 tokens, but the last image token is sampled and
-    never fed: each row's KV is 4 positions, one block of 4 (the unconditional prefix, 3 positions, one more).
-    Such a pool is accepted, not refused as one that can never fit, and runs the request to its end."""
+    never fed: each row's KV is 4 positions, one block of 4 (the unconditional prefix, 3 positions, lends its
+    block to the unconditional row). Such a pool is accepted, not refused as one that can never fit, and runs
+    the request to its end."""
     spec = (2, 2, 1, 0, cfg_weight)
     sched = Scheduler(EngineConfig(block_size=4), BlockManager(num_blocks, 4), bos_id=BOS, pad_id=PAD, boi_id=BOI)
     assert sched.blocks_to_finish_alone(make_group("x", *spec, num_image_tokens=1, seed=0)) == num_blocks
@@ -357,3 +365,101 @@ def test_a_row_ending_one_past_a_block_boundary_fits(cfg_weight, num_blocks):
     tight, _, _ = run([spec], num_blocks=num_blocks, block_size=4, num_image_tokens=1)
     assert tight == roomy
 
+
+# ---------------------------------------------------------------------------------------- the bound, real engine
+PROMPTS = ["a", "a cat", "two green squares", "a red cat on a blue table with two green squares"]  # 24/25/31/44 ids
+
+
+@functools.cache
+def tiny(image_size: int):
+    """The tiny preset at `image_size` px: (image_size / 16)**2 image tokens. Few image tokens put a sample's
+    preemption late in its rows' lives, where resuming it beside the shared prefix does not fit."""
+    return build_preset("tiny", image_size=image_size)
+
+
+@functools.cache
+def eager_to_draw(image_size: int):
+    """`tiny(image_size)` with an `lm_head` bias that gives `<begin_of_image>` about a third of each reasoning
+    token's probability (a random tiny model almost never samples it): reasoning ends at random lengths."""
+    bundle = build_preset("tiny", image_size=image_size)
+    head = bundle.model.lm_head
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[bundle.boi_id] = 5.5
+    return bundle
+
+
+def bound(engine: LLMEngine, prompt: str, params: SamplingParams) -> int:
+    """`blocks_to_finish_alone` of the request `engine` would make of `prompt`."""
+    prompt_ids = engine.bundle.encode_prompts([prompt], params.max_reasoning_tokens)[0]
+    group = Group(request_id="x", prompt=prompt, prompt_ids=prompt_ids, params=params, seed=0,
+                  num_image_tokens=engine.num_image_tokens)
+    return engine.scheduler.blocks_to_finish_alone(group)
+
+
+def assert_same_rollouts(outputs, reference):
+    """The same tokens; log-probs up to float rounding (other batch compositions, recomputed KV)."""
+    for group, ref in zip(outputs, reference, strict=True):
+        for s, r in zip(group.samples, ref.samples, strict=True):
+            assert s.reasoning_ids == r.reasoning_ids and s.boi_forced == r.boi_forced
+            assert torch.equal(s.image_tokens, r.image_tokens)
+            for x, y in ((s.text_logprobs, r.text_logprobs), (s.image_logprobs, r.image_logprobs),
+                         (s.image_mixed_logprobs, r.image_mixed_logprobs)):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("image_size", [16, 32, 64])
+@pytest.mark.parametrize("block_size", [1, 3, 5, 16])
+@pytest.mark.parametrize("prompt,reasoning", [(PROMPTS[1], 0), (PROMPTS[3], 5)])
+@pytest.mark.parametrize("cfg_weight,n", [(5.0, 1), (5.0, 3), (1.0, 3)])
+def test_a_request_alone_peaks_at_exactly_its_bound(monkeypatch, image_size, block_size, prompt, reasoning,
+                                                     cfg_weight, n):
+    """`blocks_to_finish_alone` is exact. In a pool of that many blocks a request alone (its samples preempting
+    one another) finishes with a roomy run's tokens and at some step holds every block; one block fewer is
+    refused by `add`, and, admitted regardless, cannot finish: the scheduler fails clearly. Reasoning is
+    lock-step (min = max), so the rows reach their longest; 1, 4 or 16 image tokens."""
+    bundle = tiny(image_size)
+    params = SamplingParams(n=n, max_reasoning_tokens=reasoning, min_reasoning_tokens=reasoning,
+                            cfg_weight=cfg_weight, seed=7, decode_images=False)
+    roomy = LLMEngine(bundle, EngineConfig(num_kv_blocks=2000, block_size=block_size))
+    need = bound(roomy, prompt, params)
+    tight = LLMEngine(bundle, EngineConfig(num_kv_blocks=need, block_size=block_size))
+    assert_same_rollouts(tight.generate([prompt], params, use_tqdm=False),
+                         roomy.generate([prompt], params, use_tqdm=False))
+    assert tight.peak_used_blocks == need and tight.block_manager.num_used_blocks == 0
+    assert (tight.scheduler.num_preemptions > 0) == (n > 1)  # siblings cannot hold their rows at once
+    short = LLMEngine(bundle, EngineConfig(num_kv_blocks=need - 1, block_size=block_size))
+    with pytest.raises(ValueError, match=f"can never fit the KV cache: one sample needs up to {need} blocks"):
+        short.generate([prompt], params, use_tqdm=False)
+    monkeypatch.setattr(Scheduler, "blocks_to_finish_alone", lambda self, group: 0)
+    with pytest.raises(RuntimeError, match="KV"):
+        short.generate([prompt], params, use_tqdm=False)
+    assert not short.has_unfinished() and short.block_manager.num_used_blocks == 0
+
+
+request_spec = st.tuples(st.sampled_from(PROMPTS), st.integers(1, 4), st.integers(0, 6)).flatmap(
+    lambda t: st.tuples(st.just(t[0]), st.just(t[1]), st.just(t[2]), st.integers(0, t[2]),
+                        st.sampled_from([1.0, 5.0])))
+
+
+@settings(max_examples=25, deadline=None)
+@given(specs=st.lists(request_spec, min_size=2, max_size=4), image_size=st.sampled_from([16, 32]),
+       block_size=st.sampled_from([1, 2, 3, 5, 16]), spare=st.integers(0, 1),
+       num_scheduler_steps=st.sampled_from([1, 16]), max_num_seqs=st.sampled_from([2, 5, 256]))
+def test_mixed_requests_just_above_the_largest_bound_sample_a_roomy_runs_tokens(specs, image_size, block_size, spare,
+                                                                                 num_scheduler_steps, max_num_seqs):
+    """Requests of several prompt and reasoning lengths, guided or not, share a pool of the largest single
+    request's bound plus 0 or 1 block: all finish (the scheduler always makes progress), the pool drains, and
+    every seeded sample has the tokens of a roomy single-step run: preemption by recompute changes nothing
+    sampled. 1 or 4 image tokens: samples are preempted late in their image phase."""
+    bundle = eager_to_draw(image_size)
+    prompts = [p for p, *_ in specs]
+    params = [SamplingParams(n=n, max_reasoning_tokens=max_r, min_reasoning_tokens=min_r, cfg_weight=w, seed=i,
+                             decode_images=False) for i, (_, n, max_r, min_r, w) in enumerate(specs)]
+    roomy = LLMEngine(bundle, EngineConfig(num_kv_blocks=4000, block_size=block_size, num_scheduler_steps=1))
+    num_blocks = max(bound(roomy, p, sp) for p, sp in zip(prompts, params)) + spare
+    tight = LLMEngine(bundle, EngineConfig(num_kv_blocks=num_blocks, block_size=block_size,
+                                           num_scheduler_steps=num_scheduler_steps, max_num_seqs=max_num_seqs))
+    assert_same_rollouts(tight.generate(prompts, params, use_tqdm=False),
+                         roomy.generate(prompts, params, use_tqdm=False))
+    assert tight.block_manager.num_used_blocks == 0 and tight.scheduler.uncond_prefix is None
