@@ -93,6 +93,14 @@ _TAG_RE = re.compile(r"<\|(obj_start|obj_end|box_start|box_end)\|>")
 _BOX_RE = re.compile(r"\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*,\s*\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)\s*")
 
 
+def _coordinate(digits: str) -> int | None:
+    """A matched coordinate (optional minus, digits) as an int, or None when too long to be in range: int() refuses
+    over 4300 digits, leading zeros included, and model output may hold any run of them."""
+    sign, digits = ("-", digits[1:]) if digits.startswith("-") else ("", digits)
+    digits = digits.lstrip("0") or "0"
+    return None if len(digits) > len(str(COORD_MAX)) else int(sign + digits)
+
+
 def parse_chain(text: str) -> ParsedChain:
     """Read every well-formed object/box pair of `text`; everything else becomes a human-readable problem.
 
@@ -147,11 +155,12 @@ def parse_chain(text: str) -> ParsedChain:
             if bm is None:
                 out.problems.append(f"object {label!r}: malformed box {body.strip()!r}")
                 continue
-            if any(len(v.lstrip("-0")) > len(str(COORD_MAX)) for v in bm.groups()):  # int() refuses > 4300 digits
+            coords = [_coordinate(v) for v in bm.groups()]
+            if any(c is None for c in coords):
                 out.problems.append(f"object {label!r}: coordinates out of range 0..{COORD_MAX}: "
                                     f"{body.strip()[:80]!r}")
                 continue
-            box = tuple(int(v) for v in bm.groups())
+            box = tuple(coords)
             if (problem := box_problem(box)) is not None:
                 out.problems.append(f"object {label!r}: {problem}")
                 continue

@@ -111,10 +111,10 @@ def _check(hidden, weight, target_ids, old_logp, ref_logp, advantages, mask, bet
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if beta != 0.0 and ref_logp is None:
         raise ValueError("beta != 0 needs ref_logp")
-    if temperature <= 0:
+    if not temperature > 0:  # written so that NaN fails too
         raise ValueError(f"temperature must be positive, got {temperature}")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    if epsilon < 0 or epsilon_high < 0:
+    if not (epsilon >= 0 and epsilon_high >= 0):
         raise ValueError(f"epsilon and epsilon_high must be non-negative, got {epsilon}, {epsilon_high}")
     return epsilon_high
 
@@ -333,6 +333,8 @@ def fused_grpo_loss(
     """
     eps_high = _check(hidden, weight, target_ids, old_logp, ref_logp, advantages, mask, beta, epsilon, epsilon_high,
                       loss_type, temperature, bias, token_weights)
+    if chunk_size is not None and chunk_size < 1:  # range() would skip every chunk: a loss of 0, silently
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     bsz, seq = hidden.shape[:2]
     vocab = weight.shape[0]
     m = mask.bool()

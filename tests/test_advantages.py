@@ -106,6 +106,10 @@ def test_masked_samples_leave_the_statistics(scale):
     assert torch.equal(out.valid, valid) and torch.equal(ref.valid, valid)
     assert torch.equal(out.advantages[~valid].cpu(), torch.zeros(7))
     assert out.zero_std_groups.tolist() == [False, False, True]
+    for name in ("group_mean", "group_std"):  # a group with no valid sample: 0, not NaN, in both
+        assert torch.equal(getattr(out, name)[2].cpu(), torch.tensor(0.0)), name
+        assert torch.equal(getattr(ref, name)[2].cpu(), torch.tensor(0.0)), name
+        assert max_rel_err(getattr(out, name), getattr(ref, name)) < 1e-5, name
     # Oracle: drop the masked samples by hand and normalise what is left.
     r = rewards[:, 0] * (rewards[:, 1] + rewards[:, 2]) * rewards[:, 3]
     kept = [r[[0, 2, 3, 4]], r[[5, 6, 8, 9]]]
@@ -136,6 +140,17 @@ def test_bad_inputs_raise():
         group_advantages(rewards, 4, scale_rewards="std")
     with pytest.raises(ValueError, match="token_counts must be"):
         group_advantages(rewards, 4, token_counts=torch.ones(7, dtype=torch.long, device=DEVICE))
+    for fn in (group_advantages, group_advantages_reference):
+        for group_size in (0, -2, -4):
+            with pytest.raises(ValueError, match="groups of group_size"):
+                fn(rewards, group_size)
+        for combine in (-1, -4, True):  # a negative column would make the kernel read the previous row
+            with pytest.raises(ValueError, match="combine must be"):
+                fn(rewards, 4, combine=combine)
+        counts = torch.ones(8, dtype=torch.long, device=DEVICE)
+        counts[3] = -1
+        with pytest.raises(ValueError, match="non-negative"):
+            fn(rewards, 4, token_counts=counts)
 
 
 @settings(max_examples=10, deadline=None)

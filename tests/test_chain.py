@@ -1,3 +1,4 @@
+import re
 import string
 
 from hypothesis import given, settings
@@ -187,3 +188,90 @@ unicode_prose = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30
 def test_round_trip_with_any_unicode_names_and_prose(objs, prose):
     parsed = parse_chain(format_chain(objs, prose))
     assert parsed.objects == objs and parsed.problems == []
+
+
+# ------------------------------------------------------------------------------------------------ writer format
+# The published format (GoT-R1's chains; `gotr1-anchors.md` §1), written out independently of `format_object`.
+PUBLISHED_BOX_RE = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_end\|>")
+
+
+def test_format_chain_writes_the_published_format_exactly():
+    """Pieces separated by one space, empty prose skipped (no double spaces), closing prose kept."""
+    objs = [ChainObject("cat", (1, 2, 3, 4)), ChainObject("a dog", (5, 6, 1000, 8))]
+    assert format_chain(objs, ["A", "", "end."]) == (
+        "A <|obj_start|>cat<|obj_end|> <|box_start|>(1,2),(3,4)<|box_end|> "
+        "<|obj_start|>a dog<|obj_end|> <|box_start|>(5,6),(1000,8)<|box_end|> end.")
+    assert format_chain(objs[:1]) == "<|obj_start|>cat<|obj_end|> <|box_start|>(1,2),(3,4)<|box_end|>"
+    assert format_chain([], ["just prose"]) == "just prose"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(objects, max_size=5), st.lists(prose_text, max_size=6))
+def test_written_boxes_match_the_published_regex(objs, prose):
+    text = format_chain(objs, prose)
+    assert [tuple(map(int, m.groups())) for m in PUBLISHED_BOX_RE.finditer(text)] == [o.box for o in objs]
+
+
+def test_format_chain_refuses_names_and_prose_that_would_not_read_back():
+    import pytest
+
+    for name in ["", " cat", "cat ", "\tcat"]:  # the parser strips names: these would read back changed
+        with pytest.raises(ValueError, match="non-empty, stripped"):
+            format_chain([ChainObject(name, (0, 0, 5, 5))])
+    with pytest.raises(ValueError, match="prose"):  # every prose piece is checked, not only the first
+        format_chain([ChainObject("cat", (0, 0, 5, 5))], ["fine", f"bad {BOX_END}"])
+
+
+# ------------------------------------------------------------------------------------------------ parser states
+def test_interleaved_tags_report_exactly_what_broke_and_keep_the_next_object():
+    """Each broken state of the tag machine gives its own problem; the following well-formed object survives."""
+    cases = [
+        # an object name left open by a new <|obj_start|>
+        (f"{OBJ_START}cat{OBJ_START}dog{OBJ_END} {BOX_START}(1,2),(3,4){BOX_END}",
+         [("dog", (1, 2, 3, 4))], ["unterminated <|obj_start|> at char 0"]),
+        # a closed name followed by another object before its box
+        (f"{OBJ_START}cat{OBJ_END} {OBJ_START}dog{OBJ_END} {BOX_START}(1,2),(3,4){BOX_END}",
+         [("dog", (1, 2, 3, 4))], ["object 'cat' has no box"]),
+        # a box left open by a new <|box_start|>: the second box belongs to the name
+        (f"{OBJ_START}cat{OBJ_END} {BOX_START}(9,9),{BOX_START}(1,2),(3,4){BOX_END}",
+         [("cat", (1, 2, 3, 4))], [f"unterminated <|box_start|> at char {len(OBJ_START + 'cat' + OBJ_END) + 1}"]),
+        # a box opened inside an open name
+        (f"{OBJ_START}cat {BOX_START}(1,2),(3,4){BOX_END}",
+         [], ["unterminated <|obj_start|> at char 0", "box '(1,2),(3,4)' at char 0 has no object name before it"]),
+        # an object opened inside an open box
+        (f"{OBJ_START}cat{OBJ_END} {BOX_START}(1,2) {OBJ_START}dog{OBJ_END} {BOX_START}(5,6),(7,8){BOX_END}",
+         [("dog", (5, 6, 7, 8))],
+         [f"unterminated <|box_start|> at char {len(OBJ_START + 'cat' + OBJ_END) + 1}", "object 'cat' has no box"]),
+        # reversed y only
+        (f"{OBJ_START}cat{OBJ_END} {BOX_START}(2,500),(40,3){BOX_END}", [], None),
+    ]
+    for text, objs, problems in cases:
+        parsed = parse_chain(text)
+        assert [(o.name, o.box) for o in parsed.objects] == objs, text
+        if problems is None:
+            assert len(parsed.problems) == 1 and "reversed" in parsed.problems[0], parsed.problems
+            continue
+        # char offsets of box problems are where <|box_end|> sits
+        expected = [p.replace("at char 0 has", f"at char {text.index(BOX_END)} has") for p in problems]
+        assert parsed.problems == expected, (text, parsed.problems)
+
+
+def test_coordinates_with_many_leading_zeros_never_raise():
+    """int() refuses strings of over 4300 digits, leading zeros included: a model emitting a run of zeros must get a
+    problem or its (small) value, never an exception out of the reward."""
+    zeros = "0" * 5000
+    parsed = parse_chain(f"{OBJ_START}cat{OBJ_END} {BOX_START}({zeros}5,-{zeros}),(10,{zeros}10){BOX_END}")
+    assert parsed.problems == [] and parsed.objects == [ChainObject("cat", (5, 0, 10, 10))]
+    parsed = parse_chain(f"{OBJ_START}cat{OBJ_END} {BOX_START}({zeros}10000,0),(10,10){BOX_END}")
+    assert parsed.objects == [] and any("out of range" in p for p in parsed.problems)
+
+
+# ------------------------------------------------------------------------------------------------ renderer geometry
+def test_layout_of_a_non_square_canvas_scales_each_axis_by_its_own_side():
+    canvas = render_layout([ChainObject("x", (0, 0, 1000, 500))], (100, 40))  # bottom edge at y = 500 * 40/1000
+    assert canvas.getpixel((50, 20)) != (255, 255, 255)
+    assert canvas.getpixel((50, 30)) == (255, 255, 255)
+    from PIL import Image
+
+    panel = layout_overlay(Image.new("RGB", (100, 50), (0, 0, 0)), [])  # enlarged by ceil(256 / 50) = 6
+    assert panel.size == (1200, 300)

@@ -67,6 +67,7 @@ def trl_oracle(hidden, weight, target, old, ref, adv, mask, loss_type, beta, eps
     logits = (hidden.double() @ weight.double().T) / temperature
     logp = -F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(target.shape)
     m = mask.double()
+    old = logp.detach() if old is None else old  # TRL's on-policy case: ratio 1, gradient A
     coef_1 = torch.exp(logp - old)
     coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
     per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None])
@@ -109,9 +110,11 @@ def test_fused_matches_reference_fp32(shape, loss_type, backend):
     b, t, h, v = shape
     hidden, weight, target, old, ref, adv, mask = loss_case(b, t, h, v, seed=b * t)
     args = (target, old, ref, adv, mask)
+    extra = {"dr_grpo": dict(max_completion_length=t + 3), "dapo": dict(num_items_in_batch=11.0)}.get(loss_type, {})
     f_loss, f_metrics, f_dh, f_dw = run(fused_grpo_loss, hidden, weight, *args, loss_type=loss_type, chunk_size=4,
-                                        backend=backend, **KW)
-    r_loss, r_metrics, r_dh, r_dw = run(grpo_loss_reference, hidden, weight, *args, loss_type=loss_type, **KW)
+                                        backend=backend, **KW, **extra)
+    r_loss, r_metrics, r_dh, r_dw = run(grpo_loss_reference, hidden, weight, *args, loss_type=loss_type, **KW,
+                                        **extra)
     assert loss_err(f_loss, r_loss, adv) < 1e-5
     assert max_rel_err(f_dh, r_dh) < 1e-5
     assert max_rel_err(f_dw, r_dw) < 1e-5
@@ -221,6 +224,16 @@ def test_bad_inputs_raise():
         fused_grpo_loss(hidden, weight, target, old, ref, adv[:2], mask, **KW)
     with pytest.raises(TypeError, match="share a dtype"):
         fused_grpo_loss(hidden, weight.double(), target, old, ref, adv, mask, **KW)
+    for fn in (fused_grpo_loss, grpo_loss_reference):
+        for temperature in (0.0, -1.0, float("nan")):
+            with pytest.raises(ValueError, match="temperature must be positive"):
+                fn(hidden, weight, target, old, ref, adv, mask, **{**KW, "temperature": temperature})
+        for eps in (dict(epsilon=-0.1), dict(epsilon_high=-0.1), dict(epsilon=float("nan"))):
+            with pytest.raises(ValueError, match="must be non-negative"):
+                fn(hidden, weight, target, old, ref, adv, mask, **{**KW, **eps})
+    for chunk_size in (0, -1):  # a negative step would skip every chunk: loss 0 and no gradient, silently
+        with pytest.raises(ValueError, match="chunk_size must be a positive"):
+            fused_grpo_loss(hidden, weight, target, old, ref, adv, mask, chunk_size=chunk_size, **KW)
 
 
 @settings(max_examples=8, deadline=None)
@@ -274,3 +287,123 @@ def test_token_weights_reduce_two_heads_as_one_sequence():
                              mask[:, s], token_weights=w[:, s], **KW)[0]
              for s in (slice(0, cut), slice(cut, None))]
     assert loss_err(parts[0] + parts[1], full, adv) < 1e-5
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_and_gradients_match_trl(loss_type, on_policy):
+    """Both implementations against TRL's loss differentiated by fp64 autograd, including the on-policy case
+    (old_logp=None), where the ratio is 1 in value but its gradient, A * dlogp, is the whole policy gradient."""
+    hidden, weight, target, old, ref, adv, mask = loss_case(4, 6, 16, 29, seed=3, log_ratio_scale=0.5)
+    old = None if on_policy else old
+    extra = {"dr_grpo": dict(max_completion_length=9), "dapo": dict(num_items_in_batch=10.0)}.get(loss_type, {})
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    expected, _ = trl_oracle(h, w, target, None if old is None else old.double(), ref.double(), adv.double(), mask,
+                             loss_type, **KW, **extra)
+    expected.backward()
+    for fn in (grpo_loss_reference, partial(fused_grpo_loss, backend="torch")):
+        loss, _, dh, dw = run(fn, hidden, weight, target, old, ref, adv, mask, loss_type=loss_type, grad_scale=1.0,
+                              **KW, **extra)
+        assert loss_err(loss, expected.detach(), adv) < 1e-5
+        assert max_rel_err(dh, h.grad) < 1e-5 and max_rel_err(dw, w.grad) < 1e-5
+
+
+@pytest.mark.parametrize("fn", [partial(fused_grpo_loss, backend="triton"), partial(fused_grpo_loss, backend="torch"),
+                                grpo_loss_reference], ids=["fused-triton", "fused-torch", "reference"])
+@pytest.mark.usefixtures("poison")
+def test_asymmetric_clipping_by_hand(fn):
+    """Hand-computed values. A zero head gives logp = -log V for every token, so old log-probs set each ratio
+    exactly; the three sequences have A = +1, -1 and 0. With epsilon 0.2 / epsilon_high 0.28 (range [0.8, 1.28]):
+    A=+1: l = -min(r, clip r) = -[0.5, 0.75, 0.9, 1.25, 1.28], dl/dlogp = -r unless clipped (r = 1.5);
+    A=-1: l = max(r, clip r) = [0.8, 0.8, 0.9, 1.25, 1.5], dl/dlogp = r unless clipped (r = 0.5, 0.75);
+    A=0: l = 0 and no clip counted (TRL counts low clips only for A < 0 and high ones only for A > 0).
+    `beta=0` with a reference 100 nats above: the k3 KL overflows to inf and must stay out of the loss."""
+    b, t, v = 3, 5, 4
+    r = torch.tensor([0.5, 0.75, 0.9, 1.25, 1.5])
+    hidden = torch.randn(b, t, 2, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    weight = torch.zeros(v, 2, device=DEVICE)
+    target = torch.tensor([[0, 1, 2, 3, 0], [1, 2, 3, 0, 1], [2, 2, 2, 2, 2]], device=DEVICE)
+    logp = -torch.log(torch.tensor(float(v)))
+    old = (logp - r.log()).expand(b, t).contiguous().to(DEVICE)
+    ref = torch.full((b, t), float(logp) + 100.0, device=DEVICE)
+    adv = torch.tensor([1.0, -1.0, 0.0], device=DEVICE)
+    mask = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    g = torch.tensor([[-0.5, -0.75, -0.9, -1.25, 0.0], [0.0, 0.0, 0.9, 1.25, 1.5], [0.0] * 5]) / 15
+    onehot = F.one_hot(target.cpu(), v).float()
+    expected_dw = torch.einsum("bt,btv,bth->vh", g, onehot - 1 / v, hidden.cpu())
+    cases = [  # epsilon_high, loss, clip_ratio_low, clip_ratio_high
+        (0.28, (-(0.5 + 0.75 + 0.9 + 1.25 + 1.28) + (0.8 + 0.8 + 0.9 + 1.25 + 1.5)) / 15, 2 / 15, 1 / 15),
+        (0.0, (-(0.5 + 0.75 + 0.9 + 1.0 + 1.0) + (0.8 + 0.8 + 0.9 + 1.25 + 1.5)) / 15, 2 / 15, 2 / 15),  # 0 is 0
+    ]
+    for eps_high, want_loss, want_low, want_high in cases:
+        loss, metrics, dh, dw = run(fn, hidden, weight, target, old, ref, adv, mask, beta=0.0, epsilon=0.2,
+                                    epsilon_high=eps_high, loss_type="bnpo", grad_scale=1.0)
+        assert float(loss) == pytest.approx(want_loss, abs=1e-6)
+        assert float(metrics.clip_ratio_low) == pytest.approx(want_low, abs=1e-7)
+        assert float(metrics.clip_ratio_high) == pytest.approx(want_high, abs=1e-7)
+        assert float(metrics.clip_ratio_region) == pytest.approx(want_low + want_high, abs=1e-7)
+        assert float(metrics.ratio_mean) == pytest.approx(float(r.mean()), abs=1e-6)
+        assert torch.equal(dh.cpu(), torch.zeros(b, t, 2))
+        if eps_high == 0.28:
+            assert max_rel_err(dw, expected_dw) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ GoT objective
+def test_objective_dapo_weights_are_world_over_the_step_tokens():
+    """TRL's dapo divides by num_items_in_batch / num_processes: DDP then averages the ranks' gradients."""
+    from gotr1.config import GRPOConfig
+    from gotr1.objective import token_weights
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    for world in (1, 2, 4):
+        w_text, w_image = token_weights(mask, 5, GRPOConfig(loss_type="dapo"), num_micro_batches=3, total_tokens=40.0,
+                                        max_completion_length=8, world=world)
+        torch.testing.assert_close(w_text, mask * world / 40)
+        torch.testing.assert_close(w_image, torch.full((2, 5), world / 40))
+
+
+def test_objective_uses_each_heads_temperature_and_token_weights_its_metrics():
+    """One call over text + image heads against TRL's formulas on the concatenated sequence: each head's logits are
+    divided by its own temperature, and every metric is a mean over all active tokens of both heads."""
+    from torch import nn
+
+    from gotr1.config import GRPOConfig
+    from gotr1.objective import grpo_objective
+    from gotr1.policy import make_batch
+
+    gen = torch.Generator().manual_seed(1)
+    h, v, n_img = 8, 13, 6
+    lm, vh = nn.Linear(h, v), nn.Linear(h, v)
+    reasoning = [[3, 4, 7], [5, 7], [7], [1, 2, 3, 7]]
+    batch = make_batch([[1, 2]] * 4, reasoning, torch.randint(0, v, (4, n_img), generator=gen), pad_id=0)
+    text_h = torch.randn(4, batch.reasoning_ids.shape[1], h, generator=gen)
+    image_h = torch.randn(4, n_img, h, generator=gen)
+    config = GRPOConfig(loss_type="bnpo", beta=0.1, epsilon=0.2, epsilon_high=0.28, text_temperature=0.5,
+                        image_temperature=2.0)
+    with torch.no_grad():
+        lp = torch.cat([torch.log_softmax(lm(text_h) / 0.5, -1).gather(-1, batch.reasoning_ids[..., None])[..., 0],
+                        torch.log_softmax(vh(image_h) / 2.0, -1).gather(-1, batch.image_tokens[..., None])[..., 0]],
+                       1)
+    r_len = batch.reasoning_ids.shape[1]
+    old = lp + 0.6 * torch.randn(lp.shape, generator=gen)
+    ref = lp + 0.3 * torch.randn(lp.shape, generator=gen)
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2])
+    loss, metrics, _ = grpo_objective(
+        text_h, image_h, lm, vh, batch, old_logp=(old[:, :r_len], old[:, r_len:]),
+        ref_logp=(ref[:, :r_len], ref[:, r_len:]), advantages=adv, config=config, num_micro_batches=1,
+        total_tokens=0.0, max_completion_length=0)
+    m = torch.cat([batch.reasoning_mask, torch.ones(4, n_img)], 1)
+    ratio = torch.exp(lp - old)
+    a = adv[:, None]
+    kl = torch.exp(ref - lp) - (ref - lp) - 1
+    per_token = -torch.min(ratio * a, ratio.clamp(0.8, 1.28) * a) + 0.1 * kl
+    low, high = (ratio < 0.8) & (a < 0), (ratio > 1.28) & (a > 0)
+
+    def mean(x):
+        return float((x.float() * m).sum() / m.sum())
+
+    assert 0 < mean(low) and 0 < mean(high) and mean(low) != mean(high)
+    assert loss.item() == pytest.approx(float((per_token * m).sum() / m.sum()), rel=1e-5)
+    for name, x in (("kl", kl), ("ratio_mean", ratio), ("clip_ratio/low_mean", low),
+                    ("clip_ratio/high_mean", high), ("clip_ratio/region_mean", low | high)):
+        assert metrics[name] == pytest.approx(mean(x), rel=1e-5, abs=1e-7), name

@@ -406,6 +406,9 @@ def test_bucket_helpers():
     assert valid.sum(1).tolist() == [2, 1, 0, 0]
     with pytest.raises(ValueError, match="more than the bucket"):
         left_pad([[1, 2, 3]], 2, 1, 0)
+    ids, valid = left_pad([[1, 2, 3], [4]], 3, 3, pad_id=0)  # a row of exactly the bucket's length fits
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
+    assert valid.tolist() == [[True] * 3, [False, False, True], [False] * 3]
 
 
 def test_causal_padding_mask_against_loops():
@@ -435,6 +438,8 @@ def test_decode_caches_share_one_arena_and_grow_once(judge):
     assert len(grown) == 2 and caches.caches == {(3, 12): big}
     smaller = caches.get(1, 11)
     assert len(grown) == 2 and smaller.layers[0].keys.data_ptr() == big.layers[0].keys.data_ptr()
+    same_size = caches.get(6, 6)  # another shape of the arena's size: a view, no growth
+    assert len(grown) == 2 and same_size.layers[0].keys.data_ptr() == big.layers[0].keys.data_ptr()
 
 
 def test_decoding_a_bucket_after_a_longer_one_reads_nothing_stale(judge, monkeypatch):

@@ -117,3 +117,40 @@ def test_combine_edge_values_are_exact():
     assert combine(torch.ones(1, 4, dtype=torch.int64), "sum", [0.5, 0.25, 0.25, 0.5]).tolist() == [1.5]
     with pytest.raises(ValueError, match="finite in torch.float32"):
         combine(torch.ones(1, 4), weights=[1e39, 1.0, 1.0, 1.0])  # finite in Python, inf in float32
+
+
+def test_weights_must_be_exactly_four():
+    for weights in ([1.0] * 3, [1.0] * 5):
+        with pytest.raises(ValueError, match="weights must hold 4"):
+            combine(torch.ones(2, 4), weights=weights)
+
+
+def test_empty_batch_logs_zero_not_nan():
+    empty = RewardBreakdown(*(torch.zeros(0) for _ in COMPONENTS))
+    totals, metrics = reward_fn(empty)
+    assert totals.shape == (0,)
+    assert metrics["reward/total"] == 0.0 and all(v == 0.0 for v in metrics.values())
+
+
+def test_breakdown_refuses_negative_components():
+    with pytest.raises(ValueError, match="finite and in"):
+        _breakdown(R_RI=[0.5, -0.01, 0.0])
+
+
+def test_codebook_subset_judge_scores_the_share_below_k():
+    """R_PI = share of image tokens < K (K itself is outside), every other component 1; the product is 2 * share."""
+    from gotr1.rewards import CodebookSubsetJudge
+
+    def sample(tokens):
+        return RewardSample("p", ParsedChain(), Image.new("RGB", (4, 4)), image_tokens=torch.tensor(tokens))
+
+    judge = CodebookSubsetJudge(4)
+    out = judge.score([sample([0, 3, 4, 5]), sample([4, 4, 4, 4]), sample([1, 2, 3, 0])])
+    assert out.R_PI.tolist() == [0.5, 0.0, 1.0]
+    assert out.R_sem.tolist() == out.R_spa.tolist() == out.R_RI.tolist() == [1.0] * 3
+    assert combine(out.as_matrix()).tolist() == [1.0, 0.0, 2.0]
+    assert len(judge.score([])) == 0
+    with pytest.raises(ValueError, match="subset_size must be >= 1"):
+        CodebookSubsetJudge(0)
+    with pytest.raises(ValueError, match="needs the samples' image_tokens"):
+        judge.score([sample([1]), RewardSample("p", ParsedChain(), Image.new("RGB", (4, 4)))])
