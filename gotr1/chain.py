@@ -195,7 +195,9 @@ def draw_boxes(image: Image.Image, objects: Sequence[ChainObject], line_width: i
             raise ValueError(f"object {obj.name!r}: {problem}")
         colour = PALETTE[i % len(PALETTE)]
         x1, y1, x2, y2 = to_pixels(obj.box, *image.size)
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=lw)
+        # The box covers pixels x1..x2-1 (as the shapes renderer fills it): its outline is drawn on them, so a
+        # full-frame box's right and bottom edges land on the image's last column and row, not past them.
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=colour, width=lw)
         left, top, right, bottom = draw.textbbox((x1 + lw, y1 + lw), obj.name, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
         draw.text((x1 + lw, y1 + lw), obj.name, fill=(255, 255, 255), font=font)

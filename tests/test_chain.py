@@ -10,6 +10,7 @@ from gotr1.chain import (
     GOT_TAGS,
     OBJ_END,
     OBJ_START,
+    PALETTE,
     ChainObject,
     chat_prompt,
     format_chain,
@@ -124,8 +125,13 @@ def test_layout_renderer_draws_boxes_where_planned():
     canvas = render_layout(objs, 200)
     assert canvas.size == (200, 200)
     assert canvas.getpixel((199, 10)) == (255, 255, 255)  # outside every box: blank
-    assert canvas.getpixel((100, 199)) != (255, 255, 255)  # bottom edge of the first box
-    assert canvas.getpixel((160, 175)) != (255, 255, 255)  # right edge of the second box
+    assert canvas.getpixel((99, 150)) != (255, 255, 255)  # right edge of the first box: its last column, 99
+    assert canvas.getpixel((100, 150)) == (255, 255, 255)
+    assert canvas.getpixel((50, 199)) != (255, 255, 255)  # its bottom edge, the canvas's last row
+    assert canvas.getpixel((174, 160)) != (255, 255, 255)  # right edge of the second box (columns 150..174)
+    assert canvas.getpixel((175, 160)) == (255, 255, 255)
+    full = render_layout([ChainObject("all", (0, 0, 1000, 1000))], 64)  # every edge on the canvas
+    assert all(full.getpixel(p) == PALETTE[0] for p in [(63, 40), (40, 63), (0, 40), (40, 0)])
     empty = render_layout([], (64, 32))
     assert empty.size == (64, 32) and empty.getextrema() == ((255, 255),) * 3
     from PIL import Image
@@ -268,9 +274,9 @@ def test_coordinates_with_many_leading_zeros_never_raise():
 
 # ------------------------------------------------------------------------------------------------ renderer geometry
 def test_layout_of_a_non_square_canvas_scales_each_axis_by_its_own_side():
-    canvas = render_layout([ChainObject("x", (0, 0, 1000, 500))], (100, 40))  # bottom edge at y = 500 * 40/1000
-    assert canvas.getpixel((50, 20)) != (255, 255, 255)
-    assert canvas.getpixel((50, 30)) == (255, 255, 255)
+    canvas = render_layout([ChainObject("x", (0, 0, 1000, 500))], (100, 40))  # rows 0 .. 500 * 40/1000 - 1
+    assert canvas.getpixel((50, 19)) != (255, 255, 255)
+    assert canvas.getpixel((50, 20)) == (255, 255, 255)
     from PIL import Image
 
     panel = layout_overlay(Image.new("RGB", (100, 50), (0, 0, 0)), [])  # enlarged by ceil(256 / 50) = 6
