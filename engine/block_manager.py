@@ -58,6 +58,8 @@ class BlockManager:
                 self.ref_counts[old] -= 1
                 return [(old, table[j])]
             return []
+        if num_new <= 0:  # writes nothing, so takes nothing (as `blocks_needed` counts): no copy of a shared block
+            return []
         need = self.blocks_needed(table, seq.num_cached_tokens, num_new)
         if need > len(self.free_block_ids):
             raise RuntimeError(f"append needs {need} free KV blocks, {len(self.free_block_ids)} left")

@@ -95,6 +95,12 @@ def test_philox_uniforms_range_determinism_batch_invariance():
     assert not torch.equal(u[0], u[1])
     big = philox_uniforms(torch.tensor([3]), torch.tensor([9]), 200_000)[0]
     assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
+    # the sampling hot path's fused Philox + Gumbel is these uniforms' Gumbel noise, bit for bit
+    s = torch.randn(5, 1001, generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(5, 1001, generator=torch.Generator().manual_seed(1)) < 0.3
+    keys = s + cfg_sampling._gumbel(u)
+    assert torch.equal(cfg_sampling._sampling_keys(s, None, seeds, counters), keys)
+    assert torch.equal(cfg_sampling._sampling_keys(s, keep, seeds, counters), keys.masked_fill(~keep, -math.inf))
 
 
 # ---------------------------------------------------------------------------------------------------- torch path
@@ -127,6 +133,17 @@ def test_greedy_rows():
     one = dict(cfg_weight=torch.ones(2), temperature=torch.zeros(2), top_k=torch.zeros(2, dtype=torch.long),
                top_p=torch.ones(2), seeds=torch.zeros(2, dtype=torch.long), counters=torch.zeros(2, dtype=torch.long))
     assert cfg_sample_torch(ties, None, **one).tokens.tolist() == [3, 3]  # lowest index on ties
+
+
+def test_column_strided_logits_equal_contiguous_ones():
+    """Logits whose rows are not unit-stride (a transposed buffer) are read by index, not by memory order."""
+    cond, uncond, params = make_batch(9, 40, paired=True, seed=7)
+    strided = [x.T.contiguous().T for x in (cond, uncond)]
+    assert strided[0].stride(1) != 1 and torch.equal(strided[0], cond)
+    ref = reference(cond, uncond, params)
+    assert_same(cfg_sample_torch(*strided, **params), ref)
+    unpaired = cfg_sample_torch(strided[0], None, **params)
+    assert_same(unpaired, reference(cond, None, params))
 
 
 def test_logprob_values():
@@ -166,10 +183,13 @@ def test_filter_semantics_by_hand():
     assert top_k_mask(s, torch.tensor([4])).tolist() == [[True, False, True, True, True, False]]
     assert top_k_mask(s, torch.tensor([0])).all() and top_k_mask(s, torch.tensor([6])).all()
     p = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
-    assert top_p_mask(p, torch.tensor([0.5])).tolist() == [[True, False, False, False]]  # mass 0.5 reaches 0.5
-    assert top_p_mask(p, torch.tensor([0.6])).tolist() == [[True, True, False, False]]
-    assert top_p_mask(p, torch.tensor([0.8])).tolist() == [[True, True, True, True]]  # tie at the boundary
-    assert top_p_mask(p, torch.tensor([1e-6])).tolist() == [[True, False, False, False]]  # always >= 1 token
+    for mask in (top_p_mask, top_p_mask_reference):  # the oracle too: the property tests trust it
+        assert mask(p, torch.tensor([0.5])).tolist() == [[True, False, False, False]]  # mass 0.5 reaches 0.5
+        assert mask(p, torch.tensor([0.6])).tolist() == [[True, True, False, False]]
+        assert mask(p, torch.tensor([0.8])).tolist() == [[True, True, True, True]]  # tie at the boundary
+        assert mask(p, torch.tensor([1e-6])).tolist() == [[True, False, False, False]]  # always >= 1 token
+        # top_p 1 is off: keeps even tokens that add no mass (the rest already sums to 1)
+        assert mask(torch.tensor([[0.5, 0.25, 0.25, 0.0]]), torch.tensor([1.0])).all()
 
 
 def test_top_k_reference_matches_transformers():
@@ -273,10 +293,14 @@ def test_bad_input_raises_value_error():
         (lambda: call(u=uncond.half()), "must match"),
         (lambda: call(temperature=torch.tensor([1.0, -0.5, 1.0, 1.0])), "temperature"),
         (lambda: call(temperature=torch.tensor([1.0, math.nan, 1.0, 1.0])), "temperature"),
+        (lambda: call(temperature=torch.tensor([1.0, math.inf, 1.0, 1.0])), "temperature"),
         (lambda: call(top_p=torch.tensor([1.0, 0.0, 1.0, 1.0])), "top_p"),
         (lambda: call(top_p=torch.tensor([1.0, 1.5, 1.0, 1.0])), "top_p"),
         (lambda: call(top_k=torch.tensor([0, -1, 0, 0])), "top_k"),
         (lambda: call(top_k=torch.zeros(4)), "integer"),
+        (lambda: call(top_k=torch.zeros(4, dtype=torch.bool)), "integer"),
+        (lambda: call(top_k=torch.zeros(4, dtype=torch.long, device="meta")), "top_k is on meta"),
+        (lambda: call(c=torch.zeros(4, 0), u=None), "empty vocabulary"),
         (lambda: call(seeds=torch.zeros(3, dtype=torch.long)), r"shape \[4\]"),
         (lambda: call(cfg_weight=torch.tensor([1.0, math.inf, 1.0, 1.0])), "cfg_weight"),
         (lambda: cfg_sample_reference(cond, uncond, **filters, uniforms=torch.full((4, 15), 0.5)), "uniforms shape"),

@@ -18,11 +18,13 @@ from engine.config import EngineConfig
 from engine.lean import LoraWeights, add_norm, lean, plain_lora, projection, stacked
 from engine.llm_engine import LLMEngine
 from engine.model_runner import host_tensor
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Group, Sequence
+from engine.sequence import Group, Sample, Sequence, sample_key
 from gotr1.model import build_preset
 from gotr1.reference import ReferenceGenerator
+from kernels.cfg_sampling import cfg_sample_reference, philox_uniforms
 
 PROMPTS = ["a red cat on a blue table", "two green squares"]
 
@@ -256,16 +258,18 @@ def test_logprobs_equal_teacher_forced_forward(tiny, engine):
     params = SamplingParams(n=3, text_temperature=0.8, image_temperature=1.3, top_k=50, top_p=0.9, cfg_weight=3.0,
                             max_reasoning_tokens=9, min_reasoning_tokens=3, seed=7, decode_images=True)
     forced = dataclasses.replace(params, n=1, max_reasoning_tokens=5, min_reasoning_tokens=5)  # BOI banned, forced
-    groups = engine.generate(PROMPTS, [params, forced], use_tqdm=False)
+    weak = dataclasses.replace(params, n=1, cfg_weight=0.5)  # guidance below 1 is guidance too (unconditional rows)
+    groups = engine.generate(PROMPTS + PROMPTS[:1], [params, forced, weak], use_tqdm=False)
     assert groups[1].samples[0].boi_forced and len(groups[1].samples[0].reasoning_ids) == 6
-    for s in groups[0].samples + groups[1].samples:
-        assert 4 <= len(s.reasoning_ids) <= 10 and s.reasoning_ids[-1] == tiny.boi_id
-        assert s.image.size == (64, 64)
-        text, cond, mixed, _ = teacher_forced(tiny, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0.8,
-                                              image_t=1.3, cfg=3.0)
-        torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
-        torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
-        torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=1e-4)
+    for p, group in zip([params, forced, weak], groups):
+        for s in group.samples:
+            assert p.min_reasoning_tokens + 1 <= len(s.reasoning_ids) <= p.max_reasoning_tokens + 1
+            assert s.reasoning_ids[-1] == tiny.boi_id and s.image.size == (64, 64)
+            text, cond, mixed, _ = teacher_forced(tiny, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0.8,
+                                                  image_t=1.3, cfg=p.cfg_weight)
+            torch.testing.assert_close(s.text_logprobs, text, rtol=0, atol=1e-4)
+            torch.testing.assert_close(s.image_logprobs, cond, rtol=0, atol=1e-4)
+            torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=1e-4)
 
 
 def test_seeded_rollouts_reproduce_and_differ_by_seed(engine):
@@ -276,6 +280,122 @@ def test_seeded_rollouts_reproduce_and_differ_by_seed(engine):
     key = [[(s.reasoning_ids, s.image_tokens.tolist()) for s in g.samples] for g in (a + b + c)]
     assert key[:2] == key[2:4] and key[:2] != key[4:]
     assert key[0][0] != key[0][1]  # the samples of a group differ
+    zero = dataclasses.replace(params, seed=0, max_reasoning_tokens=2)  # 0 is a seed, not "no seed"
+    x, y = (engine.generate(PROMPTS[:1], zero, use_tqdm=False)[0] for _ in range(2))
+    assert [s.image_tokens.tolist() for s in x.samples] == [s.image_tokens.tolist() for s in y.samples]
+
+
+def test_sample_keys_do_not_collide():
+    """Distinct (seed, index) pairs nearby, and negative seeds, give distinct 63-bit keys (a sum `seed + index`
+    would collide along every anti-diagonal)."""
+    keys = {sample_key(seed, i) for seed in range(-8, 24) for i in range(16)}
+    assert len(keys) == 32 * 16 and all(0 <= k < 2**63 for k in keys)
+
+
+@pytest.mark.parametrize("bad", [dict(n=0), dict(n=2.0), dict(top_k=-1), dict(top_k=5.0), dict(top_p=0.0),
+                                 dict(top_p=1.5), dict(top_p=float("nan")), dict(cfg_weight=-0.5),
+                                 dict(max_reasoning_tokens=-1), dict(max_reasoning_tokens=2.5),
+                                 dict(min_reasoning_tokens=-1), dict(seed="7"), dict(seed=1.5)])
+def test_sampling_params_refuse_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_sampling_params_bounds_are_accepted():
+    SamplingParams(n=1, top_k=0, top_p=1.0, cfg_weight=0.0, max_reasoning_tokens=0, min_reasoning_tokens=0, seed=-5)
+
+
+def test_sample_counts_and_boi_rules_by_hand():
+    """A sample's counts through its text and image phases, and the `<begin_of_image>` ban / force boundaries
+    (`ahead` steps into a multi-step window)."""
+    boi = 99
+    params = SamplingParams(n=1, max_reasoning_tokens=4, min_reasoning_tokens=2, cfg_weight=0.5)
+    group = Group(request_id="r", prompt="p", prompt_ids=[1, 2, 3], params=params, seed=0, num_image_tokens=5)
+    s = Sample(group=group, index=0, key=0, cond=Sequence([1, 2, 3]))
+    assert group.max_len == 3 + 4 + 1 + 5 and group.guided and s.peak_rows == 2
+    assert (s.num_reasoning_tokens, s.num_image_tokens, s.reasoning_ids, s.image_token_ids) == (0, 0, [], [])
+    assert [s.suppress_boi(a) for a in range(4)] == [True, True, False, False]
+    assert [s.force_boi(a) for a in range(6)] == [False] * 4 + [True] * 2
+    s.cond.token_ids += [10, 11]
+    assert not s.suppress_boi() and not s.force_boi(1) and s.force_boi(2)
+    s.cond.token_ids.append(boi)
+    s.cond.image_start = len(s.cond)
+    assert s.in_image_phase and s.awaits_uncond
+    s.cond.token_ids += [7, 8]
+    assert (s.num_reasoning_tokens, s.num_image_tokens, s.reasoning_ids, s.image_token_ids) == (3, 2, [10, 11, boi],
+                                                                                                [7, 8])
+    unguided = Group(request_id="u", prompt="p", prompt_ids=[1], params=SamplingParams(cfg_weight=1.0), seed=0,
+                     num_image_tokens=5)
+    u = Sample(group=unguided, index=0, key=0, cond=Sequence([1, boi], image_start=2))
+    assert not unguided.guided and u.peak_rows == 1 and not u.awaits_uncond
+
+
+def _sample_at(group: Group, index: int, reasoning: int, images: int | None, boi: int) -> Sample:
+    """Sample `index` of `group` with `reasoning` text tokens so far, or in its image phase with `images` image
+    tokens (`reasoning` then counts `<begin_of_image>`)."""
+    ids = list(group.prompt_ids) + [5 + index] * reasoning
+    s = Sample(group=group, index=index, key=sample_key(group.seed, index), cond=Sequence(ids))
+    if images is not None:
+        s.cond.token_ids[-1] = boi
+        s.cond.image_start = len(ids)
+        s.cond.token_ids += [3] * images
+    return s
+
+
+def test_sampler_rows_equal_the_reference_op_with_their_own_settings_and_counters():
+    """`Sampler` against `cfg_sample_reference` row by row: each row's own temperature (text or image), top-k,
+    top-p and CFG weight, uniforms from (its sample's key, the position it samples + step); BOI banned below
+    `min_reasoning_tokens` and forced at `max_reasoning_tokens`, with the raw logits' log-probs for those rows."""
+    boi, vocab = 7, 64
+    a = Group(request_id="a", prompt="", prompt_ids=[1, 2, 3], seed=5, num_image_tokens=16,
+              params=SamplingParams(n=4, text_temperature=0.7, image_temperature=1.3, top_k=20, top_p=0.6,
+                                    cfg_weight=3.0, max_reasoning_tokens=4, min_reasoning_tokens=2))
+    b = Group(request_id="b", prompt="", prompt_ids=[1, 2], seed=6, num_image_tokens=16,
+              params=SamplingParams(n=2, text_temperature=0.0, image_temperature=0.9, top_p=0.8, cfg_weight=1.0,
+                                    max_reasoning_tokens=6, min_reasoning_tokens=1))
+    text = [_sample_at(a, i, r, None, boi) for i, r in enumerate((0, 1, 3, 4))]
+    text += [_sample_at(b, i, r, None, boi) for i, r in enumerate((0, 2))]
+    image = [_sample_at(a, i, 3, n, boi) for i, n in enumerate((0, 5))] + [_sample_at(b, 0, 2, 9, boi)]
+    for s in image[:2]:  # the guided request's rows have unconditional rows, the unguided one's not
+        s.uncond = Sequence(list(s.cond.token_ids), image_start=s.cond.image_start)
+    g = torch.Generator().manual_seed(0)
+    text_logits = torch.randn(len(text), vocab, generator=g) * 0.5  # flat: the uniforms decide the tokens
+    text_logits[:, boi] += 3  # BOI the likeliest token (p ~ 0.25): the ban shows
+    cond, uncond = torch.randn(2, len(image), vocab, generator=g) * 0.5
+    sampler = Sampler(boi, torch.device("cpu"))
+
+    def expect(s, c, u, step, image_phase):
+        p = s.group.params
+        t = p.image_temperature if image_phase else p.text_temperature
+        counter = torch.tensor([len(s.cond) + step])
+        ref = cfg_sample_reference(
+            c[None], None if u is None else u[None], cfg_weight=torch.tensor([p.cfg_weight if image_phase else 1.0]),
+            temperature=torch.tensor([t]), top_k=torch.tensor([p.top_k]), top_p=torch.tensor([p.top_p]),
+            uniforms=philox_uniforms(torch.tensor([s.key]), counter, vocab))
+        return ref.tokens[0], ref.logprobs[0], ref.mixed_logprobs[0]
+
+    every = list(range(len(text)))
+    # new rows, new settings; the last call: every row banned, none forced (a lock-step group)
+    for step, order in ((0, every), (1, every[::-1]), (0, [0, 1])):
+        rows = [text[i] for i in order]
+        tokens, logprobs = sampler.text_tensors(text_logits[order], rows, step)
+        for s, raw, tok, lp in zip(rows, text_logits[order], tokens.long(), logprobs.float()):
+            banned = raw.clone()
+            if s.suppress_boi(step):
+                banned[boi] = -math.inf
+            ref_tok, _, _ = expect(s, banned, None, step, False)
+            ref_tok = boi if s.force_boi(step) else ref_tok
+            assert tok == ref_tok and (tok != boi or not s.suppress_boi(step))
+            t = s.group.params.text_temperature or 1.0
+            torch.testing.assert_close(lp, torch.log_softmax(raw / t, -1)[ref_tok], rtol=0, atol=1e-6)
+    paired = sampler.paired_rows(image)
+    assert paired.tolist() == [0, 1]
+    for step in (0, 1):
+        out = sampler.image_tensors(cond, uncond[:2], image, step, paired)
+        for r, s in enumerate(image):
+            ref = expect(s, cond[r], uncond[r] if s.uncond is not None else None, step, True)
+            assert out[0, r] == ref[0]
+            torch.testing.assert_close(out[1:, r].float(), torch.stack(ref[1:]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg_weight,tight_blocks", [(5.0, 48), (1.0, 20)])
@@ -798,6 +918,57 @@ def test_engine_errors_are_clear(tiny, engine):
     with pytest.raises(TypeError, match="JanusBundle"):
         LLMEngine(tiny.model)
     assert not engine.has_unfinished()
+
+
+def test_generate_refuses_a_busy_engine_and_aborts_its_requests_when_a_step_fails(engine, monkeypatch):
+    one = SamplingParams(n=2, max_reasoning_tokens=3, decode_images=False)
+    rid = engine.add_request(PROMPTS[0], one)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate(PROMPTS[:1], one, use_tqdm=False)
+    engine.abort(rid)
+    calls, run = [], engine.runner.run
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return run(*args)
+
+    monkeypatch.setattr(engine.runner, "run", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate(PROMPTS, one, use_tqdm=False)
+    assert not engine.has_unfinished() and engine.block_manager.num_used_blocks == 0
+    assert len(engine.generate(PROMPTS, one, use_tqdm=False)) == 2
+
+
+def test_generate_runs_in_eval_mode_and_records_the_peak_and_the_length_limit(tiny, monkeypatch):
+    """The model runs in eval mode (LoRA dropout off) and gets its modes back; `peak_used_blocks` is the busiest
+    step's; a request is refused exactly when its longest row passes `max_model_len`."""
+    params = SamplingParams(n=1, max_reasoning_tokens=3, min_reasoning_tokens=3, seed=1, decode_images=False)
+    early = dataclasses.replace(params, n=3, max_reasoning_tokens=1, min_reasoning_tokens=1)  # done first
+    longest = len(tiny.encode_prompts(PROMPTS[:1], 3)[0]) + 3 + 1 + tiny.num_image_tokens
+    eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=200, block_size=4, max_model_len=longest))
+    seen, run = [], eng.runner.run
+
+    def spy(*args):
+        seen.append((tiny.model.training, eng.block_manager.num_used_blocks))
+        return run(*args)
+
+    monkeypatch.setattr(eng.runner, "run", spy)
+    modes = [m.training for m in tiny.model.modules()]
+    tiny.model.train()
+    try:
+        eng.generate(PROMPTS[:1] * 2, [early, params], use_tqdm=False)
+        assert all(m.training for m in tiny.model.modules())
+    finally:
+        for m, mode in zip(tiny.model.modules(), modes):
+            m.training = mode
+    assert seen and not any(training for training, _ in seen)
+    assert eng.peak_used_blocks == max(used for _, used in seen) > seen[-1][1]
+    assert eng.kv_bytes_used_peak == eng.peak_used_blocks * eng.runner.block_bytes
+    with pytest.raises(ValueError, match=f"needs up to {longest + 1} positions"):
+        eng.add_request(PROMPTS[0], dataclasses.replace(params, max_reasoning_tokens=4))
+    assert not eng.has_unfinished()
 
 
 def test_abort_frees_blocks(engine):
