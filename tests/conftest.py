@@ -1,3 +1,4 @@
+import functools
 import os
 
 import torch
@@ -59,3 +60,22 @@ def gpu_rounding(monkeypatch):
         return convert(data, src, dst, mode)
 
     monkeypatch.setattr(interpreter, "_convert_float", rtne)
+
+
+@pytest.fixture(scope="session")
+def boi_biased_tiny():
+    """`(image_size, bias) -> bundle`: the tiny preset at `image_size` px with an `lm_head` bias of `bias` on
+    `<begin_of_image>` (a random tiny model almost never samples it; bias 4 makes it about 9% likely per reasoning
+    token, 5.5 about a third), so reasoning ends at random lengths. Cached across tests: never train one."""
+    from gotr1.model import build_preset
+
+    @functools.cache
+    def build(image_size: int, bias: float):
+        bundle = build_preset("tiny", image_size=image_size)
+        head = bundle.model.lm_head
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        with torch.no_grad():
+            head.bias[bundle.boi_id] = bias
+        return bundle
+
+    return build

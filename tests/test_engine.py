@@ -507,15 +507,9 @@ def test_cfg_weight_1_runs_no_uncond_rows_and_equals_the_cfg_path(tiny, engine, 
 
 
 @pytest.fixture(scope="module")
-def eager_to_draw(tiny):
-    """The tiny preset with an `lm_head` bias that makes `<begin_of_image>` about 9% likely per reasoning token
-    (a random tiny model almost never samples it), so reasoning ends at random lengths."""
-    bundle = build_preset("tiny", image_size=64)
-    head = bundle.model.lm_head
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
-    with torch.no_grad():
-        head.bias[bundle.boi_id] = 4.0
-    return bundle
+def eager_to_draw(boi_biased_tiny):
+    """The tiny preset with `<begin_of_image>` about 9% likely per reasoning token."""
+    return boi_biased_tiny(64, 4.0)
 
 
 @pytest.mark.parametrize("num_kv_blocks", [2000, 48])

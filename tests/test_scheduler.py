@@ -377,18 +377,6 @@ def tiny(image_size: int):
     return build_preset("tiny", image_size=image_size)
 
 
-@functools.cache
-def eager_to_draw(image_size: int):
-    """`tiny(image_size)` with an `lm_head` bias that gives `<begin_of_image>` about a third of each reasoning
-    token's probability (a random tiny model almost never samples it): reasoning ends at random lengths."""
-    bundle = build_preset("tiny", image_size=image_size)
-    head = bundle.model.lm_head
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
-    with torch.no_grad():
-        head.bias[bundle.boi_id] = 5.5
-    return bundle
-
-
 def bound(engine: LLMEngine, prompt: str, params: SamplingParams) -> int:
     """`blocks_to_finish_alone` of the request `engine` would make of `prompt`."""
     prompt_ids = engine.bundle.encode_prompts([prompt], params.max_reasoning_tokens)[0]
@@ -446,13 +434,14 @@ request_spec = st.tuples(st.sampled_from(PROMPTS), st.integers(1, 4), st.integer
 @given(specs=st.lists(request_spec, min_size=2, max_size=4), image_size=st.sampled_from([16, 32]),
        block_size=st.sampled_from([1, 2, 3, 5, 16]), spare=st.integers(0, 1),
        num_scheduler_steps=st.sampled_from([1, 16]), max_num_seqs=st.sampled_from([2, 5, 256]))
-def test_mixed_requests_just_above_the_largest_bound_sample_a_roomy_runs_tokens(specs, image_size, block_size, spare,
+def test_mixed_requests_just_above_the_largest_bound_sample_a_roomy_runs_tokens(boi_biased_tiny, specs, image_size,
+                                                                                 block_size, spare,
                                                                                  num_scheduler_steps, max_num_seqs):
     """Requests of several prompt and reasoning lengths, guided or not, share a pool of the largest single
     request's bound plus 0 or 1 block: all finish (the scheduler always makes progress), the pool drains, and
     every seeded sample has the tokens of a roomy single-step run: preemption by recompute changes nothing
     sampled. 1 or 4 image tokens: samples are preempted late in their image phase."""
-    bundle = eager_to_draw(image_size)
+    bundle = boi_biased_tiny(image_size, 5.5)  # reasoning ends after about 3 tokens
     prompts = [p for p, *_ in specs]
     params = [SamplingParams(n=n, max_reasoning_tokens=max_r, min_reasoning_tokens=min_r, cfg_weight=w, seed=i,
                              decode_images=False) for i, (_, n, max_r, min_r, w) in enumerate(specs)]
