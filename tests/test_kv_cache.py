@@ -122,3 +122,25 @@ def test_strided_slot_mapping():
     want_k, want_v = _loop_oracle(key, value, *_case(6, 4, 4, 2, 8, seed=3)[2:4], slots)
     assert torch.equal(k_cache.nan_to_num(7.0), want_k.nan_to_num(7.0))
     assert torch.equal(v_cache.nan_to_num(7.0), want_v.nan_to_num(7.0))
+
+
+def test_padded_head_stride():
+    """K/V rows whose heads are not back to back (a view of a wider tensor: head stride > head_dim) are read by
+    their strides, as the loop oracle reads them."""
+    key, value, k_cache, v_cache, slots = _case(5, 3, 4, 3, 8, seed=4)
+    g = torch.Generator().manual_seed(5)
+    key, value = (torch.randn(5, 3, 11, generator=g).to(DEVICE)[..., :8] for _ in range(2))
+    want_k, want_v = _loop_oracle(key, value, k_cache, v_cache, slots)
+    store_kvcache(key, value, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, want_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, want_v, rtol=0, atol=0, equal_nan=True)
+
+
+def test_tensors_on_two_devices_raise():
+    """A slot mapping (or key) left on another device is refused before any kernel reads its pointer (the meta
+    device stands in for a second device on a CPU-only machine)."""
+    key, value, k_cache, v_cache, slots = _case(3, 2, 4, 2, 8)
+    with pytest.raises(ValueError, match="one device"):
+        store_kvcache_reference(key, value, k_cache, v_cache, slots.to("meta"))
+    with pytest.raises(ValueError, match="one device"):
+        store_kvcache(key.to("meta"), value, k_cache, v_cache, slots)

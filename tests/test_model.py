@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -122,3 +123,182 @@ def test_loader_names_corrupt_or_incomplete_files(tiny, tmp_path):
     d = broken("tokenizer", lambda d: (d / "tokenizer_config.json").unlink())
     with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
         load_model(model_dir=d)
+
+
+def test_tiny_preset_is_grouped_query_and_its_position_limit_is_exact(tiny):
+    """The tiny preset has fewer KV heads than query heads (every engine test then covers GQA), and a prompt is
+    refused exactly when prompt + reasoning + BOI + image tokens exceed the model's positions."""
+    tc = tiny.model.config.text_config
+    assert tc.num_key_value_heads < tc.num_attention_heads
+    prompt = len(tiny.encode_prompts(["a red circle"], 0)[0])
+    longest = tc.max_position_embeddings - prompt - 1 - tiny.num_image_tokens
+    assert len(tiny.encode_prompts(["a red circle"], longest)[0]) == prompt
+    with pytest.raises(ValueError, match="too long"):
+        tiny.encode_prompts(["a red circle"], longest + 1)
+
+
+def test_decode_images_equal_transformers_postprocess(tiny):
+    """Decoded images are transformers' own `postprocess` of `decode_image_tokens` (channels-last, so rows are y):
+    the same pixels up to the last bit (it truncates to uint8 where we round)."""
+    import numpy as np
+
+    tokens = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pixels = tiny.model.decode_image_tokens(tokens)  # [B, H, W, C]
+    want = tiny.processor.postprocess(list(pixels.permute(0, 3, 1, 2).numpy()), return_tensors="PIL.Image.Image")
+    for got, ref in zip(tiny.decode_images(tokens), want["pixel_values"], strict=True):
+        diff = np.asarray(got).astype(int) - np.asarray(ref).astype(int)
+        assert np.abs(diff).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The engine's direct calls on the model's modules (engine.lean, engine.model_runner), where the tiny preset's
+# defaults would hide a mistake: zero biases, Llama's eps, no LoRA bias, no global hooks.
+
+
+def test_lean_keeps_the_biases_of_the_image_path(tiny):
+    """The generation aligner and head have biases (zero at the preset's init, not in Janus-Pro's checkpoints):
+    `lean`'s direct calls add them, to the bit of the modules' own forwards."""
+    from engine.lean import lean
+
+    janus = tiny.model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module, width in ((janus.model.generation_aligner, janus.model.generation_embeddings.embedding_dim),
+                              (janus.model.generation_head, janus.config.text_config.hidden_size)):
+            module = copy.deepcopy(module)
+            for name, p in module.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=g))
+            x = torch.randn(5, width, generator=g)
+            assert torch.equal(lean(module)(x), module(x)), type(module).__name__
+
+
+def test_lean_calls_modules_whose_call_is_not_their_forward():
+    """An instance-level `forward` (accelerate's hooks, hub kernels) or a global forward hook changes what calling
+    a module does: `lean` then returns the module itself, whose output carries the change."""
+    from engine.lean import lean
+
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    plain = lean(linear)
+    assert plain is not linear
+    linear.forward = lambda t: 2 * torch.nn.functional.linear(t, linear.weight, linear.bias)
+    assert lean(linear) is linear
+    del linear.forward
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: out + 1)
+    try:
+        assert lean(linear) is linear
+        with torch.no_grad():
+            torch.testing.assert_close(lean(linear)(x), plain(x) + 1)
+    finally:
+        handle.remove()
+    assert lean(linear) is not linear
+
+
+def test_lean_embedding_with_max_norm_renormalises_like_the_module():
+    """`max_norm` renormalises the looked-up rows of the weight in place: such an embedding is called, and gives
+    what the module gives."""
+    from engine.lean import lean
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 4, max_norm=1.0)
+    with torch.no_grad():
+        emb.weight.mul_(10)
+    twin, ids = copy.deepcopy(emb), torch.tensor([1, 3, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(lean(twin)(ids), emb(ids))
+
+
+def test_stacked_re_homes_weights_of_one_storage_that_do_not_lie_back_to_back():
+    """Parameters that share one storage but are not consecutive in it (a gap between them, or in the other order)
+    cannot be one view: they are re-homed into a stack that holds their values."""
+    from engine.lean import stacked
+
+    big = torch.randn(9, 5)
+    for first, second in ((slice(0, 3), slice(5, 7)), (slice(5, 7), slice(0, 5))):
+        a, b = torch.nn.Parameter(big[first]), torch.nn.Parameter(big[second])
+        want = torch.cat([a.detach(), b.detach()])
+        stack = stacked([a, b])
+        assert torch.equal(stack, want) and torch.equal(torch.cat([a.detach(), b.detach()]), want)
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+def test_lora_with_a_bias_runs_as_peft_runs_it():
+    """A LoRA adapter with a bias (`lora_bias=True`) is no plain `W + scaling * B A`: the engine leaves it to
+    peft's forward (its merged or inline weights would drop the bias), so the engine's MLP equals peft's."""
+    import dataclasses
+
+    peft = pytest.importorskip("peft")
+    from engine.config import EngineConfig
+    from engine.lean import plain_lora
+    from engine.llm_engine import LLMEngine
+
+    bundle = build_preset("tiny", image_size=64, seed=3)
+    pm = peft.get_peft_model(bundle.model, peft.LoraConfig(r=4, lora_bias=True,
+                                                           target_modules=r".*layers\.0\.mlp\.gate_proj"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    mlp = pm.base_model.model.model.language_model.layers[0].mlp
+    assert not plain_lora(mlp.gate_proj)
+    for merge_lora in (True, False):
+        eng = LLMEngine(dataclasses.replace(bundle, model=pm), EngineConfig(num_kv_blocks=8, merge_lora=merge_lora))
+        x = torch.randn(3, mlp.gate_proj.in_features, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(eng.runner.forwards[0].mlp(x), mlp(x), rtol=1e-6, atol=1e-6)
+
+
+def test_extend_prefill_feeds_flash_attn_the_whole_contexts_and_equals_transformers(tiny):
+    """A prefill of rows that already hold cached tokens (prefix caching, a re-prefill after preemption): the
+    varlen metadata counts each row's new tokens as queries and its whole context as keys (`cu_seqlens_k`,
+    `max_seqlen_k`: read by flash-attn only), the heads read each row's last new token, and the logits equal
+    transformers' forward of the whole sequences."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.scheduler import ScheduledBatch
+    from engine.sequence import Sequence
+
+    eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=64, block_size=4))
+    runner, bm = eng.runner, eng.block_manager
+    seqs = [Sequence(list(range(5, 5 + n))) for n in (7, 3)]
+    try:
+        for extra in ((), (2, 5)):
+            for s, n in zip(seqs, extra):
+                s.token_ids += list(range(40, 40 + n))
+            batch = ScheduledBatch(is_prefill=True)
+            for s in seqs:
+                batch.text_rows.append(batch.add_row(s, bm.append(s, len(s) - s.num_cached_tokens)))
+            logits, _, _ = runner.run(batch)
+        [step] = runner._steps
+        meta = step.meta
+        assert meta.cu_seqlens_q.tolist() == [0, 2, 7] and meta.cu_seqlens_k.tolist() == [0, 9, 17]
+        assert (meta.max_seqlen_q, meta.max_seqlen_k) == (5, 9) and step.last.tolist() == [1, 6]
+        with torch.no_grad():
+            want = torch.stack([tiny.model(input_ids=torch.tensor([s.token_ids])).logits[0, -1] for s in seqs])
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-4)
+    finally:
+        for s in seqs:
+            bm.free(s)
+
+
+def test_the_engine_refuses_what_it_cannot_run(tiny):
+    """Clear errors instead of wrong numbers: a model that is not Janus (peft-wrapped or not), and a RoPE whose
+    tables depend on the sequence length (`dynamic`, `longrope`: the engine tabulates RoPE once per rollout)."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.model_runner import unwrap
+
+    with pytest.raises(TypeError, match="JanusForConditionalGeneration"):
+        unwrap(torch.nn.Linear(2, 2))
+    rotary = tiny.model.model.language_model.rotary_emb
+    default = rotary.rope_type
+    for kind in ("dynamic", "longrope"):
+        rotary.rope_type = kind
+        try:
+            with pytest.raises(NotImplementedError, match=f"rope_type '{kind}'"):
+                LLMEngine(tiny, EngineConfig(num_kv_blocks=8))
+        finally:
+            rotary.rope_type = default

@@ -310,3 +310,36 @@ def test_prefill_rejects_max_seqlen_q_below_the_longest_query():
         paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=1)
     out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=70)
     assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.usefixtures("poison")
+def test_torch_backend_regathers_rows_that_grew_by_more_than_one_token(monkeypatch, native):
+    """The torch backend's decode workspace is reused only while a step's rows are the last step's, each exactly
+    one token longer. Rows whose contexts grew more since (positions stored by steps it did not see) are gathered
+    again from the paged cache: every step equals the paged reference, with the C++ step and without it."""
+    import engine.attention as attention
+    from engine.attention import AttentionMetadata, TorchBackend
+
+    if not native:
+        monkeypatch.setattr(attention, "_decode_library", lambda: None)
+    elif attention._decode_library() is None:
+        pytest.skip("no C++ compiler: the decode kernel cannot be built")
+    g = torch.Generator().manual_seed(0)
+    bs, dim, scale = 4, 16, 0.25
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    kv = torch.randn(2, 1, 8, bs, 1, dim, generator=g)  # every position of the pool is some row's context
+    backend = TorchBackend()
+    for lens in ([5, 9], [6, 10], [9, 12]):  # the last step comes after steps the backend did not see
+        meta = AttentionMetadata(
+            is_prefill=False, slot_mapping=torch.tensor([t[(c - 1) // bs] * bs + (c - 1) % bs for t, c in
+                                                         zip(tables, lens)]),
+            context_lens=torch.tensor(lens, dtype=torch.int32), block_tables=torch.tensor(tables, dtype=torch.int32),
+            seq_ids=(0, 1), host_context_lens=lens)
+        backend.begin_step(kv, meta)
+        q, k, v = (torch.randn(2, heads, dim, generator=g) for heads in (2, 1, 1))
+        out = backend.forward(0, q, k, v, kv[0, 0], kv[1, 0], meta, scale)
+        ref = paged_decode_attention_reference(q, kv[0, 0], kv[1, 0], meta.block_tables, meta.context_lens,
+                                               scale=scale)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert backend._tiled == native

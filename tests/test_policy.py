@@ -116,3 +116,40 @@ def test_policy_logprobs_and_train_masks_equal_hf_forwards(tiny, samples, cfg_we
                 c = u + cfg_weight * (c - u)
             torch.testing.assert_close(img_lp[i], c.log_softmax(-1).gather(-1, images[i][:, None]).squeeze(-1),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_temperature_0_scores_the_untempered_logits():
+    """Greedy rollouts (temperature 0) are scored on the plain logits, as the engine scores them: 0 means 1, not a
+    division by zero (which made every log-prob NaN or -inf)."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    hidden, targets = torch.randn(2, 3, 8, generator=g), torch.randint(0, 11, (2, 3), generator=g)
+    with torch.no_grad():
+        want = head(hidden).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+        torch.testing.assert_close(token_logprobs(hidden, head, targets, temperature=0), want, rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_below_1_and_prompts_longer_than_the_image_beside_long_reasoning(tiny):
+    """A CFG weight in [0, 1) (the engine samples it: mostly the unconditional logits) mixes too; and a batch whose
+    longest prompt and longest reasoning are in different samples, by more than the image tokens that follow the
+    text (the text targets' positions run past the padded text and must be clamped, not read out of range)."""
+    janus = tiny.model
+    _, vision_head = image_head_parts(janus)
+    g = torch.Generator().manual_seed(2)
+    prompts = [[tiny.bos_id], [tiny.bos_id] + torch.randint(5, 500, (30,), generator=g).tolist()]
+    reasoning = [torch.randint(5, 500, (25,), generator=g).tolist() + [tiny.boi_id], [tiny.boi_id]]
+    images = torch.randint(0, 1024, (2, tiny.num_image_tokens), generator=g)
+    batch = make_batch(prompts, reasoning, images, pad_id=tiny.pad_id)
+    with torch.no_grad():
+        text_h, img_h = policy_hidden(janus, batch, Guidance(0.5, tiny.bos_id, tiny.pad_id, tiny.boi_id))
+        text_lp = token_logprobs(text_h, janus.lm_head, batch.reasoning_ids)
+        img_lp = token_logprobs(img_h, vision_head, images)
+        for i, (p, r) in enumerate(zip(prompts, reasoning)):
+            ids = p + r
+            logp = janus(input_ids=torch.tensor([ids])).logits[0, len(p) - 1: -1].log_softmax(-1)
+            torch.testing.assert_close(text_lp[i, :len(r)], logp.gather(-1, torch.tensor(r)[:, None])[:, 0],
+                                       rtol=1e-5, atol=1e-5)
+            c = image_logits(janus, ids, images[i])
+            u = image_logits(janus, [tiny.bos_id] + [tiny.pad_id] * (len(ids) - 2) + [tiny.boi_id], images[i])
+            mixed = (u + 0.5 * (c - u)).log_softmax(-1)
+            torch.testing.assert_close(img_lp[i], mixed.gather(-1, images[i][:, None])[:, 0], rtol=1e-5, atol=1e-5)

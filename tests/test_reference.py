@@ -70,3 +70,38 @@ def test_compiled_reference_samples_what_the_eager_one_does(tiny):
     assert stats["unique_graphs"] >= graphs + 2  # the text decode and the image loop's model were compiled
     assert len(fast._caches) == 2  # one static cache per phase's shape, reused by the second call
     assert "forward" not in lm.__dict__
+
+
+def test_reference_stops_at_boi_but_not_before_the_minimum():
+    """A model that samples `<begin_of_image>` almost surely (an `lm_head` bias): every row stops at its first
+    BOI, never before `min_reasoning_tokens` (generate bans BOI until then), and a row that stopped by itself is
+    not marked forced."""
+    bundle = build_preset("tiny", image_size=64)
+    head = bundle.model.lm_head
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[bundle.boi_id] = 12.0
+    [group] = ReferenceGenerator(bundle).generate(["a cat"], n=3, max_reasoning_tokens=8, min_reasoning_tokens=3,
+                                                  seed=0, decode_images=False)
+    for s in group:
+        assert len(s.reasoning_ids) == 4 and s.reasoning_ids[-1] == bundle.boi_id and not s.boi_forced
+
+
+def test_reference_image_follows_cfg_weight_and_top_k(tiny):
+    """Greedy CFG image tokens are the argmax of `u + w (c - u)` over transformers' own forwards of the
+    conditional sequence and its unconditional twin (every token but BOS and BOI a PAD) at the requested weight;
+    top-k 1 sampling is greedy, in both phases."""
+    gen = ReferenceGenerator(tiny)
+    settings = dict(n=1, max_reasoning_tokens=4, min_reasoning_tokens=4, cfg_weight=2.0, decode_images=False)
+    [[greedy]] = gen.generate(["a cat"], text_temperature=0, image_temperature=0, **settings)
+    [[top1]] = gen.generate(["a cat"], top_k=1, seed=5, **settings)
+    assert (top1.reasoning_ids, top1.image_tokens.tolist()) == (greedy.reasoning_ids, greedy.image_tokens.tolist())
+    janus, image = tiny.model, greedy.image_tokens
+    ids = greedy.prompt_ids + greedy.reasoning_ids
+    uncond = [t if t in (tiny.bos_id, tiny.boi_id) else tiny.pad_id for t in ids]
+    with torch.no_grad():
+        c, u = (janus.model.generation_head(janus.model.language_model(inputs_embeds=torch.cat([
+            janus.get_input_embeddings()(torch.tensor([row])),
+            janus.prepare_embeddings_for_image_generation(image[None, :-1])], 1)).last_hidden_state[0, len(row) - 1:])
+            for row in (ids, uncond))
+    assert image.tolist() == (u + 2.0 * (c - u)).argmax(-1).tolist()

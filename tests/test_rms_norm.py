@@ -118,3 +118,43 @@ def test_cpu_path_rejects_tensors_off_the_cpu():
                       (torch.randn(2, 8, device="meta"), torch.ones(8))):
         with pytest.raises(ValueError, match="fp32 CPU"):
             rms_norm_cpu(x, weight, 1e-6)
+
+
+@pytest.mark.usefixtures("gpu_rounding")
+def test_bf16_kernels_round_where_transformers_does():
+    """Where the sum of squares is exact in fp32 (integer rows: its order cannot matter) the kernels equal
+    `LlamaRMSNorm` to the bit in bf16: the normed row rounded to bf16 before the weight multiply, and
+    `add_rms_norm`'s sum rounded to bf16 before it is normed, as torch's add leaves it. (The bands of the tests
+    above are wide enough to hide either rounding skipped.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(128, 256, (6, 48), generator=g).to(DEVICE, torch.bfloat16)  # x + residual: bf16 rounds it
+    residual = torch.randint(1, 128, (6, 48), generator=g).to(DEVICE, torch.bfloat16)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(48, generator=g))
+        norm = norm.to(DEVICE, torch.bfloat16)
+        want, want_sum = norm(x), x + residual
+        want_normed = norm(want_sum)
+    assert torch.equal(rms_norm(x, norm.weight, norm.variance_epsilon), want)
+    total, normed = add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    assert torch.equal(total, want_sum) and torch.equal(normed, want_normed)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_lean_runs_an_fp32_norm_with_its_own_eps(monkeypatch, native):
+    """`engine.lean` runs an fp32 `LlamaRMSNorm` as `rms_norm_cpu` (or `F.rms_norm` where that cannot be built) with
+    the module's own `variance_epsilon`, not Llama's default: rows of small norm, where eps dominates."""
+    import engine.lean as lean_module
+
+    if not native:
+        monkeypatch.setattr(lean_module, "cpu_rms_norm_available", lambda: False)
+    elif not cpu_rms_norm_available():
+        pytest.skip("no C++ compiler")
+    g = torch.Generator().manual_seed(3)
+    x = 1e-3 * torch.randn(5, 70, generator=g)
+    norm = LlamaRMSNorm(70, eps=1e-2)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(70, generator=g))
+        f = lean_module.lean(norm)
+        assert f.func is (rms_norm_cpu if native else torch.nn.functional.rms_norm)
+        torch.testing.assert_close(f(x), norm(x), rtol=5e-7, atol=1e-9)

@@ -141,3 +141,21 @@ def test_strided_positions_and_slots():
     got_q = rope_store(q, k, v, cos, sin, positions, *caches[1], slots)
     torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(caches[1], caches[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_inputs_strided_along_head_dim_are_refused():
+    """The kernel reads a q, k or v row as `head_dim` consecutive values: one strided along head_dim is refused,
+    not read as if it were contiguous."""
+    cos, sin = tables(16, 8, torch.float32)
+    q, k = torch.randn(2, 2, 8, device=DEVICE), torch.randn(2, 1, 8, device=DEVICE)
+    cache = torch.zeros(2, 4, 1, 8, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.long, device=DEVICE)
+
+    def strided(*shape):
+        return torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE)[..., ::2]
+
+    for bad_q, bad_k in ((strided(2, 2, 8), k), (q, strided(2, 1, 8))):
+        with pytest.raises(ValueError, match="contiguous along head_dim"):
+            rope(bad_q, bad_k, cos, sin, pos)
+    with pytest.raises(ValueError, match="v contiguous along head_dim"):
+        rope_store(q, k, strided(2, 1, 8), cos, sin, pos, cache, cache.clone(), pos)
