@@ -193,6 +193,9 @@ class GRPOTrainer(ckpt.Checkpointed):
         lm_head = self.bundle.model.get_output_embeddings()
         _, vision_head = image_head_parts(self.bundle.model)
         micro = [m for m in torch.arange(len(samples)).tensor_split(c.gradient_accumulation_steps) if len(m)]
+        # Left-out zero-variance groups can make the micro-batches unequal: each one counts as the share
+        # len(idx) / len(samples) of the step (TRL's 1 / GA when they are equal), so that every sequence weighs the
+        # same in the grpo/bnpo/dr_grpo reductions and in the averaged metrics.
         self._micro = len(micro)
         engine_text = [s.text_logprobs for s in samples]
         engine_image = torch.stack([s.image_mixed_logprobs if self.guidance else s.image_logprobs
@@ -213,14 +216,14 @@ class GRPOTrainer(ckpt.Checkpointed):
                 loss, m, logp = grpo_objective(
                     text_h, image_h, lm_head, vision_head, sub, old_logp=old[j] if it else None,
                     ref_logp=None if ref is None else (ref[0][idx], ref[1][idx]), advantages=advantages[idx],
-                    config=c, num_micro_batches=len(micro), total_tokens=total_tokens,
+                    config=c, num_micro_batches=len(samples) / len(idx), total_tokens=total_tokens,
                     max_completion_length=c.max_reasoning_tokens + 1 + batch.image_tokens.shape[1], world=self.world)
                 loss.backward()
                 if it == 0:  # TRL's on-policy old log-probs; reused by the later iterations
                     old.append(logp)
                     self._parity(sums, logp, sub, [engine_text[i] for i in idx.tolist()], engine_image[idx])
                 for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v / (len(micro) * c.num_iterations)
+                    sums[k] = sums.get(k, 0.0) + v * len(idx) / (len(samples) * c.num_iterations)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()

@@ -19,10 +19,12 @@ from gotr1.policy import GoTBatch
 from kernels.grpo_loss import fused_grpo_loss
 
 
-def token_weights(text_mask: torch.Tensor, num_image: int, config: GRPOConfig, *, num_micro_batches: int,
+def token_weights(text_mask: torch.Tensor, num_image: int, config: GRPOConfig, *, num_micro_batches: float,
                   total_tokens: float, max_completion_length: int, world: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token weights `[B, R]` (text) and `[B, I]` (image) of one micro-batch, loss = sum w * l."""
+    """Per-token weights `[B, R]` (text) and `[B, I]` (image) of one micro-batch, loss = sum w * l.
+    `num_micro_batches`: the step's sequences over this micro-batch's (TRL's accumulation steps when the
+    micro-batches are equal), so that every sequence weighs the same when they are not."""
     b = text_mask.shape[0]
     image_mask = torch.ones(b, num_image, dtype=text_mask.dtype, device=text_mask.device)
     if config.loss_type == "grpo":
@@ -40,12 +42,13 @@ def token_weights(text_mask: torch.Tensor, num_image: int, config: GRPOConfig, *
 def grpo_objective(text_h: torch.Tensor, image_h: torch.Tensor, lm_head: nn.Linear, vision_head: nn.Linear,
                    batch: GoTBatch, *, old_logp: tuple[torch.Tensor, torch.Tensor] | None,
                    ref_logp: tuple[torch.Tensor, torch.Tensor] | None, advantages: torch.Tensor,
-                   config: GRPOConfig, num_micro_batches: int, total_tokens: float, max_completion_length: int,
+                   config: GRPOConfig, num_micro_batches: float, total_tokens: float, max_completion_length: int,
                    world: int = 1) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """The micro-batch's share of the step loss, its metrics (token-weighted over both heads) and the per-token
     log-probs `([B, R], [B, I])` the loss saw. `old_logp=None` is TRL's on-policy case (ratio 1).
-    Metrics are per micro-batch, to be averaged over the step's micro-batches: the logged `loss` is therefore the
-    share times `num_micro_batches`, so that its average is the step's loss (TRL logs the sum of the shares)."""
+    Metrics are per micro-batch, to be averaged over the step's micro-batches weighted by their share of its
+    sequences (`1 / num_micro_batches`, see `token_weights`): the logged `loss` is therefore the share times
+    `num_micro_batches`, so that its weighted average is the step's loss (TRL logs the sum of the shares)."""
     w_text, w_image = token_weights(batch.reasoning_mask, batch.image_tokens.shape[1], config,
                                     num_micro_batches=num_micro_batches, total_tokens=total_tokens,
                                     max_completion_length=max_completion_length, world=world)

@@ -148,3 +148,161 @@ def test_generate_checks_sampling_flags_before_loading_for_either_backend(capsys
             assert main(["generate", *flags, "--prompt", "a red circle", "--backend", backend]) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: ") and message in err, (flags, backend, err)
+
+
+class _RecordingEngine:
+    """Stands in for `LLMEngine`: records each request's sampling settings, generates nothing."""
+
+    requests: list = []
+
+    def __init__(self, bundle, *a, **k):
+        pass
+
+    def generate(self, prompts, params, **k):
+        _RecordingEngine.requests = list(params)
+        return []
+
+
+def test_generate_passes_seed_and_sampling_flags_to_the_engine(tmp_path, monkeypatch):
+    """Prompt i of `--seed S` draws with seed S + i; the sampling flags reach every request; without
+    `--cfg-weight` / `--max-reasoning-tokens` a non-shapes model samples with GoT-R1's CFG 5 and 600 tokens."""
+    import engine
+
+    monkeypatch.setattr(engine, "LLMEngine", _RecordingEngine)
+    common = ["generate", "--preset", "tiny", "--prompt", "a", "--prompt", "b", "--out", str(tmp_path)]
+    assert main([*common, "-n", "3", "--seed", "7", "--max-reasoning-tokens", "5", "--cfg-weight", "2.5",
+                 "--text-temperature", "0.5", "--top-k", "9"]) == 0
+    got = [(p.n, p.seed, p.max_reasoning_tokens, p.cfg_weight, p.text_temperature, p.top_k)
+           for p in _RecordingEngine.requests]
+    assert got == [(3, 7, 5, 2.5, 0.5, 9), (3, 8, 5, 2.5, 0.5, 9)]
+    assert main(common) == 0
+    assert [(p.seed, p.cfg_weight, p.max_reasoning_tokens) for p in _RecordingEngine.requests] == [(0, 5.0, 600),
+                                                                                                  (1, 5.0, 600)]
+
+
+def test_resume_flag_resumes_train_and_sft(tmp_path, monkeypatch):
+    """`--resume DIR` puts the trainer at the checkpoint's step before training (train and sft alike)."""
+    from PIL import Image
+
+    from gotr1.grpo import GRPOTrainer
+    from gotr1.sft import SFTTrainer
+
+    started = []
+
+    def fake_train(self, max_steps=None):  # the first run only writes a checkpoint at step 3
+        started.append(self.step)
+        if not (self.output_dir / "latest").exists():
+            self.step = 3
+            self.save()
+        return self.history
+
+    monkeypatch.setattr(GRPOTrainer, "train", fake_train)
+    monkeypatch.setattr(SFTTrainer, "train", fake_train)
+    run = tmp_path / "grpo"
+    train = ["train", "--preset", "tiny", "--prompt", "a red circle", "--judge", "codebook:512", "--lora-r", "4",
+             "--num-generations", "2", "--prompts-per-step", "1", "--output-dir", str(run)]
+    assert main(train) == 0
+    assert main([*train, "--resume", str(run)]) == 0
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "red", "chain": "c", "image": "a.png"}\n')
+    run = tmp_path / "sft"
+    sft = ["sft", "--preset", "tiny", "--data", str(tmp_path / "d.jsonl"), "--use-lora", "true", "--lora-r", "4",
+           "--output-dir", str(run), "--export", str(tmp_path / "final")]
+    assert main(sft) == 0
+    assert main([*sft, "--resume", str(run)]) == 0
+    assert started == [0, 3, 0, 3]
+
+
+def test_eval_applies_the_adapter_and_its_flags(tmp_path, monkeypatch):
+    """`eval --adapter DIR` merges the adapter before sampling, with the EvalConfig the flags build."""
+    from types import SimpleNamespace
+
+    import gotr1.cli
+    import gotr1.model
+    import gotr1.shapes.evaluate
+
+    events = []
+    bundle = SimpleNamespace(name="base")
+    monkeypatch.setattr(gotr1.cli, "load_from_args", lambda args, dtype: bundle)
+    monkeypatch.setattr(gotr1.model, "load_adapter", lambda b, path: events.append(("adapter", b, path)))
+    row = {"total": 0.5, "accuracy": 0.25, "R_PI": 1.0, "R_sem": 0.5, "R_spa": 0.5, "R_RI": 0.5, "n": 1}
+
+    def evaluate(b, prompts, config):
+        events.append(("evaluate", b, prompts, (config.n, config.seed, config.cfg_weight)))
+        return SimpleNamespace(summary={"overall": row}, to_json=dict, groups=[])
+
+    monkeypatch.setattr(gotr1.shapes.evaluate, "evaluate", evaluate)
+    assert main(["eval", "--preset", "shapes", "--prompt", "a red circle", "--adapter", str(tmp_path),
+                 "--n", "3", "--seed", "4", "--cfg-weight", "2"]) == 0
+    assert events == [("adapter", bundle, str(tmp_path)), ("evaluate", bundle, ["a red circle"], (3, 4, 2.0))]
+
+
+def test_eval_prompts_are_the_eval_file_alone(tmp_path):
+    """`train --prompt X --eval-prompts FILE`: X is a training prompt, never a held-out one."""
+    import argparse
+
+    from gotr1.cli import read_prompt_args
+
+    (tmp_path / "val.txt").write_text("a blue square\n")
+    args = argparse.Namespace(prompt=["a red circle"], prompts=None, eval_prompts=str(tmp_path / "val.txt"))
+    assert read_prompt_args(args) == ["a red circle"]
+    assert read_prompt_args(args, default_split="val", option="eval_prompts") == ["a blue square"]
+
+
+def test_train_evaluates_with_its_own_sampling_settings_before_and_after(tmp_path, monkeypatch):
+    """`train --preset shapes` evaluates the held-out prompts as it trains: every EvalConfig field but n is the
+    training config's (temperatures, CFG, reasoning length, seed, reward combination), n is --eval-n."""
+    import gotr1.cli
+    import gotr1.grpo
+    from gotr1.config import EvalConfig
+
+    class Trainer:
+        rank, step, engine = 0, 0, None
+
+        def __init__(self, config, bundle, prompts, judge):
+            pass
+
+        def train(self):
+            self.step = 2
+
+    evaluated = []
+    monkeypatch.setattr(gotr1.grpo, "GRPOTrainer", Trainer)
+    monkeypatch.setattr(gotr1.cli, "load_from_args", lambda args, dtype: None)
+
+    def evaluate(trainer, prompts, config, when):
+        evaluated.append((when, trainer.step, prompts, config))
+        return trainer.step, None
+
+    monkeypatch.setattr(gotr1.cli, "_evaluate", evaluate)
+    monkeypatch.setattr(gotr1.cli, "_report", lambda output_dir, results: None)
+    (tmp_path / "val.txt").write_text("a red circle\n")
+    assert main(["train", "--preset", "shapes", "--eval-prompts", str(tmp_path / "val.txt"), "--eval-n", "3",
+                 "--text-temperature", "0.5", "--image-temperature", "0.8", "--cfg-weight", "2", "--seed", "9",
+                 "--max-reasoning-tokens", "40", "--reward-combination", "sum", "--output-dir", str(tmp_path)]) == 0
+    expected = EvalConfig(n=3, seed=9, text_temperature=0.5, image_temperature=0.8, cfg_weight=2.0,
+                          max_reasoning_tokens=40, reward_combination="sum")
+    assert evaluated == [("before", 0, ["a red circle"], expected), ("after", 2, ["a red circle"], expected)]
+
+
+def test_evaluation_samples_in_eval_mode_and_restores_the_mode_it_found():
+    """Dropout off while sampling; a model in eval mode (as `gotr1 eval` loads it) stays in eval mode, a training
+    policy goes back to training (even when generation fails)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from gotr1.shapes.evaluate import evaluate
+
+    modes = []
+
+    class Failing:
+        def generate(self, prompts, params, use_tqdm=False):
+            modes.append(bundle.model.training)
+            raise RuntimeError("out of memory")
+
+    for training in (False, True):
+        bundle = SimpleNamespace(model=torch.nn.Linear(1, 1).train(training))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            evaluate(bundle, ["a red circle"], engine=Failing(), progress=False)
+        assert bundle.model.training is training
+    assert modes == [False, False]

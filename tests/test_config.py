@@ -33,6 +33,14 @@ def test_both_spellings_and_yaml_precedence(tmp_path):
     assert c.num_generations == 6 and c.epsilon_high is None
 
 
+def test_precedence_is_class_default_then_preset_then_yaml_then_flags(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("learning_rate: 1.0e-3\nlora_r: 8\n")
+    preset = {"learning_rate": 2e-4, "max_steps": 5, "lora_r": 16, "beta": 0.5}
+    c = build_config(GRPOConfig, parse(GRPOConfig, ["--lora-r", "4"]), str(yaml_file), preset)
+    assert (c.learning_rate, c.max_steps, c.lora_r, c.beta, c.num_generations) == (1e-3, 5, 4, 0.5, 16)
+
+
 def test_yaml_values_take_their_fields_types(tmp_path):
     """YAML 1.1 reads `1e-5` (no dot) as a string: converted as a flag would be. Values of the wrong type are
     refused naming the field, not met as a TypeError inside `validate`."""
@@ -42,9 +50,13 @@ def test_yaml_values_take_their_fields_types(tmp_path):
     c = build_config(GRPOConfig, parse(GRPOConfig, []), str(good))
     assert (c.learning_rate, c.beta, c.epsilon_high, c.max_steps) == (1e-5, 1e-3, None, 10)
     assert c.lora_target_modules == ["q_proj", "v_proj"]
+    good.write_text("max_grad_norm: 2\nbeta: 0\n")  # YAML ints in float fields become floats, as flags would
+    c = build_config(GRPOConfig, parse(GRPOConfig, []), str(good))
+    assert (c.max_grad_norm, c.beta) == (2.0, 0.0) and type(c.max_grad_norm) is type(c.beta) is float
     bad = tmp_path / "bad.yaml"
     for text, match in (("max_steps: ten\n", "max_steps: invalid literal"), ("learning_rate: [1]\n", "learning_rate"),
-                        ("use_lora: 3\n", "use_lora must be"), ("max_steps: 2.5\n", "max_steps must be")):
+                        ("use_lora: 3\n", "use_lora must be"), ("max_steps: 2.5\n", "max_steps must be"),
+                        ("max_steps: true\n", "max_steps must be")):  # a YAML bool is no int
         bad.write_text(text)
         with pytest.raises(ValueError, match=match):
             build_config(GRPOConfig, parse(GRPOConfig, []), str(bad))
@@ -68,6 +80,10 @@ def test_invalid_values_fail_before_any_work(tmp_path):
         parse(GRPOConfig, ["--use-lora", "maybe"])
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         build_config(SFTConfig, parse(SFTConfig, ["--per-device-train-batch-size", "0"]))
+    with pytest.raises(ValueError, match="reward_weights must hold 4 numbers"):
+        build_config(GRPOConfig, parse(GRPOConfig, ["--reward-weights", "1", "1", "1"]))
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        build_config(SFTConfig, parse(SFTConfig, ["--max-grad-norm", "0"]))
     with pytest.raises(ValueError, match="warmup_steps needs lr_scheduler_type='constant_with_warmup'"):
         build_config(GRPOConfig, parse(GRPOConfig, ["--lr-scheduler-type", "constant", "--warmup-steps", "5"]))
 

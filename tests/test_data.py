@@ -8,7 +8,7 @@ from gotr1.data import PromptStream, read_prompts
 def test_read_prompts_text_and_jsonl(tmp_path):
     (tmp_path / "p.txt").write_text("a red circle\n\n  two cats  \n")
     assert read_prompts(tmp_path / "p.txt") == ["a red circle", "two cats"]
-    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a dog", "category": "x"}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": " a dog  ", "category": "x"}) + "\n")
     assert read_prompts(tmp_path / "p.jsonl") == ["a dog"]
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="holds no prompts"):

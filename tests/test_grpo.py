@@ -44,17 +44,41 @@ def test_mean_reward_rises_on_an_exact_reward(tmp_path):
         assert key in lines[0], key
 
 
+def _spy_objective(monkeypatch) -> list[dict]:
+    """Record every `grpo_objective` call of the driver: its old log-probs, advantages, batch and what it returned."""
+    import gotr1.objective
+
+    calls = []
+    real = gotr1.objective.grpo_objective
+
+    def spy(text_h, image_h, lm_head, vision_head, batch, **kw):
+        loss, metrics, logp = real(text_h, image_h, lm_head, vision_head, batch, **kw)
+        calls.append({"old": kw["old_logp"], "logp": logp, "batch": batch, "advantages": kw["advantages"]})
+        return loss, metrics, logp
+
+    monkeypatch.setattr(gotr1.objective, "grpo_objective", spy)
+    return calls
+
+
 @pytest.mark.parametrize("image_logprobs", ["conditional", "guided"])
-def test_engine_and_trainer_logprobs_agree(tmp_path, image_logprobs):
+def test_engine_and_trainer_logprobs_agree(tmp_path, monkeypatch, image_logprobs):
     """At CFG 5 the trainer's image log-probs are the engine's conditional ones, or with `image_logprobs="guided"`
-    its CFG-mixed ones (the two differ by far more than the bound)."""
-    trainer = make_trainer(tmp_path, max_steps=2, beta=0.04, image_logprobs=image_logprobs)
+    its CFG-mixed ones (the two differ by far more than the bound), at sampling temperatures other than 1. The
+    reference is the policy with its adapter off, under the same temperatures: equal to the policy before the first
+    update (LoRA's B starts at 0), so the first step's KL is 0 and the second's is not."""
+    calls = _spy_objective(monkeypatch)
+    trainer = make_trainer(tmp_path, max_steps=2, beta=0.04, image_logprobs=image_logprobs, text_temperature=0.7,
+                           image_temperature=1.3)
+    trainer.train(max_steps=1)
+    samples = [s for g in trainer._last_groups for s in g.samples]
+    expected = torch.stack([s.image_mixed_logprobs if image_logprobs == "guided" else s.image_logprobs
+                            for s in samples])
+    assert (samples[0].image_logprobs - samples[0].image_mixed_logprobs).abs().max() > 0.1
+    torch.testing.assert_close(torch.cat([c["logp"][1] for c in calls]), expected, rtol=0, atol=1e-4)
     history = trainer.train()
-    sample = trainer._last_groups[0].samples[0]
-    assert (sample.image_logprobs - sample.image_mixed_logprobs).abs().max() > 0.1
     for h in history:
         assert h["parity/logprob_diff_max"] < 1e-4, h
-        assert math.isfinite(h["kl"]) and h["kl"] >= 0
+    assert history[0]["kl"] < 1e-6 < history[1]["kl"]
 
 
 def test_resume_gives_the_same_parameters_and_metrics(tmp_path):
@@ -80,13 +104,13 @@ class ConstantJudge:
 
 
 def test_zero_variance_groups_are_logged_and_skipped(tmp_path):
-    trainer = make_trainer(tmp_path, judge=ConstantJudge(), max_steps=2)
+    trainer = make_trainer(tmp_path, judge=ConstantJudge(), max_steps=2, num_iterations=2)
     before = [p.detach().clone() for p in trainer.params]
     history = trainer.train()
     assert all(h["groups/zero_variance"] == 2 and h["groups/trained"] == 0 for h in history)
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
     assert (tmp_path / "checkpoint-2").is_dir()
-    assert trainer.scheduler.last_epoch == 2  # the learning rate still follows the step count
+    assert trainer.scheduler.last_epoch == 4  # the learning rate still follows the step count (x num_iterations)
 
 
 def test_a_run_that_trains_no_group_for_long_says_so_once(tmp_path, monkeypatch):
@@ -274,3 +298,154 @@ def test_checkpoint_files_reach_the_disk_before_latest_names_them(tmp_path, monk
     latest_tmp = str(tmp_path / ".latest.tmp")
     assert events.index(("fsync", latest_tmp)) < events.index(("replace", latest_tmp))
     assert ("fsync", str(tmp_path)) in events[events.index(("replace", latest_tmp)):]
+
+
+class KnownRewardsJudge:
+    """Three groups of 4: the first all equal (zero variance, skipped), the others four distinct known rewards."""
+
+    COLUMNS = ([0.5] * 4 + [0.2, 0.4, 0.6, 0.8] + [0.9, 0.7, 0.3, 0.1],
+               [0.5] * 4 + [0.9, 0.3, 0.7, 0.1] + [0.2, 0.2, 0.8, 0.6],
+               [0.5] * 4 + [0.1, 0.2, 0.3, 0.4] + [0.5, 0.1, 0.0, 0.3],
+               [1.0] * 4 + [1.0, 0.5, 1.0, 0.5] + [0.6, 1.0, 1.0, 0.8])
+
+    def score(self, samples):
+        assert len(samples) == 12
+        return RewardBreakdown(*(torch.tensor(c) for c in self.COLUMNS))
+
+
+def _known_rewards_step(tmp_path, **kw):
+    """One step on `KnownRewardsJudge`'s rewards; returns the trainer, its metrics and the gradient it applied.
+    The tiny model's <begin_of_image> logit points along its mean hidden state, so that some chains end early."""
+    bundle = build_preset("tiny", image_size=64)
+    with torch.no_grad():
+        ids = torch.tensor(bundle.encode_prompts(PROMPTS[:1], 3))
+        h = bundle.model.model.language_model(input_ids=ids).last_hidden_state[0].mean(0)
+        bundle.model.get_output_embeddings().weight[bundle.boi_id] = h * (6 / h.dot(h))
+    config = small_config(tmp_path, prompts_per_step=3, max_grad_norm=1e9, **kw)
+    trainer = GRPOTrainer(config, bundle, PROMPTS, KnownRewardsJudge())
+    grads = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: grads.append(
+        [p.grad.clone() for p in trainer.params if p.grad is not None]))
+    return trainer, trainer.train_step(), grads[0]
+
+
+@pytest.mark.parametrize("loss_type, accumulation", [("dapo", 1), ("dr_grpo", 3), ("grpo", 3)])
+def test_step_loss_is_trls_from_the_weighted_rewards(tmp_path, loss_type, accumulation):
+    """The logged loss of an on-policy step (ratio 1, beta 0: each token's loss is -A) against a hand computation
+    of TRL's definitions: rewards R_PI*(R_sem+R_spa)*R_RI of the weighted components, A = (r - mean) / (unbiased std
+    + 1e-4) per group, the zero-variance group left out, a forced <begin_of_image> not trained; `dapo` divides by
+    the step's trained tokens, `dr_grpo` by B x (max_reasoning_tokens + 1 + image tokens), `grpo` averages the
+    sequences' token means. With accumulation 3 the 8 kept samples split 3/3/2: every sequence still weighs the
+    same, as in one batch (the same loss and gradient as without accumulation)."""
+    weights = [2.0, 1.0, 3.0, 0.5]
+    trainer, metrics, grads = _known_rewards_step(tmp_path / "a", reward_weights=weights, loss_type=loss_type,
+                                                  gradient_accumulation_steps=accumulation)
+    a, b, c, d = (torch.tensor(col, dtype=torch.float64) * w for col, w in zip(KnownRewardsJudge.COLUMNS, weights))
+    rewards = a * (b + c) * d
+    assert metrics["reward/mean"] == pytest.approx(float(rewards.mean()), rel=1e-6)
+    assert (metrics["groups/zero_variance"], metrics["groups/trained"]) == (1, 2)
+    r = rewards[4:].view(2, 4)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    samples = [s for g in trainer._last_groups[1:] for s in g.samples]
+    assert any(s.boi_forced for s in samples) and not all(s.boi_forced for s in samples)  # both kinds counted
+    assert len({len(s.reasoning_ids) for s in samples}) > 1  # sequences of several lengths
+    tokens = torch.tensor([len(s.reasoning_ids) - s.boi_forced + len(s.image_tokens) for s in samples],
+                          dtype=torch.float64)
+    if loss_type == "grpo":
+        expected = -adv.mean()
+    else:
+        denom = tokens.sum() if loss_type == "dapo" else 8 * (3 + 1 + len(samples[0].image_tokens))
+        expected = -(adv * tokens).sum() / denom
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    if accumulation > 1:
+        _, _, one_batch = _known_rewards_step(tmp_path / "b", reward_weights=weights, loss_type=loss_type)
+        for g, g1 in zip(grads, one_batch, strict=True):
+            torch.testing.assert_close(g, g1, rtol=1e-4, atol=1e-7)
+
+
+def _grad_norm(params) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+
+def test_accumulation_and_iterations_follow_trl(tmp_path, monkeypatch):
+    """TRL's num_iterations: pass one is on-policy (old log-probs None), pass two reuses pass one's log-probs of
+    the same micro-batch (from before the update). Gradient accumulation changes neither the update nor any logged
+    metric (`grpo` averages per sequence). The gradient the optimizer applies is clipped to max_grad_norm, the
+    logged grad_norm is the mean of the passes' norms before clipping, and the cosine schedule runs over
+    max_steps x num_iterations optimizer steps."""
+    calls = _spy_objective(monkeypatch)
+    clip_norms, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def clip(*args, **kwargs):  # the norm before clipping, as torch returns it
+        clip_norms.append(real_clip(*args, **kwargs))
+        return clip_norms[-1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    runs = {}
+    for ga in (2, 1):
+        calls.clear()
+        clip_norms.clear()
+        trainer = make_trainer(tmp_path / str(ga), loss_type="grpo", num_iterations=2, gradient_accumulation_steps=ga,
+                               max_grad_norm=0.01, lr_scheduler_type="cosine", max_steps=2, save_steps=100)
+        applied = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, params=trainer.params, out=applied: out.append(_grad_norm(params)))
+        [metrics] = trainer.train(max_steps=1)
+        runs[ga] = trainer, metrics
+        assert len(calls) == 2 * ga and all(c["old"] is None for c in calls[:ga])
+        for first, second in zip(calls[:ga], calls[ga:]):
+            assert all(torch.equal(o, lp) for o, lp in zip(second["old"], first["logp"]))
+            assert not torch.equal(second["logp"][1], first["logp"][1])  # the policy moved in between
+        norms = [float(n) for n in clip_norms]
+        assert len(applied) == 2 and min(norms) > 0.01 and max(applied) <= 0.01 * (1 + 1e-4)
+        assert metrics["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-6)
+        assert metrics["lr"] == pytest.approx(2e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+        ratios = []  # each pass's token mean of exp(logp - old) over both heads (pass one: exactly 1)
+        for call in calls:
+            mask = call["batch"].reasoning_mask
+            (lt, li), (ot, oi) = call["logp"], call["old"] or call["logp"]
+            ratio_sum = ((lt - ot).exp() * mask).sum() + (li - oi).exp().sum()
+            ratios.append(float(ratio_sum) / float(mask.sum() + li.numel()))
+        if ga == 1:  # metrics average over the passes
+            assert metrics["ratio_mean"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
+            assert ratios[0] == 1.0 and abs(ratios[1] - 1) > 1e-4
+    (a, ma), (b, mb) = runs[2], runs[1]
+    for key in ("loss", "ratio_mean", "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm", "advantage/std",
+                "parity/logprob_diff_max"):
+        assert ma[key] == pytest.approx(mb[key], rel=1e-4, abs=1e-6), key
+    for (n1, p1), (n2, p2) in zip(a.bundle.model.named_parameters(), b.bundle.model.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6, msg=n1)
+
+
+def test_steps_draw_with_fresh_seeds_in_the_seeded_prompt_order(tmp_path):
+    """Every request of every step has its own rollout seed (the same prompt at the same place in two steps must
+    not draw the same samples), and the prompts come in `config.seed`'s shuffled order, reshuffled each epoch."""
+    import random
+
+    trainer = make_trainer(tmp_path, judge=ConstantJudge(), seed=5, max_steps=3, save_steps=100)
+    seeds, prompts, real = [], [], trainer.engine.generate
+
+    def generate(step_prompts, params, **kwargs):
+        seeds.extend(sp.seed for sp in params)
+        prompts.append(step_prompts)
+        return real(step_prompts, params, **kwargs)
+
+    trainer.engine.generate = generate
+    trainer.train()
+    assert len(seeds) == 6 and len(set(seeds)) == 6
+    orders = []
+    for epoch in (0, 1):
+        order = list(range(len(PROMPTS)))
+        random.Random(5 + epoch).shuffle(order)
+        orders.append([PROMPTS[i] for i in order])
+    assert orders[0] != orders[1]
+    assert prompts == [orders[0][:2], orders[0][2:], orders[1][:2]]
+
+
+def test_checkpoints_at_save_steps_and_the_end_metrics_every_logging_steps(tmp_path):
+    trainer = make_trainer(tmp_path, judge=ConstantJudge(), max_steps=3, save_steps=2, logging_steps=2)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-3"
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]

@@ -140,6 +140,9 @@ def test_sft_loss_is_the_cross_entropy_of_the_whole_accumulation_window(tmp_path
                                      gradient_accumulation_steps=ga, max_grad_norm=1e9, **weights), b, examples)
         runs[ga] = trainer.train()[0]
     assert runs[2]["loss"] == pytest.approx(float(expect), rel=1e-5)
+    # each part on its own: a chain without its <begin_of_image> target moved them by opposite, cancelling amounts
+    assert runs[2]["loss/text"] == pytest.approx(float(torch.cat(nll_text).mean()), rel=1e-5)
+    assert runs[2]["loss/image"] == pytest.approx(float(torch.cat(nll_image).mean()), rel=1e-5)
     assert runs[1]["loss"] == pytest.approx(float(expect), rel=1e-5)
     assert runs[2]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-4)
 
@@ -181,3 +184,57 @@ def test_grpo_refuses_to_resume_an_sft_run(tmp_path):
                        build_preset("tiny", image_size=64), ["a cat"], CodebookSubsetJudge(512))
     with pytest.raises(ValueError, match="written by SFTTrainer, not GRPOTrainer"):
         grpo.resume(tmp_path / "sft")
+
+
+def test_sft_visits_each_epoch_as_a_fresh_seeded_permutation(tmp_path):
+    """Batches walk `random.Random(seed + epoch)`'s shuffle of the examples, a short last batch ending the epoch,
+    then the next epoch's own shuffle (so a resumed run needs only epoch and position)."""
+    import random
+
+    bundle = build_preset("tiny", image_size=64)
+    trainer = SFTTrainer(_config(tmp_path, per_device_train_batch_size=2, seed=7), bundle, _examples(bundle, 5))
+    orders = []
+    for epoch in (0, 1):
+        order = list(range(5))
+        random.Random(7 + epoch).shuffle(order)
+        orders.append(order)
+    assert orders[0] != orders[1]
+    batches = [trainer.next_batch() for _ in range(6)]
+    assert batches == [orders[0][:2], orders[0][2:4], orders[0][4:], orders[1][:2], orders[1][2:4], orders[1][4:]]
+    assert trainer.data_state() == {"epoch": 1, "position": 6}
+
+
+def test_sft_clips_the_gradient_follows_the_schedule_and_logs_every_logging_steps(tmp_path):
+    """The optimizer applies a gradient of norm <= max_grad_norm (the log keeps the norm before clipping); the
+    learning rate is transformers' cosine with warm-up over max_steps (hand values); the log holds every
+    logging_steps-th step."""
+    bundle = build_preset("tiny", image_size=64)
+    trainer = SFTTrainer(_config(tmp_path, max_steps=4, warmup_steps=1, learning_rate=1e-3, max_grad_norm=1e-3,
+                                 logging_steps=2, save_steps=100), bundle, _examples(bundle))
+    applied = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: applied.append(
+        float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params if p.grad is not None])))))
+    history = trainer.train()
+    assert all(h["grad_norm"] > 1e-3 for h in history) and max(applied) <= 1e-3 * (1 + 1e-4)
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 7.5e-4, 2.5e-4, 0.0], abs=1e-12)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_what_trains_full_fine_tuning_and_lora(tmp_path):
+    """Full fine-tuning trains the generating path (language model, image embeddings, generation aligner and head)
+    and freezes the encoders (VQ, SigLIP, understanding aligner); LoRA takes r, alpha and dropout from the config
+    and wraps the language model only."""
+    bundle = build_preset("tiny", image_size=64)
+    SFTTrainer(_config(tmp_path), bundle, _examples(bundle))
+    trained = {n.split(".")[1] for n, p in bundle.model.named_parameters() if p.requires_grad}
+    frozen = {n.split(".")[1] for n, p in bundle.model.named_parameters() if not p.requires_grad}
+    assert trained == {"language_model", "generation_embeddings", "generation_aligner", "generation_head"}
+    assert frozen == {"vqmodel", "vision_model", "aligner"}
+    bundle = build_preset("tiny", image_size=64)
+    SFTTrainer(_config(tmp_path, use_lora=True, lora_r=4, lora_alpha=12, lora_dropout=0.25), bundle,
+               _examples(bundle))
+    lora = [(n, m) for n, m in bundle.model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert lora and all("language_model" in n for n, _ in lora)
+    for _, m in lora:
+        assert m.r["default"] == 4 and m.scaling["default"] == 3.0 and m.lora_dropout["default"].p == 0.25
+    assert all("lora_" in n for n, p in bundle.model.named_parameters() if p.requires_grad)
