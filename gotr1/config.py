@@ -22,8 +22,6 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 REWARD_COMBINATIONS = ("product", "sum", "R_PI", "R_sem", "R_spa", "R_RI")
 IMAGE_LOGPROBS = ("conditional", "guided")
 SCALE_REWARDS = ("group", "batch", "none")
-
-
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")  # transformers' `get_scheduler` names
 
 

@@ -126,7 +126,7 @@ def to_images(pixels: torch.Tensor) -> list[Image.Image]:
 def encode_images(vq: torch.nn.Module, images: list[Image.Image], batch_size: int = 64,
                   progress: bool = False) -> torch.Tensor:
     """Images -> `[B, grid*grid]` codebook ids through transformers' `JanusVQVAE.encode`, at the VQ's own size;
-    `progress` shows a bar (a data set's worth takes minutes on a CPU)."""
+    `progress` shows a bar (the shapes SFT set's 10,000 scenes take tens of seconds on 2 cores)."""
     size = vq.config.num_patches * 2 ** (len(vq.config.channel_multiplier) - 1)
     param = next(vq.parameters())
     out = []
