@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one call (a lent GPU's time is short): the CUDA-only tests, the Triton
 # kernels compiled for real, the rollout engine with CUDA graphs at the Janus-Pro-1B shape, and a profile of it.
-# Usage: bash bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve|judge]
+# Usage: bash bench/gpu_check.sh OUT_DIR [targets|sweep|final|engine|serve|judge]
+#   targets: #3's two targets alone (the rollout benchmark, 2 repeats, with a profile), then the tests; the
+#   shortest mode, for a lease of minutes;
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, the tests, then the rollout against compiled transformers (as in engine);
@@ -19,7 +21,7 @@
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
-out="${1:?usage: bench/gpu_check.sh OUT_DIR [sweep|final|engine|serve|judge]}"
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [targets|sweep|final|engine|serve|judge]}"
 mode="${2:-final}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -62,7 +64,9 @@ else
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 fi
-step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable tests/test_cuda_engine.py \
+# A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).
+timeout=$("$python" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
+step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable $timeout tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
   tests/test_skinny_matmul.py tests/test_silu_mul.py \
   tests/test_cfg_sampling.py tests/test_judge_qwen.py tests/test_engine.py::test_triton_backend_equals_torch_backend

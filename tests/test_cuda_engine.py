@@ -144,7 +144,8 @@ def test_a_decode_window_syncs_with_the_host_once(tiny):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert engine.num_steps - steps == 16
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # Only the reports of a call: torch also warns once that its sync debug mode is a prototype.
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert len(syncs) == 1, syncs
     engine.abort(next(iter(engine.scheduler.groups)))
 
