@@ -142,33 +142,38 @@ class Scheduler:
         uncond.num_cached_tokens = length - 1
         return uncond
 
-    def _prefix_target(self) -> int:
-        """How long the shared prefix must grow: each sample that waits for it asks for its request's longest
-        possible need, so a group's samples reaching BOI at different lengths extend it once, not n times."""
+    def _prefix_target(self) -> tuple[int, bool]:
+        """How long the shared prefix must grow, and whether a running sample waits for it. Each sample that
+        waits asks for its request's longest possible need, so a group's samples reaching BOI at different
+        lengths extend it once, not n times."""
         have = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
-        waiting_for_it = [s for s in self.running if s.awaits_uncond]
-        if self.waiting and isinstance(self.waiting[0], Sample) and self.waiting[0].awaits_uncond:
-            waiting_for_it.append(self.waiting[0])
-        target = 0
-        for s in waiting_for_it:
+        head = self.waiting[0] if self.waiting and isinstance(self.waiting[0], Sample) else None
+        target, running_waits = 0, False
+        for s in [s for s in self.running if s.awaits_uncond] + ([head] if head and head.awaits_uncond else []):
             if s.cond.image_start - 1 > have:
                 target = max(target, len(s.group.prompt_ids) + s.group.params.max_reasoning_tokens)
-        return target
+                running_waits |= s is not head
+        return target, running_waits
 
     def _schedule_prefill(self) -> ScheduledBatch:
         bm = self.block_manager
         batch = ScheduledBatch(is_prefill=True)
         ready = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
-        target = self._prefix_target()
-        if target:
-            prefix = self.uncond_prefix
-            if prefix is None:
-                prefix = self.uncond_prefix = Sequence([self.bos_id])
-            prefix.token_ids.extend([self.pad_id] * (target - len(prefix)))
-            if not self._make_room(lambda: bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens,
-                                                            target - prefix.num_cached_tokens)):
+        target, running_waits = self._prefix_target()
+        prefix = self.uncond_prefix if self.uncond_prefix is not None else Sequence([self.bos_id])
+
+        def need() -> int:
+            return bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens, target - prefix.num_cached_tokens)
+
+        # Growth for running samples may preempt others. Growth for the preempted sample at the head of the queue
+        # alone takes free blocks only: preempting running samples for it would let them and it take turns
+        # preempting each other in a tight pool; it waits until running samples finish and free blocks.
+        if target and (running_waits or need() <= bm.num_free_blocks):
+            if not self._make_room(need):
                 raise RuntimeError("the shared unconditional prefix does not fit an otherwise empty KV cache "
                                    "(a bug: requests are checked to fit when added)")
+            self.uncond_prefix = prefix
+            prefix.token_ids.extend([self.pad_id] * (target - len(prefix)))
             batch.add_row(prefix, bm.append(prefix, target - prefix.num_cached_tokens))
         rows = sum(s.peak_rows for s in self.running) if self.waiting else 0
         while self.waiting:

@@ -176,6 +176,20 @@ def test_preemption_happens_and_resumes_exactly(cfg_weights):
     assert any(b.is_prefill and b.image_samples for b in model.steps)  # image-phase samples were resumed
 
 
+def test_prefix_growth_for_a_queued_sample_preempts_no_running_one():
+    """In a pool of one guided sample's bound, the four samples of a group reach the image phase together and three
+    are preempted, once each: the shared prefix is grown for the one resuming at the head of the queue only into
+    free blocks. Growing it by preempting the running sample made the two take turns (9 preemptions here)."""
+    spec = (7, 4, 4, 4, 5.0)
+    group = make_group("x", *spec, num_image_tokens=12, seed=0)
+    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=1000), BlockManager(1000, 4), bos_id=BOS, pad_id=PAD,
+                      boi_id=BOI)
+    roomy, _, _ = run([spec], num_blocks=1000, block_size=4, num_image_tokens=12)
+    tight, sched, _ = run([spec], num_blocks=sched.blocks_to_finish_alone(group), block_size=4, num_image_tokens=12)
+    assert tight == roomy
+    assert sched.num_preemptions == 3
+
+
 def test_prompt_blocks_are_computed_once_per_group():
     """Prefill allocates the prompt's blocks once; the first decode step of n samples copies only the partial
     last prompt block (n - 1 copies: the last sample writes it in place) and shares the full ones."""
