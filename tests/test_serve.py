@@ -271,12 +271,14 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("body,status,message", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
 def test_bad_input_gets_its_4xx(main_server, body, status, message):
     client, _ = main_server
+    invalid = metric(client, 'gotr1_requests_total{outcome="invalid"}')
     if isinstance(body, str):
         r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
     else:
         r = client.post("/v1/generate", json=body)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
+    assert metric(client, 'gotr1_requests_total{outcome="invalid"}') == invalid + 1
 
 
 def test_health_and_metrics_format(main_server):
@@ -304,6 +306,7 @@ def test_a_body_over_the_limit_gets_413_while_it_arrives(main_server):
                            headers={"content-type": "application/json"})
     assert at_limit.status_code == 200, at_limit.text
     too_large = {"error": f"the request body is larger than {limit} bytes"}
+    invalid = metric(client, 'gotr1_requests_total{outcome="invalid"}')
     with raw_post(client, f"Content-Length: {limit + 1}\r\n") as sock:
         assert read_response(sock) == (413, too_large)
     with raw_post(client, "Transfer-Encoding: chunked\r\n") as sock:
@@ -311,6 +314,7 @@ def test_a_body_over_the_limit_gets_413_while_it_arrives(main_server):
         for _ in range(limit // len(chunk) + 1):  # one chunk past the limit; no last chunk: the body never ends
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         assert read_response(sock) == (413, too_large)
+    assert metric(client, 'gotr1_requests_total{outcome="invalid"}') == invalid + 2  # counted as malformed ones are
     with pytest.raises(ValueError, match="max_body_bytes"):
         ServerConfig(max_body_bytes=0)
 

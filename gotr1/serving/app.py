@@ -39,6 +39,8 @@ from gotr1.serving.metrics import ServerMetrics
 from gotr1.serving.responses import IMAGE_PARTS, RETURNABLE, StreamState, encode_images, response_json, sse
 from gotr1.serving.worker import SHUTTING_DOWN, EngineWorker, FailedEvent, FinishedEvent, Job, TokensEvent
 
+GENERATE_PATH = "/v1/generate"
+
 
 @dataclass(slots=True)
 class ServerConfig:
@@ -260,10 +262,12 @@ class GoTServer:
         @app.exception_handler(StarletteHTTPException)
         async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
             """FastAPI's own refusals (a body its JSON parser gives up on, an unknown route) and `_BodyLimit`'s, in
-            our format."""
+            our format. A generation request refused for its body counts as invalid, as a malformed one does."""
+            if request.url.path == GENERATE_PATH and exc.status_code in (400, 413):
+                self.metrics.requests_total.inc(label_value="invalid")
             return error(exc.status_code, str(exc.detail), headers=exc.headers)
 
-        @app.post("/v1/generate")
+        @app.post(GENERATE_PATH)
         async def generate(body: Body, request: Request) -> Response:  # type: ignore[valid-type]
             return await self._generate(body, request)
 
