@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -131,6 +132,7 @@ class LLMEngine:
         finished = []
         for values in torch.stack(sampled).tolist():  # one device sync for the whole batch
             text, image = values[:2 * num_text], values[2 * num_text:]
+            _check_finite(text[num_text:], text_samples, image[num_image:], image_samples)
             finished += self.scheduler.postprocess(
                 batch, [int(t) for t in text[:num_text]], text[num_text:], [int(t) for t in image[:num_image]],
                 image[num_image:2 * num_image], image[2 * num_image:])
@@ -199,6 +201,19 @@ class LLMEngine:
     @property
     def kv_bytes_used_peak(self) -> int:
         return self.peak_used_blocks * self.runner.block_bytes
+
+
+def _check_finite(text_logprobs: list[float], text_samples: list[Sample], image_logprobs: list[float],
+                  image_samples: list[Sample]) -> None:
+    """NaN logits (weights a diverged update left non-finite, or a 16-bit overflow) would otherwise yield
+    tokens that depend on the sampling path and NaN log-probs for the GRPO loss: refuse them by name. Image rows
+    carry two log-probs each (conditional, CFG-mixed)."""
+    bad = [s for s, lp in zip(text_samples, text_logprobs) if math.isnan(lp)]
+    bad += [s for s, lp in zip(image_samples * 2, image_logprobs) if math.isnan(lp)]
+    if bad:
+        ids = sorted({s.group.request_id for s in bad})
+        raise FloatingPointError(f"the model's logits are NaN for request(s) {ids}: its weights or activations are "
+                                 "not finite (a diverged update, or an overflow in 16 bits)")
 
 
 @contextlib.contextmanager

@@ -285,6 +285,24 @@ def test_seeded_rollouts_reproduce_and_differ_by_seed(engine):
     assert [s.image_tokens.tolist() for s in x.samples] == [s.image_tokens.tolist() for s in y.samples]
 
 
+@pytest.mark.parametrize("head", ["text", "image"])
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_nan_logits_are_refused_by_request_not_sampled(head, temperature):
+    """A non-finite weight (a diverged update) made NaN logits; each sampling path then picked its own token and
+    returned NaN log-probs to the GRPO loss. Now the step names the requests; the engine drains."""
+    bundle = build_preset("tiny", image_size=64)
+    weight = bundle.model.lm_head.weight if head == "text" else bundle.model.model.generation_head.vision_head.weight
+    with torch.no_grad():
+        weight[5] = float("nan")
+    engine = LLMEngine(bundle, EngineConfig(num_kv_blocks=100, block_size=4))
+    params = SamplingParams(n=2, max_reasoning_tokens=3, text_temperature=temperature,
+                            image_temperature=temperature, decode_images=False, seed=0)
+    with pytest.raises(FloatingPointError, match=r"logits are NaN for request\(s\) \['0'\]"):
+        engine.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def test_sample_keys_do_not_collide():
     """Distinct (seed, index) pairs nearby, and negative seeds, give distinct 63-bit keys (a sum `seed + index`
     would collide along every anti-diagonal)."""
