@@ -54,7 +54,7 @@ def preset_defaults(args: argparse.Namespace, table: str) -> dict:
     return dict(getattr(shapes_defaults, table)) if args.preset == "shapes" else {}
 
 
-GOT_SAMPLING = {"cfg_weight": 5.0, "max_reasoning_tokens": 600}  # GoT-R1's
+GOT_SAMPLING = {k: getattr(GRPOConfig, k) for k in ("cfg_weight", "max_reasoning_tokens")}  # GoT-R1's
 
 
 def preset_sampling(args: argparse.Namespace) -> dict[str, float]:

@@ -1,8 +1,10 @@
 import argparse
+import dataclasses
 
 import pytest
 import torch
 
+from engine.sampling_params import SamplingParams
 from gotr1.config import EvalConfig, GRPOConfig, SFTConfig, add_config_args, build_config, sampling_params
 
 
@@ -101,6 +103,14 @@ def test_constant_with_warmup_warms_up_then_holds():
         optimizer.step()
         scheduler.step()
     assert rates == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_grpo_sampling_defaults_are_the_engines():
+    """GoT-R1's sampling settings are written twice, in `GRPOConfig` (torch-free, for the CLI's parser) and in the
+    engine's `SamplingParams`: a GRPO run left at its defaults samples as the engine does by default."""
+    p = sampling_params(GRPOConfig(), n=SamplingParams().n, seed=0)
+    assert dataclasses.replace(p, seed=None) == SamplingParams()
+    assert GRPOConfig().num_generations == SamplingParams().n
 
 
 def test_sampling_fields_become_the_engines_sampling_params():
