@@ -1,9 +1,9 @@
 """Atomic training checkpoints that resume exactly.
 
 A checkpoint is a directory `checkpoint-{step}` holding the LoRA adapter in peft's own format (loadable by
-peft alone; full weights when LoRA is off), the optimizer, scheduler and every RNG state, the step and the
-data position. It is written under a temporary name and renamed into place, and `latest` (a one-line file)
-is replaced atomically after it, so a crash at any moment leaves the previous checkpoint intact.
+peft alone; full weights when LoRA is off), the optimizer, scheduler, fp16 loss scaler and every RNG state, the
+step and the data position. It is written under a temporary name and renamed into place, and `latest` (a one-line
+file) is replaced atomically after it, so a crash at any moment leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, extra: dict[str, Any]) -> Path:
-    """Write `output_dir/checkpoint-{step}` atomically and point `latest` at it."""
+                    scheduler: Any, extra: dict[str, Any], scaler: Any = None) -> Path:
+    """Write `output_dir/checkpoint-{step}` atomically and point `latest` at it. `scaler`: anything with a
+    `state_dict()` (a `LossScaler`, a `GradScaler`), stored as "scaler" ({} when disabled)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
@@ -68,7 +69,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
     tmp.mkdir()
     model.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), **extra}, tmp / STATE)
+                "rng": rng_state(), **({} if scaler is None else {"scaler": scaler.state_dict()}), **extra},
+               tmp / STATE)
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync(f)
@@ -143,8 +145,9 @@ def load_adapter_weights(model: nn.Module, checkpoint: Path) -> None:
 
 
 class Checkpointed:
-    """Save/resume for a trainer holding `bundle`, `optimizer`, `scheduler`, `config`, `step`, `history` and
-    `output_dir`; the trainer says how its data position is stored (`data_state` / `load_data_state`)."""
+    """Save/resume for a trainer holding `bundle`, `optimizer`, `scheduler`, `loss_scaler` (`LossScaler`),
+    `config`, `step`, `history` and `output_dir`; the trainer says how its data position is stored (`data_state` /
+    `load_data_state`)."""
 
     def data_state(self) -> dict[str, int]:
         raise NotImplementedError
@@ -155,7 +158,8 @@ class Checkpointed:
     def save(self) -> Path:
         return save_checkpoint(self.output_dir, self.step, self.bundle.model, self.optimizer, self.scheduler,
                                {"data": self.data_state(), "history": self.history,
-                                "config": dataclasses.asdict(self.config), "trainer": type(self).__name__})
+                                "config": dataclasses.asdict(self.config), "trainer": type(self).__name__},
+                               scaler=self.loss_scaler)
 
     def resume(self, path: str | Path) -> Path:
         checkpoint = resolve_checkpoint(path)
@@ -166,6 +170,7 @@ class Checkpointed:
         load_adapter_weights(self.bundle.model, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.loss_scaler.load_state_dict(state.get("scaler"))  # absent from checkpoints before fp16 loss scaling
         set_rng_state(state["rng"])
         self.load_data_state(state["data"])
         self.step, self.history = state["step"], state.get("history", [])

@@ -29,7 +29,7 @@ from gotr1.plot import plot_curves
 from gotr1.policy import GoTBatch, Guidance, image_head_parts, make_batch, policy_hidden, token_logprobs
 from gotr1.rewards.combine import advantage_combine
 from gotr1.rewards.protocol import COMPONENTS, Judge, reward_samples
-from gotr1.training import add_lora, lr_scheduler
+from gotr1.training import LossScaler, add_lora, lr_scheduler
 
 
 class PolicyForward(nn.Module):
@@ -90,6 +90,7 @@ class GRPOTrainer(ckpt.Checkpointed):
         self.params = [p for p in bundle.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, config, config.max_steps * config.num_iterations)
+        self.loss_scaler = LossScaler(self.optimizer, self.params, config.dtype)
         self.engine = LLMEngine(bundle, engine_config or EngineConfig(
             kv_cache_memory_bytes=config.kv_cache_memory_bytes))
         self.stream = PromptStream(list(prompts), seed=config.seed)
@@ -210,6 +211,7 @@ class GRPOTrainer(ckpt.Checkpointed):
             total_tokens = float(t)
         self.bundle.model.train()
         for it in range(c.num_iterations):
+            grad_scale = self.loss_scaler.scale  # one host read per optimizer step; 1.0 unless fp16
             for j, idx in enumerate(micro):
                 sub = _select(batch, idx)
                 text_h, image_h = self.policy(sub)
@@ -217,18 +219,17 @@ class GRPOTrainer(ckpt.Checkpointed):
                     text_h, image_h, lm_head, vision_head, sub, old_logp=old[j] if it else None,
                     ref_logp=None if ref is None else (ref[0][idx], ref[1][idx]), advantages=advantages[idx],
                     config=c, num_micro_batches=len(samples) / len(idx), total_tokens=total_tokens,
-                    max_completion_length=c.max_reasoning_tokens + 1 + batch.image_tokens.shape[1], world=self.world)
-                loss.backward()
+                    max_completion_length=c.max_reasoning_tokens + 1 + batch.image_tokens.shape[1], world=self.world,
+                    grad_scale=grad_scale)
+                self.loss_scaler.backward(loss)
                 if it == 0:  # TRL's on-policy old log-probs; reused by the later iterations
                     old.append(logp)
                     self._parity(sums, logp, sub, [engine_text[i] for i in idx.tolist()], engine_image[idx])
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx) / (len(samples) * c.num_iterations)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / c.num_iterations
+            # grad_norm, and with fp16 loss_scale and step_skipped: means over the step's optimizer steps
+            for k, v in self.loss_scaler.step(self.scheduler, c.max_grad_norm).items():
+                sums[k] = sums.get(k, 0.0) + v / c.num_iterations
         self.bundle.model.eval()
         return sums
 

@@ -43,18 +43,22 @@ def grpo_objective(text_h: torch.Tensor, image_h: torch.Tensor, lm_head: nn.Line
                    batch: GoTBatch, *, old_logp: tuple[torch.Tensor, torch.Tensor] | None,
                    ref_logp: tuple[torch.Tensor, torch.Tensor] | None, advantages: torch.Tensor,
                    config: GRPOConfig, num_micro_batches: float, total_tokens: float, max_completion_length: int,
-                   world: int = 1) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+                   world: int = 1, grad_scale: float = 1.0
+                   ) -> tuple[torch.Tensor, dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
     """The micro-batch's share of the step loss, its metrics (token-weighted over both heads) and the per-token
     log-probs `([B, R], [B, I])` the loss saw. `old_logp=None` is TRL's on-policy case (ratio 1).
     Metrics are per micro-batch, to be averaged over the step's micro-batches weighted by their share of its
     sequences (`1 / num_micro_batches`, see `token_weights`): the logged `loss` is therefore the share times
-    `num_micro_batches`, so that its weighted average is the step's loss (TRL logs the sum of the shares)."""
+    `num_micro_batches`, so that its weighted average is the step's loss (TRL logs the sum of the shares).
+    `grad_scale`: the fp16 loss scaler's scale, which the fused kernel applies before it stores 16-bit gradients
+    (`fused_grpo_loss`); backpropagate the loss scaled by it (`LossScaler.backward`)."""
     w_text, w_image = token_weights(batch.reasoning_mask, batch.image_tokens.shape[1], config,
                                     num_micro_batches=num_micro_batches, total_tokens=total_tokens,
                                     max_completion_length=max_completion_length, world=world)
     old_t, old_i = (None, None) if old_logp is None else old_logp
     ref_t, ref_i = (None, None) if ref_logp is None else ref_logp
-    common = {"beta": config.beta, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high}
+    common = {"beta": config.beta, "epsilon": config.epsilon, "epsilon_high": config.epsilon_high,
+              "grad_scale": grad_scale}
     loss_t, m_t = fused_grpo_loss(
         text_h, lm_head.weight, batch.reasoning_ids, old_t, ref_t, advantages, batch.reasoning_mask,
         token_weights=w_text, temperature=config.text_temperature or 1.0, bias=lm_head.bias, **common)

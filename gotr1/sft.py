@@ -26,7 +26,7 @@ from gotr1.data import epoch_order
 from gotr1.model import JanusBundle, encode_images, save_bundle
 from gotr1.plot import plot_curves
 from gotr1.policy import image_head_parts, make_batch, policy_hidden, token_logprobs
-from gotr1.training import add_lora, lr_scheduler
+from gotr1.training import LossScaler, add_lora, lr_scheduler
 
 
 @dataclass
@@ -86,6 +86,7 @@ class SFTTrainer(ckpt.Checkpointed):
         self.params = [p for p in bundle.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = lr_scheduler(self.optimizer, config, config.max_steps)
+        self.loss_scaler = LossScaler(self.optimizer, self.params, config.dtype)
         self.prompt_ids = bundle.encode_prompts([e.prompt for e in examples], max_reasoning_tokens=0)
         self.reasoning_ids = [bundle.tokenizer(e.chain, add_special_tokens=False)["input_ids"] + [bundle.boi_id]
                               for e in examples]
@@ -140,13 +141,10 @@ class SFTTrainer(ckpt.Checkpointed):
                 window = [i for idx in micro for i in idx]
                 for idx in micro:
                     loss, m = self.loss(idx, window)
-                    loss.backward()
+                    self.loss_scaler.backward(loss)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + v
-                sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                sums.update(self.loss_scaler.step(self.scheduler, c.max_grad_norm))
                 self.step += 1
                 sums.update(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
                             time_step=time.perf_counter() - start)

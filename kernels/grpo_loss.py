@@ -27,9 +27,16 @@ losses do, and never runs a second pass over the vocabulary. For each chunk of a
 5. `grad_h_c = dlogits W` and `grad_W += dlogits^T h_c`.
 Peak extra memory is one chunk of logits in the input dtype (default about 2^27 elements) plus the gradients.
 Masked tokens are skipped, not computed and zeroed, so padding costs nothing. `backward` scales the stored gradients.
+
+Because the gradients are stored in the input dtype before `backward` runs, a loss scaler's scale applied to the
+loss (`GradScaler.scale(loss).backward()`) would come too late in fp16: DAPO's per-token gradients (weights of about
+1/150k tokens) times the softmax underflow in step 4. `grad_scale` therefore multiplies `g` before step 4, so the
+stored 16-bit gradients carry the scale, and `backward` returns them times `grad_loss / grad_scale`: exactly the
+stored values under `scaler.scale(loss).backward()` (`grad_loss == grad_scale`), and d(loss) for a plain backward.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -246,7 +253,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target_ids, old_logp, ref_logp, advantages, token_weights, active, beta,
                 eps_low, eps_high, temperature, chunk_rows, need_hidden_grad, need_weight_grad, need_bias_grad,
-                use_triton):
+                use_triton, grad_scale):
         bsz, seq, hdim = hidden.shape
         vocab = weight.shape[0]
         h = hidden.reshape(bsz * seq, hdim)
@@ -284,6 +291,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
             logp_all.index_copy_(0, idx, logp)
             if g is None:
                 continue
+            g = g * grad_scale  # before the 16-bit dlogits buffer is written: see the module docstring
             if use_triton:
                 _dlogits_kernel[(rows,)](logits, tgt, lse, g.contiguous(), logits.stride(0), vocab, inv_temp, **cfg)
             else:
@@ -296,6 +304,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
                 grad_b += logits.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.hidden_shape = hidden.shape
+        ctx.grad_scale = grad_scale
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(logp_all)
         return loss, logp_all.view(bsz, seq)
@@ -303,12 +312,13 @@ class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_logp):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        # A 0-d fp32 scale keeps the gradients' dtype; torch multiplies in fp32 and rounds once.
-        scale = grad_loss.float()
+        # A 0-d fp32 scale keeps the gradients' dtype; torch multiplies in fp32 and rounds once. The stored gradients
+        # carry grad_scale: with grad_loss == grad_scale (a loss scaler's backward) the factor is exactly 1.
+        scale = grad_loss.float() / ctx.grad_scale
         dh = None if grad_h is None else (grad_h * scale).view(ctx.hidden_shape)
         dw = None if grad_w is None else grad_w * scale
         db = None if grad_b is None else (grad_b * scale).to(ctx.bias_dtype)
-        return (dh, dw, db) + (None,) * 15
+        return (dh, dw, db) + (None,) * 16
 
 
 def fused_grpo_loss(
@@ -317,7 +327,7 @@ def fused_grpo_loss(
     epsilon_high: float | None = None, loss_type: LossType = "dapo", temperature: float = 1.0,
     max_completion_length: int | None = None, num_items_in_batch: float | None = None,
     bias: torch.Tensor | None = None, token_weights: torch.Tensor | None = None, chunk_size: int | None = None,
-    backend: Literal["auto", "triton", "torch"] = "auto",
+    backend: Literal["auto", "triton", "torch"] = "auto", grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, GRPOLossMetrics]:
     """GRPO loss from hidden `[B, T, H]` and head weight `[V, H]` without materialising the logits.
 
@@ -329,12 +339,17 @@ def fused_grpo_loss(
     `backend`: the two per-row passes over the vocabulary run as Triton kernels (`auto` on CUDA) or as the same
     chunked algorithm in torch ops (`auto` on CPU, where Triton would only interpret).
     `chunk_size` is the number of active tokens per chunk (default: about 2^27 logits).
+    `grad_scale`: a loss scaler's current scale (fp16 training), multiplied into the gradients before they are stored
+    in the input dtype; backpropagate `grad_scale * loss` (`GradScaler.scale(loss)`) to get them unchanged. The
+    returned loss is never scaled.
     One host sync finds the active tokens and checks their target ids.
     """
     eps_high = _check(hidden, weight, target_ids, old_logp, ref_logp, advantages, mask, beta, epsilon, epsilon_high,
                       loss_type, temperature, bias, token_weights)
     if chunk_size is not None and chunk_size < 1:  # range() would skip every chunk: a loss of 0, silently
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if not (math.isfinite(grad_scale) and grad_scale > 0):  # 0 or inf would store 0/inf/NaN gradients
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
     bsz, seq = hidden.shape[:2]
     vocab = weight.shape[0]
     m = mask.bool()
@@ -352,7 +367,7 @@ def fused_grpo_loss(
         hidden, weight, bias, target_ids, old_logp, ref_logp, advantages, weights, active, beta, epsilon, eps_high,
         temperature, chunk_rows, grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
-        hidden.is_cuda if backend == "auto" else backend == "triton",
+        hidden.is_cuda if backend == "auto" else backend == "triton", float(grad_scale),
     )
     with torch.no_grad():
         old = None if old_logp is None else torch.where(m, old_logp.float(), 0.0)

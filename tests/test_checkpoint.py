@@ -117,3 +117,38 @@ def test_resume_refuses_a_checkpoint_of_another_trainer(tmp_path):
 
     with pytest.raises(ValueError, match="written by SFTTrainer, not GRPOTrainer"):
         GRPOTrainer().resume(tmp_path)
+
+
+def test_the_loss_scaler_state_round_trips_and_its_absence_leaves_it_fresh(tmp_path):
+    """The fp16 scaler's state (scale, growth tracker) is saved beside the optimizer's and restored; a checkpoint
+    without one (older, or of a bf16/fp32 run, whose disabled scaler saves {}) leaves the scaler at its initial
+    state, and a disabled scaler ignores a saved one."""
+    from gotr1.checkpoint import load_state, save_checkpoint
+    from gotr1.training import LossScaler
+
+    def scaler(dtype):
+        model = _Tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, LossScaler(opt, list(model.parameters()), dtype)
+
+    model, opt, fp16 = scaler("float16")
+    fp16.backward(model.lin(torch.full((1, 2), float("inf"))).sum())
+    assert fp16.step(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1.0)["step_skipped"] == 1.0
+    fp16.backward(model.lin(torch.ones(1, 2)).sum())
+    fp16.step(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1.0)
+    saved = fp16.state_dict()
+    assert (saved["scale"], saved["_growth_tracker"]) == (2.0**15, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert load_state(save_checkpoint(tmp_path / "a", 1, model, opt, sched, {}, scaler=fp16))["scaler"] == saved
+    assert "scaler" not in load_state(save_checkpoint(tmp_path / "b", 1, model, opt, sched, {}))
+    _, _, fresh = scaler("float16")
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == saved
+    for old in (None, {}):
+        _, _, fresh = scaler("float16")
+        fresh.load_state_dict(old)
+        assert fresh.state_dict() == {"scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                      "growth_interval": 2000, "_growth_tracker": 0}
+    _, _, bf16 = scaler("bfloat16")
+    bf16.load_state_dict(saved)
+    assert not bf16.enabled and bf16.scale == 1.0 and bf16.state_dict() == {}

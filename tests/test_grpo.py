@@ -449,3 +449,65 @@ def test_checkpoints_at_save_steps_and_the_end_metrics_every_logging_steps(tmp_p
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-3"
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2]
+
+
+# ------------------------------------------------------------------------------------------------ fp16 loss scaling
+def fp16_trainer(tmp_path, **kw) -> GRPOTrainer:
+    """The tiny preset in fp16, LoRA adapters fp32 (peft's); the frozen VQ decoder, which only turns rollouts into
+    images, in fp32: CPU fp16 convolutions are ~50x slower and no gradient passes through it."""
+    bundle = build_preset("tiny", image_size=64, dtype=torch.float16)
+    bundle.model.model.vqmodel.float()
+    return GRPOTrainer(small_config(tmp_path, dtype="float16", **kw), bundle, PROMPTS, CodebookSubsetJudge(512))
+
+
+def poison_first_step(trainer: GRPOTrainer) -> None:
+    """A non-finite gradient in the first step only (a hook on a LoRA weight): the step GradScaler must skip."""
+    trainer.params[0].register_hook(lambda g: g * float("inf") if trainer.step == 0 else g)
+
+
+def test_fp16_step_scales_the_fused_loss_and_skips_a_step_with_inf_gradients(tmp_path, monkeypatch):
+    """The loss scaler's scale reaches the fused loss (`grad_scale`) of every micro-batch; a step with inf gradients
+    is skipped as in transformers' Trainer (parameters, optimizer state and the learning rate schedule untouched, the
+    scale halved); the next trains at the halved scale; metrics.jsonl logs both."""
+    import gotr1.objective
+
+    scales, real = [], gotr1.objective.grpo_objective
+    monkeypatch.setattr(gotr1.objective, "grpo_objective",
+                        lambda *a, **kw: (scales.append(kw["grad_scale"]), real(*a, **kw))[1])
+    trainer = fp16_trainer(tmp_path, max_steps=2, save_steps=100, gradient_accumulation_steps=2,
+                           lr_scheduler_type="linear")
+    poison_first_step(trainer)
+    before = [p.detach().clone() for p in trainer.params]
+    [first] = trainer.train(max_steps=1)
+    assert scales == [2.0**16] * 2 and (first["loss_scale"], first["step_skipped"]) == (2.0**16, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params)) and not trainer.optimizer.state
+    assert trainer.loss_scaler.scale == 2.0**15 and trainer.scheduler.last_epoch == 0 and first["lr"] == 2e-2
+    second = trainer.train()[-1]
+    assert scales[2:] == [2.0**15] * 2 and (second["loss_scale"], second["step_skipped"]) == (2.0**15, 0.0)
+    assert math.isfinite(second["grad_norm"]) and second["lr"] == pytest.approx(1e-2)
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["loss_scale"], m["step_skipped"]) for m in logged] == [(2.0**16, 1.0), (2.0**15, 0.0)]
+
+
+def test_fp16_resume_is_exact(tmp_path):
+    """The checkpoint holds the halved scale of a skipped first step: the resumed fp16 run gives the uninterrupted
+    run's metrics (loss scales and skips included) and parameters."""
+    full = fp16_trainer(tmp_path / "full")
+    poison_first_step(full)
+    full_history = full.train()
+    part = fp16_trainer(tmp_path / "part")
+    poison_first_step(part)
+    part.train(max_steps=2)
+    resumed = fp16_trainer(tmp_path / "part")
+    resumed.resume(tmp_path / "part")
+    assert resumed.loss_scaler.scale == part.loss_scaler.scale < 2.0**16
+    resumed_history = resumed.train()
+
+    def rows(history):  # as JSON, where a skipped step's NaN grad_norm equals itself
+        return [json.dumps({k: v for k, v in h.items() if not k.startswith(("time/", "tokens_per_s/"))},
+                           sort_keys=True) for h in history]
+
+    assert rows(resumed_history) == rows(full_history) and full_history[0]["step_skipped"] == 1.0
+    for (n1, p1), (n2, p2) in zip(full.bundle.model.named_parameters(), resumed.bundle.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1

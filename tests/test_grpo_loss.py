@@ -407,3 +407,110 @@ def test_objective_uses_each_heads_temperature_and_token_weights_its_metrics():
     for name, x in (("kl", kl), ("ratio_mean", ratio), ("clip_ratio/low_mean", low),
                     ("clip_ratio/high_mean", high), ("clip_ratio/region_mean", low | high)):
         assert metrics[name] == pytest.approx(mean(x), rel=1e-5, abs=1e-7), name
+
+
+# ------------------------------------------------------------------------------------------------ fp16 loss scaling
+def scaled_grads(hidden, weight, bias, args, kw, grad_scale, grad_loss):
+    """Fused loss with `grad_scale`, backpropagated with `grad_loss`; returns the gradients of hidden, weight and bias
+    and the gradients the forward stored (what `save_for_backward` packed, caught by a saved-tensors hook).
+    `grad_scale=None` leaves the argument at its default."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    stored = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t) or t, lambda t: t):
+        scale = {} if grad_scale is None else {"grad_scale": grad_scale}
+        loss, _ = fused_grpo_loss(h, w, *args, bias=b, **scale, **kw)
+    loss.backward(torch.tensor(grad_loss, device=loss.device))
+    return (h.grad, w.grad, None if b is None else b.grad), stored
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.usefixtures("poison")
+def test_grad_scale_keeps_fp16_gradients_that_underflow_without_it(backend):
+    """DAPO over 150k tokens: each token's gradient is about |A| / 150k, times softmax probabilities ~1/300 in the
+    stored fp16 dlogits, below fp16's smallest subnormal (6e-8). Unscaled, gradient entries that are not 0 in fp64
+    come out 0 and the error is several %; with the loss scaler's 2^16 applied before the fp16 store (backward by
+    `scale * loss`, as `GradScaler.scale(loss).backward()` does), the gradients divided by the scale in fp64 are
+    within fp16 rounding of the fp64 reference."""
+    hidden, weight, target, old, ref, adv, mask = loss_case(4, 9, 32, 300, seed=0)
+    args, kw = (target, old, ref, adv, mask), dict(KW, loss_type="dapo", num_items_in_batch=150_000.0)
+    _, _, r_dh, r_dw = run(grpo_loss_reference, hidden.double(), weight.double(), *args, grad_scale=1.0, **kw)
+    errors = {}
+    for scale in (1.0, 2.0**16):
+        (dh, dw, _), _ = scaled_grads(hidden.half(), weight.half(), None, args,
+                                      dict(kw, chunk_size=16, backend=backend), scale, scale)
+        assert dh.dtype == dw.dtype == torch.float16
+        dh, dw = dh.double() / scale, dw.double() / scale
+        lost = int(((dh == 0) & (r_dh != 0)).sum()) + int(((dw == 0) & (r_dw != 0)).sum())
+        errors[scale] = (lost, norm_rel_err(dh, r_dh), norm_rel_err(dw, r_dw))
+    lost, err_h, err_w = errors[1.0]
+    assert lost > 100 and err_h > 0.02 and err_w > 0.02, errors  # the underflow the scale is for
+    lost, err_h, err_w = errors[2.0**16]
+    assert lost == 0 and err_h < 1e-3 and err_w < 1e-3, errors
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_grad_scale_is_stored_and_passed_through_by_a_scaled_backward(backend):
+    """grad_scale=S then backward with grad_loss=S returns exactly the stored gradients (fp16: no rounding on the
+    way out), which carry the scale; in fp32 with S a power of two, those are exactly S x the unscaled gradients, a
+    plain backward gives exactly the unscaled ones, and grad_scale=1 is the default bit for bit. The loss is never
+    scaled."""
+    hidden, weight, target, old, ref, adv, mask = loss_case(3, 7, 24, 37, seed=4)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    args, kw = (target, old, ref, adv, mask), dict(KW, loss_type="grpo", chunk_size=4, backend=backend)
+    s = 2.0**10
+    grads, stored = scaled_grads(hidden.half(), weight.half(), bias.half(), args, kw, s, s)
+    stored_h, stored_w, stored_b = stored[-3:]  # save_for_backward packs last, after the chunks' own autograd
+    assert (stored_h.shape, stored_w.shape, stored_b.shape) == ((21, 24), (37, 24), (37,))
+    assert torch.equal(grads[0], stored_h.view_as(grads[0])) and torch.equal(grads[1], stored_w)
+    assert torch.equal(grads[2], stored_b.half())
+    unscaled, _ = scaled_grads(hidden, weight, bias, args, kw, 1.0, 1.0)
+    for x, y in zip(grads, unscaled):
+        assert norm_rel_err(x.double() / s, y) < 1e-2
+    default, _ = scaled_grads(hidden, weight, bias, args, kw, None, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(unscaled, default))
+    scaled, _ = scaled_grads(hidden, weight, bias, args, kw, s, s)
+    plain, _ = scaled_grads(hidden, weight, bias, args, kw, s, 1.0)
+    for a, b, c in zip(scaled, plain, unscaled):
+        assert torch.equal(a, c * s) and torch.equal(b, c)
+    with torch.no_grad():
+        assert torch.equal(fused_grpo_loss(hidden, weight, *args, grad_scale=s, **kw)[0],
+                           fused_grpo_loss(hidden, weight, *args, **kw)[0])
+
+
+def test_bad_grad_scale_raises():
+    hidden, weight, target, old, ref, adv, mask = loss_case()
+    for scale in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
+            fused_grpo_loss(hidden, weight, target, old, ref, adv, mask, grad_scale=scale, **KW)
+
+
+def test_objective_passes_grad_scale_to_both_heads():
+    """`grpo_objective(grad_scale=S)` backpropagated by S * loss: exactly S x the unscaled gradients of both heads'
+    inputs and weights (fp32, S a power of two), the loss unchanged."""
+    from torch import nn
+
+    from gotr1.config import GRPOConfig
+    from gotr1.objective import grpo_objective
+    from gotr1.policy import make_batch
+
+    gen = torch.Generator().manual_seed(2)
+    lm, vh = nn.Linear(8, 13), nn.Linear(8, 11)
+    batch = make_batch([[1, 2]] * 2, [[3, 4, 7], [5]], torch.randint(0, 11, (2, 4), generator=gen), pad_id=0)
+    text_h = torch.randn(2, batch.reasoning_ids.shape[1], 8, generator=gen)
+    image_h = torch.randn(2, 4, 8, generator=gen)
+    results = []
+    for scale in (1.0, 2.0**10):
+        th, ih = text_h.clone().requires_grad_(), image_h.clone().requires_grad_()
+        lm.zero_grad(), vh.zero_grad()
+        loss, _, _ = grpo_objective(th, ih, lm, vh, batch, old_logp=None, ref_logp=None,
+                                    advantages=torch.tensor([1.0, -0.5]), config=GRPOConfig(loss_type="dapo"),
+                                    num_micro_batches=1, total_tokens=10.0, max_completion_length=8,
+                                    grad_scale=scale)
+        (loss * scale).backward()
+        results.append((loss.detach(), [t.grad.clone() for t in (th, ih, lm.weight, lm.bias, vh.weight, vh.bias)]))
+    (loss1, grads1), (loss_s, grads_s) = results
+    assert torch.equal(loss1, loss_s)
+    for a, b in zip(grads1, grads_s):
+        assert a.abs().max() > 0 and torch.equal(a * 2.0**10, b)

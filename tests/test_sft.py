@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -238,3 +239,96 @@ def test_what_trains_full_fine_tuning_and_lora(tmp_path):
     for _, m in lora:
         assert m.r["default"] == 4 and m.scaling["default"] == 3.0 and m.lora_dropout["default"].p == 0.25
     assert all("lora_" in n for n, p in bundle.model.named_parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------ fp16 loss scaling
+def _fp16_trainer(path, **kw) -> SFTTrainer:
+    bundle = build_preset("tiny", image_size=64, dtype=torch.float16)
+    return SFTTrainer(_config(path, use_lora=True, lora_r=4, lora_alpha=8, dtype="float16", **kw), bundle,
+                      _examples(bundle))
+
+
+def _poison_first_step(trainer: SFTTrainer) -> None:
+    """An inf in one gradient of the first step only (a hook on a LoRA weight): the step GradScaler must skip."""
+    trainer.params[0].register_hook(lambda g: g * float("inf") if trainer.step == 0 else g)
+
+
+def test_fp16_skips_a_step_with_inf_gradients_and_halves_the_scale(tmp_path):
+    """As transformers' Trainer with fp16: the scaled step is skipped (parameters, optimizer state and learning rate
+    untouched: the scheduler waits), the scale halves, and metrics.jsonl logs the scale and the skip; the next step
+    trains at the halved scale. A disabled scaler (bf16) logs neither."""
+    trainer = _fp16_trainer(tmp_path, max_steps=2, lr_scheduler_type="linear", save_steps=100)
+    assert {p.dtype for p in trainer.params} == {torch.float32}  # peft's fp32 adapters on the fp16 model
+    _poison_first_step(trainer)
+    before = [p.detach().clone() for p in trainer.params]
+    [first] = trainer.train(max_steps=1)
+    assert (first["loss_scale"], first["step_skipped"]) == (2.0**16, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert trainer.loss_scaler.scale == 2.0**15 and not trainer.optimizer.state
+    assert trainer.scheduler.last_epoch == 0 and first["lr"] == 3e-3  # the linear decay has not begun
+    second = trainer.train()[-1]
+    assert (second["loss_scale"], second["step_skipped"]) == (2.0**15, 0.0) and math.isfinite(second["grad_norm"])
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert trainer.scheduler.last_epoch == 1 and second["lr"] == pytest.approx(1.5e-3)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["loss_scale"], m["step_skipped"]) for m in logged] == [(2.0**16, 1.0), (2.0**15, 0.0)]
+    bundle = build_preset("tiny", image_size=64, dtype=torch.bfloat16)
+    bf16 = SFTTrainer(_config(tmp_path / "bf16", use_lora=True, lora_r=4, lora_alpha=8, dtype="bfloat16",
+                              max_steps=1), bundle, _examples(bundle))
+    [row] = bf16.train()
+    assert not bf16.loss_scaler.enabled and bf16.loss_scaler.scale == 1.0
+    assert "loss_scale" not in row and "step_skipped" not in row
+
+
+def test_fp16_full_fine_tuning_is_refused(tmp_path):
+    """GradScaler cannot unscale fp16 gradients (nor would fp16 weights keep small updates): LoRA's fp32 adapters or
+    bf16, said before any step."""
+    bundle = build_preset("tiny", image_size=64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype='float16' needs fp32 trainable parameters"):
+        SFTTrainer(_config(tmp_path, dtype="float16"), bundle, _examples(bundle))
+
+
+def test_fp16_resume_is_exact_and_restores_the_loss_scale(tmp_path):
+    """A skipped first step halves the scale before the checkpoint; the resumed run continues at that scale, with
+    the same losses, scales, skips and parameters as the uninterrupted run. A checkpoint without scaler state (from
+    before loss scaling) still resumes, at the initial scale."""
+    full = _fp16_trainer(tmp_path / "full")
+    _poison_first_step(full)
+    full.train()
+    part = _fp16_trainer(tmp_path / "part")
+    _poison_first_step(part)
+    part.train(max_steps=3)
+    saved = part.loss_scaler.state_dict()
+    assert saved["scale"] < 2.0**16
+    resumed = _fp16_trainer(tmp_path / "part")
+    resumed.resume(tmp_path / "part")
+    assert resumed.loss_scaler.state_dict() == saved
+    resumed.train()
+    def rows(history):  # as JSON, where the skipped step's NaN grad_norm equals itself
+        return [json.dumps({k: v for k, v in h.items() if k != "time_step"}, sort_keys=True) for h in history]
+
+    assert rows(resumed.history) == rows(full.history)
+    assert [h["step_skipped"] for h in full.history][0] == 1.0
+    for (n1, p1), (n2, p2) in zip(full.bundle.model.named_parameters(), resumed.bundle.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    state_file = tmp_path / "part" / "checkpoint-3" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["scaler"] == saved
+    del state["scaler"]
+    torch.save(state, state_file)
+    old = _fp16_trainer(tmp_path / "old")
+    old.resume(tmp_path / "part" / "checkpoint-3")
+    assert old.step == 3 and old.loss_scaler.scale == 2.0**16
+
+
+def test_non_finite_gradients_without_loss_scaling_stop_training_before_the_step(tmp_path):
+    """bf16/fp32 have no scaler to skip a step: an inf gradient would have made every weight NaN. It is refused,
+    parameters and optimizer untouched."""
+    bundle = build_preset("tiny", image_size=64)
+    trainer = SFTTrainer(_config(tmp_path, use_lora=True, lora_r=4, lora_alpha=8, max_steps=1), bundle,
+                         _examples(bundle))
+    _poison_first_step(trainer)
+    before = [p.detach().clone() for p in trainer.params]
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is (inf|nan) \(the loss diverged\); the step"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params)) and not trainer.optimizer.state
