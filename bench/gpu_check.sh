@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one call (a lent GPU's time is short): the CUDA-only tests, the Triton
 # kernels compiled for real, the rollout engine with CUDA graphs at the Janus-Pro-1B shape, and a profile of it.
-# Usage: bash bench/gpu_check.sh OUT_DIR [targets|sweep|final|engine|serve|judge]
+# Usage: bash bench/gpu_check.sh OUT_DIR [targets|skinny|sweep|final|engine|serve|judge]
 #   targets: #3's two targets alone (the rollout benchmark, 2 repeats, with a profile), then the tests; the
-#   shortest mode, for a lease of minutes;
+#   shortest mode, for a lease of minutes (about 6 min on an H100);
+#   skinny: the skinny-matmul kernel against cuBLAS (with its launch sweep), then the rollout benchmark with the
+#   engine's decode projections through it as one more side (`skinny_matmul_speedup`), then the tests;
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, the tests, then the rollout against compiled transformers (as in engine);
@@ -21,7 +23,7 @@
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
-out="${1:?usage: bench/gpu_check.sh OUT_DIR [targets|sweep|final|engine|serve|judge]}"
+out="${1:?usage: bench/gpu_check.sh OUT_DIR [targets|skinny|sweep|final|engine|serve|judge]}"
 mode="${2:-final}"
 python="${PYTHON:-python3}"
 mkdir -p "$out"
@@ -47,6 +49,9 @@ if [[ "$mode" == sweep ]]; then
 elif [[ "$mode" == final ]]; then
   step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --matmul-sweep \
     --json "$out/kernels-gpu-$tag.json"
+elif [[ "$mode" == skinny ]]; then
+  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
+    --json "$out/skinny-matmul-gpu-$tag.json"
 elif [[ "$mode" == engine ]]; then
   step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul,rms_norm,rope,silu_mul \
     --matmul-sweep --json "$out/skinny-matmul-gpu-$tag.json"
@@ -61,7 +66,8 @@ elif [[ "$mode" == serve ]]; then
     --open-loop-rounds 2 --json "$out/serve-janus-pro-1b-shape-$tag.json"
 else
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
-  step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" \
+  compare=$([[ "$mode" == skinny ]] && echo --compare-skinny-matmul)
+  step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 fi
 # A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).
@@ -74,5 +80,5 @@ if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transfor
   step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
     --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
 fi
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|skinny_matmul_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"

@@ -11,7 +11,9 @@ same engine with multi-step decoding off (`num_scheduler_steps=1`: a host sync a
 keeping the device fed is measured in the same run; its tokens must equal the multi-step engine's. A fourth is the
 same engine with `fuse_projections` the other way from its default (fused on a GPU: q/k/v and gate/up as one matmul
 each, on the same weights): the same work, tokens equal up to the matmuls' roundings (`other_fusion_tokens_match`
-says whether they were); `fused_projections_speedup` is unfused time over fused time. `--hf-compile` adds
+says whether they were); `fused_projections_speedup` is unfused time over fused time. On a GPU,
+`--compare-skinny-matmul` adds the same engine with `skinny_matmul` the other way (`skinny_matmul_speedup`: off
+time over on time). `--hf-compile` adds
 transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`: static caches,
 `torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time not counted:
 `speedup_vs_hf_compiled`.
@@ -58,6 +60,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="decode steps per host sync (the engine's multi-step window)")
     parser.add_argument("--skinny-matmul", action="store_true",
                         help="decode projections through kernels.skinny_matmul (EngineConfig.skinny_matmul)")
+    parser.add_argument("--compare-skinny-matmul", action="store_true",
+                        help="also time the engine with skinny_matmul the other way (GPU only: on a CPU the Triton "
+                             "kernel would run under the interpreter)")
     parser.add_argument("--hf-compile", action="store_true",
                         help="also time transformers with static caches and torch.compile (compiled untimed first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
@@ -133,6 +138,9 @@ def profile_rollout(engine: LLMEngine, prompts: list[str], params: SamplingParam
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.compare_skinny_matmul and not args.device.startswith("cuda"):
+        raise SystemExit("--compare-skinny-matmul needs --device cuda: on a CPU the kernel runs under Triton's "
+                         "interpreter, which says nothing about its speed")
     threads = args.threads or (None if args.device.startswith("cuda") else 1)
     if threads:
         torch.set_num_threads(threads)
@@ -159,29 +167,36 @@ def run(args: argparse.Namespace) -> dict:
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
     fused = engine.config.fuse_projections = engine.runner.fuse_projections  # the default for this device
+    skinny = args.skinny_matmul
 
-    def rollout(num_scheduler_steps: int, fuse: bool = fused) -> tuple[float, list]:
+    def rollout(num_scheduler_steps: int, fuse: bool = fused, skinny_matmul: bool = skinny) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
-        if engine.config.fuse_projections != fuse:  # read at the next bind, which drops the CUDA graphs:
-            engine.config.fuse_projections = fuse  # they are captured again by an untimed warm-up
+        if (engine.config.fuse_projections, engine.config.skinny_matmul) != (fuse, skinny_matmul):
+            # read at the next bind, which drops the CUDA graphs: captured again by an untimed warm-up
+            engine.config.fuse_projections, engine.config.skinny_matmul = fuse, skinny_matmul
             engine.generate(prompts[:1], SamplingParams(**greedy), use_tqdm=False)
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
                              device=args.device, warmup=0, repeats=1)
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
         return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
 
-    for steps, fuse in ((args.num_scheduler_steps, not fused), (1, fused), (args.num_scheduler_steps, fused)):
-        rollout(steps, fuse)  # untimed: each side's first run at the timed shapes (see the module docstring)
+    compare_skinny = [(args.num_scheduler_steps, fused, not skinny)] if args.compare_skinny_matmul else []
+    for side in [(args.num_scheduler_steps, not fused, skinny), *compare_skinny, (1, fused, skinny),
+                 (args.num_scheduler_steps, fused, skinny)]:
+        rollout(*side)  # untimed: each side's first run at the timed shapes (see the module docstring)
     reference.generate(prompts, **settings)
     compiled = ReferenceGenerator(bundle, compile=True) if args.hf_compile else None
     if compiled is not None:  # compilation and graph recording at the timed shapes, untimed: the second call
         for _ in range(2):  # compiles again, for the static caches the first one initialised
             compiled.generate(prompts, **settings)
-    engine_times, single_times, other_times, hf_times, compiled_times = [], [], [], [], []
-    other_match = compiled_match = True
-    for _ in range(args.repeats):  # the fusion switches before the single-step side, never before the engine's
+    engine_times, single_times, other_times, skinny_times, hf_times, compiled_times = [], [], [], [], [], []
+    other_match = compiled_match = skinny_match = True
+    for _ in range(args.repeats):  # settings switch before the single-step side, never before the engine's
         t, other_tokens = rollout(args.num_scheduler_steps, fuse=not fused)
         other_times.append(t)
+        if compare_skinny:
+            t, skinny_tokens = rollout(*compare_skinny[0])
+            skinny_times.append(t)
         t, single_tokens = rollout(1)
         single_times.append(t)
         engine.peak_used_blocks, steps = 0, engine.num_steps
@@ -191,6 +206,7 @@ def run(args: argparse.Namespace) -> dict:
         if tokens != single_tokens:
             raise AssertionError("multi-step and single-step rollouts of the same seed sampled different tokens")
         other_match &= tokens == other_tokens
+        skinny_match &= not compare_skinny or tokens == skinny_tokens
         t, hf_out = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
                                 repeats=1)
         hf_times.append(t)
@@ -218,7 +234,8 @@ def run(args: argparse.Namespace) -> dict:
         "num_scheduler_steps": args.num_scheduler_steps,
         "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
         "engine_single_step_s": t_single, "multi_step_speedup": t_single / t_engine,
-        "fuse_projections": fused, "engine_other_fusion_s": t_other, "fused_projections_speedup": t_unfused / t_fused,
+        "fuse_projections": fused, "skinny_matmul": skinny, "engine_other_fusion_s": t_other,
+        "fused_projections_speedup": t_unfused / t_fused,
         "other_fusion_tokens_match": other_match,
         "engine_s_runs": engine_times, "engine_single_step_s_runs": single_times,
         "engine_other_fusion_s_runs": other_times, "hf_s_runs": hf_times,
@@ -239,19 +256,23 @@ def run(args: argparse.Namespace) -> dict:
         t_compiled = statistics.median(compiled_times)
         metrics.update(hf_compiled_s=t_compiled, hf_compiled_s_runs=compiled_times,
                        speedup_vs_hf_compiled=t_compiled / t_engine, hf_compiled_tokens_match=compiled_match)
+    if skinny_times:
+        t_skinny = statistics.median(skinny_times)
+        t_on, t_off = (t_engine, t_skinny) if skinny else (t_skinny, t_engine)
+        metrics.update(engine_other_skinny_s=t_skinny, engine_other_skinny_s_runs=skinny_times,
+                       skinny_matmul_speedup=t_off / t_on, other_skinny_tokens_match=skinny_match)
     if args.profile:
         metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
+
+    def engine_row(side: str, t: float) -> dict:
+        return {"side": side, "seconds": t, "groups_per_s": args.groups / t,
+                "tokens_per_s": args.groups * tokens_per_group / t, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
+                "ms_per_step": t / steps * 1e3, "speedup": t_hf / t, "hf_match": hf_match}
+
     rows = [
-        {"side": "engine", "seconds": t_engine, "groups_per_s": metrics["engine_groups_per_s"],
-         "tokens_per_s": metrics["engine_tokens_per_s"], "kv_mib": metrics["kv_bytes_engine"] / 2**20,
-         "ms_per_step": engine_ms_per_step, "speedup": metrics["speedup_vs_hf"], "hf_match": hf_match},
-        {"side": "engine, single-step", "seconds": t_single, "groups_per_s": args.groups / t_single,
-         "tokens_per_s": args.groups * tokens_per_group / t_single, "kv_mib": metrics["kv_bytes_engine"] / 2**20,
-         "ms_per_step": t_single / steps * 1e3, "speedup": t_hf / t_single, "hf_match": hf_match},
-        {"side": f"engine, projections {'unfused' if fused else 'fused'}", "seconds": t_other,
-         "groups_per_s": args.groups / t_other, "tokens_per_s": args.groups * tokens_per_group / t_other,
-         "kv_mib": metrics["kv_bytes_engine"] / 2**20, "ms_per_step": t_other / steps * 1e3,
-         "speedup": t_hf / t_other, "hf_match": hf_match},
+        engine_row("engine", t_engine), engine_row("engine, single-step", t_single),
+        engine_row(f"engine, projections {'unfused' if fused else 'fused'}", t_other),
+        *([engine_row(f"engine, skinny matmul {'off' if skinny else 'on'}", t_skinny)] if skinny_times else []),
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},

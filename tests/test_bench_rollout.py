@@ -40,19 +40,16 @@ def test_bandwidth_floor_matches_a_hand_count(tiny):
 def test_rollout_result_figures(tiny, tmp_path):
     """Two prompts of different lengths: the floor counts each row's own prompt, the contiguous cache pads to the
     longest; ratios, rates and the promised keys are what the JSON says they are."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=None)
-    rollout.add_args(parser)
     path = tmp_path / "rollout.json"
-    args = parser.parse_args(["--groups", "2", "--n", "1", "--reasoning-tokens", "2", "--repeats", "1",
-                              "--json", str(path)])
-    rollout.run(args)
+    rollout.run(_args(["--groups", "2", "--n", "1", "--reasoning-tokens", "2", "--repeats", "1", "--json", str(path)]))
     result = json.loads(path.read_text())
     m, env = result["metrics"], result["env"]
     for key in ("device", "torch", "transformers", "git_commit"):
         assert env[key]
     assert m["hf_match"] is True and m["other_fusion_tokens_match"] is True
+    assert m["skinny_matmul"] is False and "skinny_matmul_speedup" not in m  # a GPU comparison, not asked for
+    assert [row["side"] for row in result["rows"]] == ["engine", "engine, single-step", "engine, projections fused",
+                                                       "transformers"]
     assert m["speedup_vs_hf"] == pytest.approx(m["hf_s"] / m["engine_s"])
     assert m["engine_s"] == statistics.median(m["engine_s_runs"]) and m["hf_s"] == statistics.median(m["hf_s_runs"])
     assert m["engine_groups_per_s"] == pytest.approx(2 / m["engine_s"])
@@ -65,3 +62,17 @@ def test_rollout_result_figures(tiny, tmp_path):
     assert 0 < m["kv_bytes_engine"] and m["kv_ratio"] == m["kv_bytes_engine"] / m["kv_bytes_contiguous"]
     floor = rollout.bandwidth_floor(tiny, rows=2, prompt_len=statistics.fmean(lens), reasoning=2, bandwidth=1.0)
     assert m["step_bytes_mean"] == pytest.approx(floor["step_bytes_mean"], rel=1e-12)
+
+
+def test_the_skinny_matmul_comparison_is_refused_on_a_cpu():
+    """Under Triton's interpreter the kernel's time says nothing about a GPU's: refused before any model loads."""
+    with pytest.raises(SystemExit, match="--compare-skinny-matmul needs --device cuda"):
+        rollout.run(_args(["--compare-skinny-matmul"]))
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    rollout.add_args(parser)
+    return parser.parse_args(argv)
