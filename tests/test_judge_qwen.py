@@ -514,3 +514,97 @@ def test_control_tokens_spelled_around_a_removed_one_stay_text(judge):
         request = judge.request(judge._rubric_text(rubric, sample), picture)
         assert request.ids.count(judge.image_token_id) == (judge.image_tokens if picture is not None else 0)
     assert len(judge.score([sample])) == 1
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+# Qwen2.5-VL-Instruct's published chat template (its chat_template.json, shared with Qwen2-VL): the oracle of `chat`.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("image", [True, False])
+def test_chat_turn_is_qwens_chat_template(judge, image):
+    """One user turn, the picture before the text (as Qwen's own examples list it), rendered by transformers'
+    `apply_chat_template` with Qwen's template, then the forced answer prefix."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": "Locate the cat."}]
+    want = judge.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               chat_template=QWEN_VL_CHAT_TEMPLATE, add_generation_prompt=True)
+    assert chat("Locate the cat.", image=image) == want
+    assert chat("Locate the cat.", image=image, answer_prefix=ANSWER_PREFIX) == want + ANSWER_PREFIX
+
+
+def _planned_samples() -> list[RewardSample]:
+    """Two samples with plans (so each layout canvas differs from a blank one) and 56-px images (the judge's size:
+    no resize, so the oracle sees the very pixels the judge does)."""
+    plans = [[ChainObject("red cat", (40, 30, 400, 500)), ChainObject("dog", (500, 100, 900, 700))],
+             [ChainObject("blue ball", (100, 600, 300, 950))]]
+    return [RewardSample.from_text(f"a red cat and {k} dogs", format_chain(p, ["A scene with"] + ["and"] * len(p)),
+                                   Image.new("RGB", (56, 56), colour))
+            for k, (p, colour) in enumerate(zip(plans, [(200, 30, 30), (20, 90, 200)]))]
+
+
+def test_expected_mode_equals_transformers_forward_on_each_rubrics_picture(judge):
+    """Every rubric end to end against the model's own forward on processor-encoded inputs: R_PI sees the generated
+    image, R_spa the plan's layout canvas, R_sem no picture; each prompt ends `{"score": 1` and the digit
+    log-probs of the last two positions give the expected score, scaled to [0, 1]."""
+    from gotr1.rewards.parsing import expected_score, scale_score
+    from gotr1.rewards.prompts import RUBRICS
+
+    samples = _planned_samples()
+    values, unparsable = judge.rate(judge.prepare(samples))
+    assert unparsable == {"R_PI": 0, "R_sem": 0, "R_spa": 0}
+    for rubric in RUBRICS:
+        want = []
+        for s in samples:
+            text = rubric.template.format(prompt=s.prompt, reasoning=s.reasoning_text())
+            picture = {"R_PI": s.image, "R_sem": None, "R_spa": render_layout(s.chain.objects, 56)}[rubric.component]
+            enc = judge.processor(text=[chat(text, image=picture is not None, answer_prefix=ANSWER_PREFIX) + "1"],
+                                  images=None if picture is None else [picture], return_tensors="pt")
+            with torch.no_grad():
+                logp = judge.model(**enc).logits[0, -2:].log_softmax(-1)[:, judge.digit_ids]
+            want.append(float(scale_score(expected_score(logp[None, 0], logp[None, 1], rubric.lo), rubric.lo,
+                                          rubric.hi)))
+        torch.testing.assert_close(values[rubric.component], torch.tensor(want), atol=1e-5, rtol=0)
+
+
+def test_grounding_asks_transformers_generate_about_the_generated_image(judge, monkeypatch):
+    """R_RI's questions show each sample's generated image (not its layout, where the planned boxes are drawn):
+    every answer is what transformers' `generate` says for that object on that image."""
+    samples = _planned_samples()
+    asked, generate = [], judge.generate
+
+    def recording(requests, prepared, max_new_tokens):
+        texts = generate(requests, prepared, max_new_tokens)
+        asked.extend(texts)
+        return texts
+
+    monkeypatch.setattr(judge, "generate", recording)
+    judge.ground(judge.prepare(samples))
+    want = [_transformers_greedy(judge, GROUNDING.format(object=o.name), s.image, FAST.max_new_tokens_box)
+            for s in samples for o in s.chain.objects]
+    assert asked == want and len(set(want)) > 1
+
+
+def test_long_reasoning_is_cut_before_the_judge_reads_it(judge):
+    from gotr1.rewards.qwen import MAX_REASONING_CHARS
+
+    words = "a red cat " * 1000
+    sample = RewardSample("p", ParsedChain(), Image.new("RGB", (56, 56)), reasoning=words)
+    assert judge._rubric_text(R_SEM, sample) == R_SEM.template.format(prompt="p",
+                                                                       reasoning=words[:MAX_REASONING_CHARS])
+
+
+def test_plan_batches_round_each_batch_up_to_a_batch_bucket():
+    """5 rows of one length bucket, at most 8 a batch: one batch padded to the bucket 6 (a shape that repeats, so
+    a CUDA graph captured for it is replayed), not a batch of 5."""
+    assert plan_batches([10, 20, 30, 40, 50], (64,), 8) == [([4, 3, 2, 1, 0], 64, 6)]
+    assert plan_batches([10] * 9, (64,), 8) == [(list(range(8)), 64, 8), ([8], 64, 1)]

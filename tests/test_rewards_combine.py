@@ -154,3 +154,30 @@ def test_codebook_subset_judge_scores_the_share_below_k():
         CodebookSubsetJudge(0)
     with pytest.raises(ValueError, match="needs the samples' image_tokens"):
         judge.score([sample([1]), RewardSample("p", ParsedChain(), Image.new("RGB", (4, 4)))])
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+def test_reasoning_text_collapses_whitespace_left_by_the_tags():
+    s = RewardSample("p", ParsedChain(), Image.new("RGB", (8, 8)),
+                     reasoning="A  red\n\n<|obj_start|>cat<|obj_end|>\t <|box_start|>(1,2),(3,4)<|box_end|>  end ")
+    assert s.reasoning_text() == "A red cat (1,2),(3,4) end"
+
+
+def test_reward_samples_carry_each_samples_chain_text_and_image_tokens():
+    """What the engine's groups hand the judge: every sample (in order), its own prose (R_sem reads it) and codes."""
+    from types import SimpleNamespace
+
+    from gotr1.chain import parse_chain
+    from gotr1.rewards import reward_samples
+
+    def out(text, k):
+        return SimpleNamespace(chain=parse_chain(text), image=Image.new("RGB", (4, 4)), reasoning_text=text,
+                               image_tokens=torch.full((4,), k))
+
+    texts = [format_chain([ChainObject("cat", (1, 2, 3, 4))], ["A fat", "sits."]), "just prose", "more prose"]
+    groups = [SimpleNamespace(prompt="p0", samples=[out(texts[0], 0), out(texts[1], 1)]),
+              SimpleNamespace(prompt="p1", samples=[out(texts[2], 2)])]
+    samples = reward_samples(groups)
+    assert [(s.prompt, s.reasoning) for s in samples] == [("p0", texts[0]), ("p0", texts[1]), ("p1", texts[2])]
+    assert [s.image_tokens.tolist() for s in samples] == [[k] * 4 for k in range(3)]
+    assert samples[0].reasoning_text() == "A fat cat (1,2),(3,4) sits."

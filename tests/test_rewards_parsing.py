@@ -155,3 +155,65 @@ def test_scale_score_is_linear_onto_unit_interval(lo, hi):
     for s in range(lo, hi + 1):
         assert scale_score(s, lo, hi).item() == pytest.approx((s - lo) / (hi - lo))
     assert scale_score(lo, lo, hi).item() == 0 and scale_score(hi, lo, hi).item() == 1
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+def test_parse_box_prefers_the_keyed_box_to_an_earlier_bare_list():
+    """The whole JSON object is read before the lists inside it: `bbox_2d` wins over another 4-list (a point)."""
+    assert parse_box('{"label": "cat", "points": [5, 5, 6, 6], "bbox_2d": [1, 2, 3, 4]}') == (1, 2, 3, 4)
+
+
+def test_parsers_read_the_json_after_an_unparsable_brace():
+    """A brace in prose that is no JSON is skipped, not the end of the search: the regex fallbacks would read the
+    reasoning's `score: 2` and miss quoted box numbers."""
+    assert parse_score('Note {x}. {"reasoning": "score: 2 would be unfair", "score": 9}', 0, 10) == 9.0
+    assert parse_box('Here {is} it: {"box": ["1", "2", "3", "4"]}') == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("text", ['{"score": "7 points"}', '{"score": "7.5.1"}'])
+def test_parse_score_returns_none_for_numeric_looking_strings(text):
+    """Strings that only start like a number are no number: None, never a `float()` ValueError."""
+    assert parse_score(text, 0, 10) is None
+
+
+@pytest.mark.parametrize("text", [
+    '{"bbox_2d": ["1px", 2, 3, 4]}', '{"bbox_2d": [1, 2, 3, 4, 5]}', '{"bbox_2d": [NaN, 0, 5, 5]}',
+    '[0, 0, Infinity, 5]', '{"box": [-Infinity, 0, 5, 5]}',
+])
+def test_parse_box_returns_none_for_malformed_or_non_finite_boxes(text):
+    """Five numbers, unit-suffixed strings and JSON's NaN/Infinity are no box (a NaN box would make R_RI NaN,
+    which `RewardBreakdown` refuses mid-training)."""
+    assert parse_box(text) is None
+
+
+def test_json_keys_match_case_insensitively_and_the_first_score_wins():
+    assert parse_box('{"BBOX_2D": ["1", "2", "3", "4"]}') == (1, 2, 3, 4)  # quoted: only the JSON path reads it
+    assert parse_score('{"Score": "7", "details": {"score": 2}}', 0, 10) == 7.0
+    assert parse_score('{"score": 7, "details": {"score": 3}}', 0, 10) == 7.0
+
+
+def test_expected_score_stays_on_the_scale_when_digits_take_all_the_mass():
+    """The judge's log-probs are fp32, so their probabilities may sum to a little over 1. After "1" all mass on
+    digits then leaves `1 - sum(p)` below 0: P(10 | 1) must still be 1, not 1 + 2e-7 (a score above 10 scales
+    above 1, which `RewardBreakdown` refuses)."""
+    after = torch.full((1, 10), -1000.0, dtype=torch.float64)
+    after[0, 0], after[0, 5] = math.log(0.6), math.log(0.4 + 1e-7)
+    first = torch.full((1, 10), -1000.0, dtype=torch.float64)
+    first[0, 1] = 0.0
+    for lo in (0, 1):
+        assert expected_score(first, after, lo).item() == 10.0
+
+
+def test_expected_score_reads_one_when_only_invalid_digits_follow_it():
+    """After "1" all mass on "5" (11..19 are no answers): P("0") and P(non-digit) both underflow to 0, and the
+    answer is 1, not 0/0 = NaN (which would count the judge's answer as unparsable)."""
+    first = torch.full((1, 10), -1000.0, dtype=torch.float64)
+    first[0, 1] = first[0, 8] = math.log(0.5)
+    after = torch.full((1, 10), -1000.0, dtype=torch.float64)
+    after[0, 5] = 0.0
+    assert expected_score(first, after, 1).item() == pytest.approx(0.5 * 1 + 0.5 * 8)
+
+
+def test_scale_score_clamps_to_the_unit_interval():
+    assert scale_score(11, 0, 10).item() == 1.0 and scale_score(0, 1, 10).item() == 0.0
+    assert scale_score(torch.tensor([10.000001, -0.5]), 0, 10).tolist() == [1.0, 0.0]

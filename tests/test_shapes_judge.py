@@ -205,3 +205,111 @@ def test_summary_per_category():
     assert table["counting"]["accuracy"] == 1.0 and table["counting"]["total"] == pytest.approx(2.0)
     assert table["spatial"]["total"] == 0.0 and table["overall"]["n"] == 2
     assert math.isclose(table["overall"]["R_sem"], 0.5)
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+def test_plans_overlap_against_the_smaller_box():
+    """R_spa's no-overlap check: at most 10% of the *smaller* box may be shared (a box inside a big one fails)."""
+    from gotr1.shapes.judge import spatial_score
+    from gotr1.shapes.world import parse_prompt
+
+    spec = parse_prompt("a red circle and a blue square")
+    assert spatial_score(spec, [ChainObject("red circle", (0, 0, 900, 900)),
+                                ChainObject("blue square", (100, 100, 300, 300))]) == 0.0
+    circle = ChainObject("red circle", (0, 0, 200, 200))
+    assert spatial_score(spec, [circle, ChainObject("blue square", (180, 0, 380, 200))]) == 1.0  # exactly 10%
+    assert spatial_score(spec, [circle, ChainObject("blue square", (179, 0, 379, 200))]) == 0.0
+
+
+def test_a_single_object_scores_one_on_ground_truth():
+    scene = scene_for_prompt("a red circle", random.Random(0))
+    v = JUDGE.verdict(RewardSample.from_text(scene.prompt, gt_chain(scene), render_scene(scene)))
+    assert (v.R_PI, v.R_sem, v.R_spa, v.R_RI, v.exact_match) == (1.0, 1.0, 1.0, 1.0, True)
+
+
+def test_grounding_matches_each_detected_region_once():
+    """Two planned red circles, one drawn: the second plan may not reuse the region the first matched."""
+    from gotr1.shapes.judge import grounding_score
+
+    drawn, missing = (0, 0, 500, 500), (250, 0, 750, 500)  # IoU 1/3 with the drawn one
+    detections = detect_objects(draw([("red circle", drawn)]))
+    assert len(detections) == 1
+    plan = [ChainObject("red circle", drawn), ChainObject("red circle", missing)]
+    assert grounding_score(plan, detections, 64, 64) == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_drawing_too_many_costs_like_drawing_too_few():
+    three = [("green triangle", (0, 0, 250, 250)), ("green triangle", (375, 0, 625, 250)),
+             ("green triangle", (750, 0, 1000, 250))]
+    v = JUDGE.verdict(sample("two green triangles", three[:2], draw(three)))
+    assert v.R_PI == pytest.approx(2 / 3) and not v.exact_match  # min/max of the counts: 2 of 3
+
+
+def test_every_unrequested_object_is_an_extra():
+    drawn = [("red circle", (0, 0, 250, 250)), ("blue square", (500, 0, 750, 250)),
+             ("blue square", (500, 500, 750, 750))]
+    v = JUDGE.verdict(sample("a red circle", drawn[:1], draw(drawn)))
+    assert v.R_PI == pytest.approx(1 / (1 + 2)) and not v.exact_match
+
+
+def test_boxes_are_read_per_axis_on_non_square_images():
+    from gotr1.shapes.world import COLOURS
+
+    image = np.full((64, 128, 3), 255, np.uint8)
+    image[16:48, 32:64] = COLOURS["red"]
+    (found,) = detect_objects(Image.fromarray(image))
+    assert found.pixel_box == (32, 16, 64, 48) and found.box == (250.0, 250.0, 500.0, 750.0)
+    v = JUDGE.verdict(sample("a red square", [("red square", (250, 250, 500, 750))], Image.fromarray(image)))
+    assert (v.R_PI, v.R_RI, v.exact_match) == (1.0, 1.0, True)
+
+
+def test_off_palette_hues_and_specks_are_background():
+    from gotr1.shapes.world import COLOURS
+
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[8:24, 8:24] = (0, 200, 200)  # cyan, hue 180: 39 degrees from green, 48 from blue (tolerance 24)
+    image[40:42, 40:42] = COLOURS["red"]  # 4 px, under MIN_AREA (20 px at 64 x 64)
+    assert detect_objects(Image.fromarray(image)) == []
+
+
+def test_a_fringe_of_a_third_colour_below_split_is_no_object():
+    """Two touching objects are split by colour; a third colour covering less than SPLIT (41 px at 64 x 64) of the
+    image inside the region is a fringe, not an object, even at an object's size (25 px >= MIN_AREA)."""
+    from gotr1.shapes.world import COLOURS
+
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[8:24, 8:24] = COLOURS["red"]
+    image[8:24, 24:40] = COLOURS["blue"]
+    image[24:29, 8:13] = COLOURS["orange"]
+    assert sorted(d.name for d in detect_objects(Image.fromarray(image))) == ["blue square", "red square"]
+
+
+@pytest.mark.parametrize("size", [384, 512])
+def test_ground_truth_scores_one_when_analysed_downscaled(size):
+    """Above MAX_SIDE (256) the judge analyses a nearest-neighbour reduction: colours stay pure, so box edges
+    stay where they were drawn."""
+    for i in range(10):
+        scene = sample_scene(random.Random(f"downscaled-{i}"), CATEGORIES[i % len(CATEGORIES)])
+        v = JUDGE.verdict(RewardSample.from_text(scene.prompt, gt_chain(scene), render_scene(scene, size)))
+        assert (v.R_PI, v.R_RI, v.exact_match) == (1.0, 1.0, True), scene.prompt
+
+
+@pytest.mark.parametrize("top", [0, 8, 40])
+def test_touching_objects_of_two_colours_are_both_found_anywhere(top):
+    """A region of two touching colours is split into its objects wherever it lies. (The split used to read its
+    crop's labels, which are whole-image pixel indices, against the crop's own size as the background label:
+    below the image's first rows both objects vanished.)"""
+    from gotr1.shapes.world import COLOURS
+
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[top:top + 16, 8:24] = COLOURS["red"]
+    image[top:top + 16, 24:40] = COLOURS["blue"]
+    found = sorted((d.name, d.pixel_box) for d in detect_objects(Image.fromarray(image)))
+    assert found == [("blue square", (24, top, 40, top + 16)), ("red square", (8, top, 24, top + 16))]
+
+
+def test_a_plan_drawn_with_touching_objects_scores_one():
+    touching = [("red square", (125, 250, 375, 500)), ("blue square", (375, 250, 625, 500))]
+    v = JUDGE.verdict(sample("a red square left of a blue square", touching, draw(touching)))
+    assert (v.R_PI, v.R_sem, v.R_RI, v.exact_match) == (1.0, 1.0, 1.0, True)
+    assert v.R_spa == 1.0  # no overlap: the boxes share an edge only

@@ -144,3 +144,14 @@ def test_cli_train_preset_shapes_evaluates_before_and_after(tmp_path, capsys):
     assert metrics["steps"] == 2 and metrics["before"]["overall"] == before and metrics["after"]["overall"] == after
     assert metrics["total_change"]["overall"] == pytest.approx(after["total"] / before["total"] - 1)
     assert len(metrics["train_reward_mean_per_50_steps"]) == 1 and rows[-1]["category"] == "overall"
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+def test_sft_weights_leave_the_vq_to_its_own_asset(shapes, tmp_path):
+    from safetensors import safe_open
+
+    path = save_sft_weights(shapes, tmp_path / "w.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert "model.vqmodel.quantize.embedding.weight" in shapes.model.state_dict()
+    assert keys and not [k for k in keys if k.startswith("model.vqmodel.")]

@@ -137,3 +137,44 @@ def test_base_bundle_generates_and_round_trips_through_a_model_directory(bundle,
 
 def test_default_asset_exists():
     assert DEFAULT_VQ_PATH.is_file() and DEFAULT_VQ_PATH.stat().st_size < 5_000_000
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+def test_quantise_is_the_vq_vae_loss_with_a_straight_through_estimator(vq):
+    """VQ-VAE's loss (van den Oord et al. 2017): the codebook term at weight 1 and the commitment term at `beta`,
+    so the encoder's gradient is `beta * 2 (z - e) / n` (transformers' JanusVQVAEVectorQuantizer puts beta on the
+    codebook term instead: taming's legacy form); the codes pass the decoder's gradient straight to `z`."""
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(1, 2, 2, 8, generator=g), dim=-1).requires_grad_()
+    zq, loss, ids = _quantise(vq, z, 0.25)
+    codes = F.normalize(vq.quantize.embedding.weight, dim=-1)[ids].view(z.shape).detach()
+    torch.testing.assert_close(zq.detach(), codes.permute(0, 3, 1, 2))
+    assert loss.item() == pytest.approx(1.25 * ((codes - z.detach()) ** 2).mean().item())
+    (encoder_grad,) = torch.autograd.grad(loss, z, retain_graph=True)
+    torch.testing.assert_close(encoder_grad, 0.25 * 2 * (z - codes).detach() / z.numel())
+    (straight,) = torch.autograd.grad((3 * zq).sum(), z)
+    torch.testing.assert_close(straight, torch.full_like(z, 3.0))
+
+
+def test_dead_codes_restart_at_the_worst_served_latents():
+    from gotr1.shapes.vq import _farthest
+
+    pool = torch.eye(4)
+    codebook = torch.tensor([[1.0, 0.1, 0.0, 0.0], [0.0, 1.0, 0.1, 0.0]])  # best cosines: .995, .995, .0995, 0
+    assert _farthest(pool, codebook, 2).tolist() == [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+
+
+def test_spherical_kmeans_keeps_a_centroid_whose_cluster_empties():
+    """Two distinct directions, three centroids: one cluster ends empty and keeps its (unit) centroid."""
+    points = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(50, 1)
+    found = spherical_kmeans(points, 3)
+    torch.testing.assert_close(found.norm(dim=-1), torch.ones(3))
+
+
+def test_trained_codebook_rows_are_unit_vectors_whatever_the_learning_rate():
+    """Adam moves the rows off the sphere (to 0.98..1.11 here): training ends by normalising them, on which
+    transformers' Euclidean argmin == the training's cosine argmax rests."""
+    vq, _ = train_vq(VQTrainConfig(steps=6, batch_size=2, restart_every=1, warmup_fraction=0.34, init_batches=1,
+                                   learning_rate=0.5), log=lambda s: None)
+    torch.testing.assert_close(vq.quantize.embedding.weight.norm(dim=-1), torch.ones(vq.config.num_embeddings))
+

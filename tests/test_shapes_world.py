@@ -356,3 +356,71 @@ def test_a_failed_evaluation_leaves_the_model_in_its_training_mode():
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluate(bundle, ["a red circle"], engine=Failing(), progress=False)
     assert bundle.model.training
+
+
+# ------------------------------------------------------------------------------------------- mutation review
+def test_directional_relations_allow_exactly_tol_of_overlap():
+    """`left of` / `above` tolerate TOL (31) units of overlap (blur), minus the margin asked for; one more fails."""
+    from gotr1.shapes.world import TOL
+
+    assert TOL == 31
+    b = (300, 400, 500, 600)
+    assert relation_holds("left of", (100, 400, 331, 600), b) and not relation_holds("left of", (100, 400, 332, 600), b)
+    assert relation_holds("left of", (100, 400, 301, 600), b, margin=30)
+    assert not relation_holds("left of", (100, 400, 302, 600), b, margin=30)
+    b = (400, 300, 600, 500)
+    assert relation_holds("above", (400, 100, 600, 331), b) and not relation_holds("above", (400, 100, 600, 332), b)
+
+
+def test_next_to_needs_boxes_side_by_side_that_share_rows():
+    assert relation_holds("next to", (0, 0, 100, 100), (150, 50, 250, 150))
+    assert not relation_holds("next to", (0, 0, 100, 100), (150, 120, 250, 220))  # diagonal: no row in common
+    assert not relation_holds("next to", (0, 0, 100, 300), (110, 250, 210, 1000))  # mostly below, though close
+
+
+def test_layout_validity_checks_the_counts_of_unrelated_objects():
+    spec = parse_prompt("a red circle and two blue squares")
+    scene = scene_for_prompt("a red circle and two blue squares", random.Random(0))
+    assert layout_valid(spec, scene.objects) and [o.name for o in scene.objects] == ["red circle"] + ["blue square"] * 2
+    assert not layout_valid(spec, scene.objects[:2]) and not layout_valid(spec, scene.objects[1:])
+
+
+def test_counts_go_up_to_five():
+    assert parse_prompt("five red circles").objects == (ObjectSpec("red", "circle", 5),)
+    assert parse_prompt("5 blue squares and a red circle").objects[0] == ObjectSpec("blue", "square", 5)
+    assert len(sample_layout(parse_prompt("five red circles"), random.Random(0))) == 5
+
+
+def test_on_top_of_prompts_get_ground_truth_layouts():
+    """The sampler's one-step gap is what `on top of` allows (TOUCH - GT_MARGIN = 95 units): a wider gap would make
+    every such prompt unlayable, and `sample_scene` would silently drop the relation from the splits."""
+    for seed in range(5):
+        scene = scene_for_prompt("a red circle on top of a blue square", random.Random(seed))
+        assert layout_valid(scene.spec, scene.objects)
+        assert relation_holds("on top of", scene.objects[0].box, scene.objects[1].box)
+
+
+def test_grid_steps_round_half_up_onto_the_frame():
+    assert [grid_to_frame(g) for g in range(GRID + 1)] == [0, 63, 125, 188, 250, 313, 375, 438, 500, 563, 625, 688,
+                                                           750, 813, 875, 938, 1000]
+
+
+def test_later_objects_are_drawn_on_top():
+    image = np.asarray(render_objects([("red", "square", (0, 0, 500, 500)), ("blue", "square", (250, 250, 750, 750))]))
+    assert tuple(image[24, 24]) == COLOURS["blue"] and tuple(image[8, 8]) == COLOURS["red"]
+
+
+def test_evaluate_checks_the_prompts_before_generating_anything():
+    from types import SimpleNamespace
+
+    import torch
+
+    from gotr1.shapes.evaluate import evaluate
+
+    class Refusing:
+        def generate(self, *args, **kwargs):
+            raise AssertionError("generated before the prompts were checked")
+
+    with pytest.raises(PromptParseError, match="prompt 2: .*zebra"):
+        evaluate(SimpleNamespace(model=torch.nn.Linear(1, 1)), ["a red circle", "a zebra"], engine=Refusing(),
+                 progress=False)

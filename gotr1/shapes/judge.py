@@ -131,10 +131,11 @@ def _prepare(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _components(labels: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(label ids, areas, x1, y1, x2, y2) of every labelled component (x2/y2 exclusive)."""
+def _components(labels: np.ndarray, background: int) -> tuple[np.ndarray, ...]:
+    """(label ids, areas, x1, y1, x2, y2) of every component in `labels` (x2/y2 exclusive). `background` is the
+    label of no component: the whole image's H*W, also in a crop of it (whose own size is no sentinel there)."""
     h, w = labels.shape
-    fg = labels < h * w
+    fg = labels != background
     ys, xs = np.nonzero(fg)
     ids, inverse, areas = np.unique(labels[fg], return_inverse=True, return_counts=True)
     x1, y1 = np.full(len(ids), w), np.full(len(ids), h)
@@ -167,7 +168,7 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
         out.append(Detection(_PALETTE_NAMES[colour - 1], classify_shape(mask), (int(x1), int(y1), int(x2), int(y2)),
                              tuple(float(v) for v in box), int(area)))
 
-    for label, area, x1, y1, x2, y2 in zip(*_components(regions)):
+    for label, area, x1, y1, x2, y2 in zip(*_components(regions, h * w)):
         if area < min_area:
             continue
         mask = regions[y1:y2, x1:x2] == label
@@ -179,7 +180,7 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[Detection]:
         if single is None:
             single = label_components(classes)
         inside = np.where(mask, single[y1:y2, x1:x2], h * w)
-        for sub, sub_area, sx1, sy1, sx2, sy2 in zip(*_components(inside)):
+        for sub, sub_area, sx1, sy1, sx2, sy2 in zip(*_components(inside, h * w)):
             colour = int(classes[y1:y2, x1:x2].reshape(-1)[np.argmax(inside.reshape(-1) == sub)])
             if sub_area >= min_area and colour in major:
                 add(inside[sy1:sy2, sx1:sx2] == sub, colour, x1 + sx1, y1 + sy1, x1 + sx2, y1 + sy2, sub_area)
