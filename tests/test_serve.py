@@ -343,6 +343,10 @@ def test_shutdown_answers_every_request_in_flight_with_503(tiny, monkeypatch):
             assert next(events)[0] == "token"  # running
             queued = pool.submit(client.post, "/v1/generate", json=long)  # max_num_seqs: waits for the stream
             assert wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
+            # The stream's and the queued request's tasks only: a /health poll's task outlives its response a little,
+            # and counting it made the wait below pass before the late request's headers arrived (its connection,
+            # not yet a request when shutdown began, was then closed: a reset instead of a 503).
+            assert wait_until(lambda: len(srv.server.server_state.tasks) == 2)
             with raw_post(client, f"Content-Length: {len(late)}\r\n", timeout_s=30) as sock:
                 sock.sendall(late[:5])
                 assert wait_until(lambda: len(srv.server.server_state.tasks) == 3)  # its handler awaits the body
@@ -425,9 +429,11 @@ def test_adapter_is_loaded_and_merged(tmp_path):
         load_adapter(served, tmp_path)
 
 
-def test_cli_serve_parses_and_reports_a_bad_adapter(tmp_path, capsys):
+def test_cli_serve_parses_and_reports_a_bad_adapter(tmp_path, capsys, monkeypatch):
     args = build_parser().parse_args(["serve", "--preset", "tiny", "--port", "0", "--max-queue", "3"])
     assert (args.host, args.port, args.max_queue, args.adapter) == ("127.0.0.1", 0, 3, None)
+    # Serving despite the bad adapter fails here, instead of blocking on a real server on port 8000.
+    monkeypatch.setattr("gotr1.serving.serve", lambda *a, **kw: pytest.fail("served with a bad adapter"))
     assert main(["serve", "--preset", "tiny", "--adapter", str(tmp_path)]) == 2
     assert "not a peft adapter directory" in capsys.readouterr().err
 
@@ -527,7 +533,7 @@ def test_engine_thread_death_answers_every_pending_request(tiny):
         await asyncio.wait_for(first.admitted, 10)
         event = await asyncio.wait_for(first.events.get(), 10)
         assert isinstance(event, FailedEvent) and "injected bug" in event.message
-        with pytest.raises(RuntimeError, match="engine"):
+        with pytest.raises(RuntimeError, match=r"engine thread died: RuntimeError\('injected bug'\)"):
             await asyncio.wait_for(during.admitted, 10)
         await asyncio.to_thread(worker._thread.join, 10)
         assert not worker.alive
@@ -690,3 +696,358 @@ def test_a_client_gone_before_its_decode_runs_is_not_decoded(main_server, monkey
     assert wait_until(lambda: client.get("/health").json()["in_flight"] == 0)
     time.sleep(0.2)  # the decoder thread would take the second decode now
     assert len(calls) == 1 and metric(client, "gotr1_time_to_image_seconds_count") == decoded + 1
+
+
+# ------------------------------------------------------------------------------------------------ mutation review
+def test_request_model_bounds_are_exact(tiny):
+    """Each bound of the request model at its edge: the edge value is accepted, one past it refused. The reasoning
+    budget is capped where BOS, `<begin_of_image>` and the image tokens still fit the model's positions."""
+    from pydantic import ValidationError
+
+    from engine.sampling_params import MAX_CFG_WEIGHT, MAX_TEMPERATURE, MAX_TOP_K, MIN_TEMPERATURE
+    from gotr1.serving.app import request_model
+
+    limit = tiny.max_positions - 2 - tiny.num_image_tokens
+    body = request_model(ServerConfig(max_n=4), tiny)
+    edges = dict(prompt="x" * 2000, n=4, seed=2**63 - 1, cfg_weight=MAX_CFG_WEIGHT, text_temperature=MIN_TEMPERATURE,
+                 image_temperature=MAX_TEMPERATURE, top_k=MAX_TOP_K, top_p=1.0, max_reasoning_tokens=limit,
+                 min_reasoning_tokens=0)
+    assert body.model_validate(edges).model_dump(exclude={"returns", "stream"}) == edges
+    for field, value, message in [("seed", 2**63, "less than 9223372036854775808"),
+                                  ("max_reasoning_tokens", limit + 1, f"less than or equal to {limit}"),
+                                  ("min_reasoning_tokens", -1, "greater than or equal to 0"),
+                                  ("image_temperature", MAX_TEMPERATURE * 1.01, "less than or equal to"),
+                                  ("text_temperature", MAX_TEMPERATURE * 1.01, "less than or equal to")]:
+        with pytest.raises(ValidationError, match=message) as e:
+            body.model_validate({**edges, field: value})
+        assert [err["loc"] for err in e.value.errors()] == [(field,)]
+    # A default budget over what the model holds is capped to it, not left to fail every request that omits it.
+    capped = request_model(ServerConfig(default_max_reasoning_tokens=10**6), tiny)
+    assert capped.model_validate({"prompt": "a"}).max_reasoning_tokens == limit
+    assert ServerConfig(default_max_reasoning_tokens=0, default_cfg_weight=0.0).default_cfg_weight == 0.0
+    assert ServerConfig(default_cfg_weight=MAX_CFG_WEIGHT).default_cfg_weight == MAX_CFG_WEIGHT
+    for bad in (dict(default_cfg_weight=MAX_CFG_WEIGHT * 1.01), dict(default_max_reasoning_tokens=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServerConfig(**bad)
+
+
+def test_error_bodies_name_each_field_and_carry_the_details(main_server):
+    """The 422 body: every failing field as `field: message` joined by "; " (without pydantic's `body.` prefix),
+    and the structured list under `detail`; a refusal by FastAPI or the body limit, on any route, in the same
+    `{"error"}` format with its headers (a 405 names the allowed method)."""
+    client, _ = main_server
+    r = client.post("/v1/generate", json={"prompt": "a", "n": 5, "top_p": 0})
+    assert r.status_code == 422
+    assert r.json() == {"error": "n: Input should be less than or equal to 4; top_p: Input should be greater than 0",
+                        "detail": [{"loc": ["body", "n"], "msg": "Input should be less than or equal to 4",
+                                    "type": "less_than_equal"},
+                                   {"loc": ["body", "top_p"], "msg": "Input should be greater than 0",
+                                    "type": "greater_than"}]}
+    invalid = metric(client, 'gotr1_requests_total{outcome="invalid"}')
+    r = client.post("/v1/generate", content=b"[" * 100000, headers={"content-type": "application/json"})
+    assert r.status_code == 400  # FastAPI's own refusal, counted as invalid as a malformed body is
+    assert metric(client, 'gotr1_requests_total{outcome="invalid"}') == invalid + 1
+    r = client.get("/v1/generate")
+    assert (r.status_code, r.json(), r.headers["allow"]) == (405, {"error": "Method Not Allowed"}, "POST")
+    assert metric(client, 'gotr1_requests_total{outcome="invalid"}') == invalid + 1
+
+
+def test_a_seedless_request_reports_the_seed_it_ran_with(tiny, main_server):
+    """A request without a seed draws its own, different per request, and reports the one the engine used:
+    the offline engine given the reported seed makes the same tokens (in the body, and the stream's `X-Seed`)."""
+    client, _ = main_server
+    body = dict(prompt=PROMPTS[2], n=2, max_reasoning_tokens=5)
+    a, b = (client.post("/v1/generate", json={**body, "return": ["tokens"]}).json() for _ in range(2))
+    with client.stream("POST", "/v1/generate", json={**body, "return": ["tokens"], "stream": True}) as r:
+        seed, request_id = int(r.headers["x-seed"]), r.headers["x-request-id"]
+        done = [d for k, d in sse_events(r.iter_lines()) if k == "done"][0]
+    assert len({a["seed"], b["seed"], seed}) == 3 and (done["seed"], done["id"]) == (seed, request_id)
+    engine = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16))
+    for got in (a, b, done):
+        [want] = engine.generate([body["prompt"]], params_of({**body, "seed": got["seed"]}, decode_images=False),
+                                 use_tqdm=False)
+        assert [(s["reasoning_ids"], s["image_tokens"]) for s in got["samples"]] == [
+            (w.reasoning_ids, w.image_tokens.tolist()) for w in want.samples]
+
+
+def test_layout_alone_is_decoded_and_drawn(tiny, main_server):
+    """`"return": ["layout"]` needs the decoded image as much as `"image"` does."""
+    from gotr1.chain import layout_overlay
+
+    client, _ = main_server
+    body = dict(prompt=PROMPTS[3], seed=11, max_reasoning_tokens=4)
+    r = client.post("/v1/generate", json={**body, "return": ["layout"]})
+    assert r.status_code == 200, r.text
+    [sample] = r.json()["samples"]
+    [want] = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16)).generate([body["prompt"]],
+                                                                                      params_of(body), use_tqdm=False)
+    assert set(sample) == {"index", "layout"}
+    w = want.samples[0]
+    np.testing.assert_array_equal(png_array(sample["layout"]),
+                                  np.asarray(layout_overlay(w.image, w.chain.objects).convert("RGB")))
+
+
+def test_metrics_count_each_finished_request(main_server):
+    """One request's effect on the counters and histograms: its tokens (reasoning + image), one time to first
+    token and one time to image, the engine's forwards (the engine's own count) with one duration per step()
+    call, and a tokens/s gauge that includes it."""
+    client, state = main_server
+    names = ["gotr1_generated_tokens_total", "gotr1_time_to_first_token_seconds_count",
+             "gotr1_time_to_image_seconds_count", 'gotr1_requests_total{outcome="completed"}',
+             "gotr1_engine_steps_total", "gotr1_engine_step_seconds_count"]
+    before, forwards = {n: metric(client, n) for n in names}, state.engine.num_steps
+    calls = state.metrics.step_seconds.count
+    r = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], n=2, seed=5, max_reasoning_tokens=3,
+                                              **{"return": ["tokens", "image"]}))
+    assert r.status_code == 200, r.text
+    tokens = sum(len(s["reasoning_ids"]) + len(s["image_tokens"]) for s in r.json()["samples"])
+    delta = {n: metric(client, n) - before[n] for n in names}
+    forwards = state.engine.num_steps - forwards
+    assert forwards >= 1 + 3 + 16  # prefill, the rest of the chain to <begin_of_image>, one per image token
+    assert delta == {"gotr1_generated_tokens_total": tokens, "gotr1_time_to_first_token_seconds_count": 1,
+                     "gotr1_time_to_image_seconds_count": 1, 'gotr1_requests_total{outcome="completed"}': 1,
+                     "gotr1_engine_steps_total": forwards,
+                     "gotr1_engine_step_seconds_count": state.metrics.step_seconds.count - calls}
+    assert 0 < delta["gotr1_engine_step_seconds_count"] <= forwards
+    assert metric(client, "gotr1_tokens_per_second") >= tokens / 10  # a 10 s window that holds this request
+
+
+def test_time_to_image_includes_the_decode(main_server, monkeypatch):
+    client, state = main_server
+    images = state._images
+
+    def slow(output, returns):
+        time.sleep(0.3)  # a decode that takes 0.3 s at least
+        return images(output, returns)
+
+    monkeypatch.setattr(state, "_images", slow)
+    total = metric(client, "gotr1_time_to_image_seconds_sum")
+    t = client.post("/v1/generate", json=dict(prompt=PROMPTS[0], seed=1, max_reasoning_tokens=2)).json()["timing"]
+    assert t["time_to_image_s"] - t["time_to_last_token_s"] >= 0.3
+    assert math.isclose(metric(client, "gotr1_time_to_image_seconds_sum") - total, t["time_to_image_s"],
+                        rel_tol=1e-6)
+
+
+def test_gauges_follow_a_request_through_the_engine(main_server):
+    """While a stream decodes: one running group, none queued, one request in flight, its KV blocks used; the
+    same on /health and /metrics. After it is closed: nothing in flight, every block free."""
+    client, _ = main_server
+
+    def gauges():  # from one scrape: the engine thread moves on between two
+        values = dict(line.split() for line in client.get("/metrics").text.splitlines() if line.startswith("gotr1_"))
+        return {n: float(values[f"gotr1_{n}"]) for n in ("queue_depth", "running_groups", "requests_in_flight",
+                                                          "kv_blocks_used", "kv_blocks_free", "kv_blocks_capacity")}
+
+    long = dict(prompt=PROMPTS[0], seed=1, max_reasoning_tokens=1500, min_reasoning_tokens=1500, stream=True)
+    with client.stream("POST", "/v1/generate", json=long) as stream:
+        events = sse_events(stream.iter_lines())
+        assert next(events)[0] == "token"
+        health, g = client.get("/health").json(), gauges()
+        assert (health["queue_depth"], health["running_groups"], health["in_flight"]) == (0, 1, 1)
+        assert (g["queue_depth"], g["running_groups"], g["requests_in_flight"], g["kv_blocks_capacity"]) == (
+            0, 1, 1, 512)
+        assert g["kv_blocks_used"] > 0 and g["kv_blocks_used"] + g["kv_blocks_free"] == 512
+    assert wait_until(lambda: gauges() == {"queue_depth": 0, "running_groups": 0, "requests_in_flight": 0,
+                                           "kv_blocks_used": 0, "kv_blocks_free": 512, "kv_blocks_capacity": 512})
+
+
+def test_the_app_under_any_asgi_server(tiny):
+    """`create_app` as a plain ASGI app (httpx's transport, no `_Server`): before its lifespan runs, /health and
+    requests get 503 (not a request awaiting an engine thread that never started); under it requests run; leaving
+    it stops the engine thread and waits for it. A request whose submission races the shutdown is shed: 503,
+    counted as such."""
+    import asyncio
+
+    body = dict(prompt=PROMPTS[0], seed=2, max_reasoning_tokens=2, **{"return": ["tokens"]})
+    shutting_down = (503, {"error": "the server is shutting down"})
+
+    def new_app():
+        return create_app(tiny, EngineConfig(num_kv_blocks=64, block_size=16), ServerConfig(max_n=2, max_queue=2))
+
+    async def post(client):
+        r = await asyncio.wait_for(client.post("/v1/generate", json=body), 30)
+        return r.status_code, r.json()
+
+    async def lifespan(app):
+        server = app.state.server
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            r = await client.get("/health")
+            assert (r.status_code, r.json()["status"]) == (503, "engine stopped")
+            assert await post(client) == (503, {"error": "the engine is not running"})
+            shut_down = server.worker._shut_down
+            server.worker._shut_down = lambda commands: (time.sleep(0.2), shut_down(commands))  # a slow exit
+            async with app.router.lifespan_context(app):
+                assert (await client.get("/health")).json()["status"] == "ok"
+                assert (await post(client))[0] == 200
+            assert not server.worker._thread.is_alive()
+            assert await post(client) == shutting_down
+
+    async def racing_shutdown(app):
+        server = app.state.server
+        submit = server.worker.submit
+
+        def racing(job):  # shutdown begins between the handler's checks and the submission
+            server.shut_down()
+            submit(job)
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
+            async with app.router.lifespan_context(app):
+                server.worker.submit = racing
+                assert await post(client) == shutting_down
+
+    for scenario in (lifespan, racing_shutdown):
+        app = new_app()
+        asyncio.run(scenario(app))
+        outcomes = app.state.server.metrics.requests_total
+        assert [outcomes.get(o) for o in ("shutdown", "failed", "completed")] == [1, 0, int(scenario is lifespan)]
+
+
+def test_worker_late_abort_and_adds_beside_the_stop(tiny):
+    """At the engine thread: an abort arriving after its request finished (a client leaving just after its last
+    token) is a no-op, not a crash or a `cancelled` count; the gauges are published before the events (a
+    finished request's blocks show free when its answer arrives); an add read together with the stop command
+    is refused as shutting down, answered once (no second answer raising inside the event loop)."""
+    import asyncio
+
+    from gotr1.serving.worker import SHUTTING_DOWN, FinishedEvent, Job
+
+    params = SamplingParams(n=1, max_reasoning_tokens=3, seed=0, decode_images=False)
+
+    async def finish(worker, job):
+        worker.submit(job)
+        await asyncio.wait_for(job.admitted, 10)
+        return await asyncio.wait_for(job.events.get(), 30)
+
+    async def scenario():
+        loop, errors = asyncio.get_running_loop(), []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        metrics = ServerMetrics(64)
+        worker = EngineWorker(LLMEngine(tiny, EngineConfig(num_kv_blocks=64, block_size=16)), metrics)
+        worker.start()
+        first, second = (Job(name, PROMPTS[0], params, False, loop) for name in ("first", "second"))
+        free_when_posted = []
+        post = first.post
+        first.post = lambda event: (free_when_posted.append(metrics.kv_blocks_free.get()), post(event))
+        assert isinstance(await finish(worker, first), FinishedEvent) and free_when_posted == [64]
+        worker.cancel(first)
+        assert isinstance(await finish(worker, second), FinishedEvent) and worker.alive
+        assert [metrics.requests_total.get(o) for o in ("completed", "cancelled")] == [2, 0]
+        worker.stop()
+        await asyncio.to_thread(worker.join, 10)
+
+        stopped = EngineWorker(worker.engine, metrics)
+        pending = Job("pending", PROMPTS[0], params, False, loop)
+        stopped.submit(pending)
+        stopped.stop()
+        stopped.start()  # reads the add and the stop together
+        with pytest.raises(RuntimeError, match=SHUTTING_DOWN):
+            await asyncio.wait_for(pending.admitted, 10)
+        await asyncio.to_thread(stopped.join, 10)
+        await asyncio.sleep(0)  # let any callback the thread scheduled last run
+        assert errors == [] and not stopped.engine.has_unfinished()
+
+    asyncio.run(scenario())
+
+
+def test_metric_units():
+    """Histogram bucket edges are inclusive (`le`); the tokens/s rate is a 10 s window's sum over 10 s;
+    counters refuse to go down; label values are escaped; bucket lists must increase."""
+    from gotr1.serving.metrics import Counter, Rate
+
+    h = Histogram("h", "test", buckets=(0.5, 1.0, 10.0))
+    for v in (0.5, 1.0, 10.0, 10.5):
+        h.observe(v)
+    assert h.samples() == ['h_bucket{le="0.5"} 1', 'h_bucket{le="1"} 2', 'h_bucket{le="10"} 3',
+                           'h_bucket{le="+Inf"} 4', "h_sum 22", "h_count 4"]
+    rate = Rate(10.0)
+    rate.add(30, now=100.0)
+    rate.add(50, now=105.0)
+    assert (rate.per_second(now=105.0), rate.per_second(now=110.0), rate.per_second(now=112.0),
+            rate.per_second(now=116.0)) == (8.0, 8.0, 5.0, 0.0)
+    c = Counter("c_total", "test", label="l")
+    c.inc(2, label_value='a"b\\c\nd')
+    assert c.samples() == ['c_total{l="a\\"b\\\\c\\nd"} 2']
+    with pytest.raises(ValueError, match="only goes up"):
+        c.inc(-1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Histogram("h", "test", buckets=(1.0, 0.5))
+    lines = ServerMetrics(8).render().splitlines()  # before any request: a 0, not a missing series
+    assert {"gotr1_requests_in_flight 0", "gotr1_engine_steps_total 0", "gotr1_kv_blocks_capacity 8"} <= set(lines)
+
+
+def test_cli_serve_passes_every_flag_on(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("gotr1.serving.serve", lambda bundle, **kw: seen.update(kw, bundle=bundle))
+    assert main(["serve", "--preset", "tiny", "--host", "0.0.0.0", "--port", "65535",
+                 "--max-n", "3", "--max-queue", "5", "--max-body-bytes", "999", "--num-kv-blocks", "40",
+                 "--block-size", "32", "--num-scheduler-steps", "4"]) == 0
+    config, engine_config = seen["config"], seen["engine_config"]
+    assert (seen["host"], seen["port"]) == ("0.0.0.0", 65535)
+    assert (config.max_n, config.max_queue, config.max_body_bytes) == (3, 5, 999)
+    assert (engine_config.num_kv_blocks, engine_config.block_size, engine_config.num_scheduler_steps) == (40, 32, 4)
+    assert seen["bundle"].model.dtype == torch.float32  # no GPU here: float32 unless --dtype says otherwise
+    assert main(["serve", "--preset", "tiny"]) == 0
+    defaults = ServerConfig()
+    assert (seen["config"].max_n, seen["config"].max_queue, seen["config"].max_body_bytes) == (
+        defaults.max_n, defaults.max_queue, defaults.max_body_bytes)
+
+
+def test_stream_state_sends_tokens_then_the_parsed_boxes(tiny):
+    """A chain with an object, streamed in two parts (the second as the finished output's catch-up): the `token`
+    ids and texts rebuild it, one `boxes` event parses the whole chain at `<begin_of_image>`, a sample that got
+    nothing sends nothing, and a token after `<begin_of_image>` is refused."""
+    from types import SimpleNamespace
+
+    from gotr1.serving.responses import StreamState
+
+    text = "猫 café: <|obj_start|>cat<|obj_end|> <|box_start|>(100,200),(300,400)<|box_end|>"
+    ids = [*tiny.tokenizer.encode(text, add_special_tokens=False), tiny.boi_id]
+    state = StreamState(tiny, 2)
+    events = list(sse_events(state.tokens([(1, ids[:2])]).splitlines()))
+    output = SimpleNamespace(samples=[SimpleNamespace(reasoning_ids=[]), SimpleNamespace(reasoning_ids=ids)])
+    events += sse_events(state.catch_up(output).splitlines())
+    assert [k for k, _ in events] == ["token"] * len(ids) + ["boxes"] and {d["sample"] for _, d in events} == {1}
+    assert [d["id"] for _, d in events[:-1]] == ids and "".join(d["text"] for _, d in events[:-1]) == text
+    assert events[-1][1] == {"sample": 1, "chain": text, "boxes": [{"name": "cat", "box": [100, 200, 300, 400]}],
+                             "problems": []}
+    assert state.catch_up(output) == ""
+    with pytest.raises(RuntimeError, match="after its <begin_of_image>"):
+        state.tokens([(1, ids[:1])])
+
+
+def test_a_stream_catches_up_on_ids_its_progress_did_not_show(tiny, main_server, monkeypatch):
+    """The engine thread streams what `progress` shows after each step; ids only the finished output holds (a
+    progress lagging one id behind here, `<begin_of_image>` included) are sent from it before `done`, once each."""
+    client, state = main_server
+    progress = state.engine.progress
+    monkeypatch.setattr(state.engine, "progress", lambda rid: [(ids[:-1], n) for ids, n in progress(rid)])
+    body = dict(prompt=PROMPTS[1], n=2, seed=9, max_reasoning_tokens=5)
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True, "return": ["chain"]}) as r:
+        events = list(sse_events(r.iter_lines()))
+    [want] = LLMEngine(tiny, EngineConfig(num_kv_blocks=512, block_size=16)).generate(
+        [body["prompt"]], params_of(body, decode_images=False), use_tqdm=False)
+    assert events[-1][0] == "done"
+    for i, w in enumerate(want.samples):
+        mine = [(k, d) for k, d in events if d.get("sample") == i]
+        assert [d["id"] for k, d in mine if k == "token"] == w.reasoning_ids
+        assert mine[-1] == ("boxes", {"sample": i, "chain": w.reasoning_text, "problems": w.chain.problems,
+                                      "boxes": [{"name": o.name, "box": list(o.box)} for o in w.chain.objects]})
+
+
+def test_a_client_leaving_ends_its_handler(tiny):
+    """A request its client abandoned is answered inside the server too: its handler, plain or streaming, returns
+    instead of awaiting events forever (a task leaked per client that gave up). Also: `interrupt_windows=False`
+    reaches the engine thread."""
+    srv, state = _start(tiny, EngineConfig(num_kv_blocks=512, block_size=16),
+                        ServerConfig(max_n=1, max_queue=4, interrupt_windows=False))
+    assert state.worker.interrupt_windows is False
+    long = dict(prompt=PROMPTS[1], seed=3, max_reasoning_tokens=1500, min_reasoning_tokens=1500)
+    with srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client:
+        tasks = srv.server.server_state.tasks
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/generate", json=long, timeout=httpx.Timeout(60.0, read=0.2))
+        with client.stream("POST", "/v1/generate", json={**long, "stream": True}) as stream:
+            assert next(sse_events(stream.iter_lines()))[0] == "token"
+        assert wait_until(lambda: state.metrics.requests_total.get("cancelled") == 2)
+        assert wait_until(lambda: not tasks)
+        assert state.in_flight == 0

@@ -153,12 +153,14 @@ class ServerMetrics:
         self.requests_total = Counter("gotr1_requests_total", "Requests by outcome: completed, cancelled (by the "
                                       "client), failed, invalid, queue_full, shutdown (shed by a stopping server).",
                                       label="outcome")
-        self.steps_total = Counter("gotr1_engine_steps_total", "Engine steps (one forward each).")
+        self.steps_total = Counter("gotr1_engine_steps_total", "Engine steps (one forward each; a multi-step "
+                                                               "decode window runs several).")
         self.time_to_first_token = Histogram("gotr1_time_to_first_token_seconds",
                                              "Arrival to the first reasoning token of a finished request.")
         self.time_to_image = Histogram("gotr1_time_to_image_seconds",
                                        "Arrival to the decoded images of a finished request.")
-        self.step_seconds = Histogram("gotr1_engine_step_seconds", "Duration of one engine step.",
+        self.step_seconds = Histogram("gotr1_engine_step_seconds", "Duration of one scheduled batch: a prefill, "
+                                      "or a decode window of up to num_scheduler_steps steps.",
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 
     def render(self) -> str:

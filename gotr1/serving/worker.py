@@ -173,7 +173,7 @@ class EngineWorker:
         return not self.inbox.empty()
 
     def _step(self) -> None:
-        start = time.perf_counter()
+        start, forwards = time.perf_counter(), self.engine.num_steps
         try:
             outputs = self.engine.step(interrupt=self._has_commands if self.interrupt_windows else None)
         except Exception as e:
@@ -182,7 +182,7 @@ class EngineWorker:
             return
         now = time.perf_counter()
         self.metrics.step_seconds.observe(now - start)
-        self.metrics.steps_total.inc()
+        self.metrics.steps_total.inc(self.engine.num_steps - forwards)  # a decode window runs several
         events: list[tuple[Job, TokensEvent | FinishedEvent]] = []
         for out in outputs:
             job = self.jobs.pop(out.request_id)
