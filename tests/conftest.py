@@ -63,6 +63,16 @@ def gpu_rounding(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def poison_first_step():
+    """`trainer -> None`: an inf in one gradient of the trainer's first step only (a hook on its first trainable
+    parameter, a LoRA weight), the step a loss scaler must skip and an unscaled run must refuse (SFT and GRPO)."""
+    def poison(trainer) -> None:
+        trainer.params[0].register_hook(lambda g: g * float("inf") if trainer.step == 0 else g)
+
+    return poison
+
+
+@pytest.fixture(scope="session")
 def boi_biased_tiny():
     """`(image_size, bias) -> bundle`: the tiny preset at `image_size` px with an `lm_head` bias of `bias` on
     `<begin_of_image>` (a random tiny model almost never samples it; bias 4 makes it about 9% likely per reasoning

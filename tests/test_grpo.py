@@ -460,12 +460,8 @@ def fp16_trainer(tmp_path, **kw) -> GRPOTrainer:
     return GRPOTrainer(small_config(tmp_path, dtype="float16", **kw), bundle, PROMPTS, CodebookSubsetJudge(512))
 
 
-def poison_first_step(trainer: GRPOTrainer) -> None:
-    """A non-finite gradient in the first step only (a hook on a LoRA weight): the step GradScaler must skip."""
-    trainer.params[0].register_hook(lambda g: g * float("inf") if trainer.step == 0 else g)
-
-
-def test_fp16_step_scales_the_fused_loss_and_skips_a_step_with_inf_gradients(tmp_path, monkeypatch):
+def test_fp16_step_scales_the_fused_loss_and_skips_a_step_with_inf_gradients(tmp_path, monkeypatch,
+                                                                             poison_first_step):
     """The loss scaler's scale reaches the fused loss (`grad_scale`) of every micro-batch; a step with inf gradients
     is skipped as in transformers' Trainer (parameters, optimizer state and the learning rate schedule untouched, the
     scale halved); the next trains at the halved scale; metrics.jsonl logs both."""
@@ -490,7 +486,7 @@ def test_fp16_step_scales_the_fused_loss_and_skips_a_step_with_inf_gradients(tmp
     assert [(m["loss_scale"], m["step_skipped"]) for m in logged] == [(2.0**16, 1.0), (2.0**15, 0.0)]
 
 
-def test_fp16_resume_is_exact(tmp_path):
+def test_fp16_resume_is_exact(tmp_path, poison_first_step):
     """The checkpoint holds the halved scale of a skipped first step: the resumed fp16 run gives the uninterrupted
     run's metrics (loss scales and skips included) and parameters."""
     full = fp16_trainer(tmp_path / "full")

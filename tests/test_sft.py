@@ -248,18 +248,13 @@ def _fp16_trainer(path, **kw) -> SFTTrainer:
                       _examples(bundle))
 
 
-def _poison_first_step(trainer: SFTTrainer) -> None:
-    """An inf in one gradient of the first step only (a hook on a LoRA weight): the step GradScaler must skip."""
-    trainer.params[0].register_hook(lambda g: g * float("inf") if trainer.step == 0 else g)
-
-
-def test_fp16_skips_a_step_with_inf_gradients_and_halves_the_scale(tmp_path):
+def test_fp16_skips_a_step_with_inf_gradients_and_halves_the_scale(tmp_path, poison_first_step):
     """As transformers' Trainer with fp16: the scaled step is skipped (parameters, optimizer state and learning rate
     untouched: the scheduler waits), the scale halves, and metrics.jsonl logs the scale and the skip; the next step
     trains at the halved scale. A disabled scaler (bf16) logs neither."""
     trainer = _fp16_trainer(tmp_path, max_steps=2, lr_scheduler_type="linear", save_steps=100)
     assert {p.dtype for p in trainer.params} == {torch.float32}  # peft's fp32 adapters on the fp16 model
-    _poison_first_step(trainer)
+    poison_first_step(trainer)
     before = [p.detach().clone() for p in trainer.params]
     [first] = trainer.train(max_steps=1)
     assert (first["loss_scale"], first["step_skipped"]) == (2.0**16, 1.0)
@@ -288,15 +283,15 @@ def test_fp16_full_fine_tuning_is_refused(tmp_path):
         SFTTrainer(_config(tmp_path, dtype="float16"), bundle, _examples(bundle))
 
 
-def test_fp16_resume_is_exact_and_restores_the_loss_scale(tmp_path):
+def test_fp16_resume_is_exact_and_restores_the_loss_scale(tmp_path, poison_first_step):
     """A skipped first step halves the scale before the checkpoint; the resumed run continues at that scale, with
     the same losses, scales, skips and parameters as the uninterrupted run. A checkpoint without scaler state (from
     before loss scaling) still resumes, at the initial scale."""
     full = _fp16_trainer(tmp_path / "full")
-    _poison_first_step(full)
+    poison_first_step(full)
     full.train()
     part = _fp16_trainer(tmp_path / "part")
-    _poison_first_step(part)
+    poison_first_step(part)
     part.train(max_steps=3)
     saved = part.loss_scaler.state_dict()
     assert saved["scale"] < 2.0**16
@@ -321,13 +316,13 @@ def test_fp16_resume_is_exact_and_restores_the_loss_scale(tmp_path):
     assert old.step == 3 and old.loss_scaler.scale == 2.0**16
 
 
-def test_non_finite_gradients_without_loss_scaling_stop_training_before_the_step(tmp_path):
+def test_non_finite_gradients_without_loss_scaling_stop_training_before_the_step(tmp_path, poison_first_step):
     """bf16/fp32 have no scaler to skip a step: an inf gradient would have made every weight NaN. It is refused,
     parameters and optimizer untouched."""
     bundle = build_preset("tiny", image_size=64)
     trainer = SFTTrainer(_config(tmp_path, use_lora=True, lora_r=4, lora_alpha=8, max_steps=1), bundle,
                          _examples(bundle))
-    _poison_first_step(trainer)
+    poison_first_step(trainer)
     before = [p.detach().clone() for p in trainer.params]
     with pytest.raises(FloatingPointError, match=r"the gradient norm is (inf|nan) \(the loss diverged\); the step"):
         trainer.train()
