@@ -76,14 +76,15 @@ class JanusBundle:
         if not prompts:
             raise ValueError("no prompts given")
         out = []
-        # The tokenizer reads special-token text as the token itself: a caption must not inject BOS or
-        # <begin_of_image> into the prompt.
-        specials = self.tokenizer.all_special_tokens
+        # The tokenizer reads special-token and GoT-tag text as the token itself: a caption must not inject BOS
+        # or <begin_of_image>, nor a box the chain parser and judge would take for the policy's own plan.
+        reserved = [(t, "special token") for t in self.tokenizer.all_special_tokens]
+        reserved += [(t, "GoT tag") for t in GOT_TAGS]
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompt {i} is empty")
-            if special := next((t for t in specials if t in prompt), None):
-                raise ValueError(f"prompt {i} contains the special token {special!r}")
+            if hit := next(((t, kind) for t, kind in reserved if t in prompt), None):
+                raise ValueError(f"prompt {i} contains the {hit[1]} {hit[0]!r}")
             ids = self.tokenizer(chat_prompt(prompt), add_special_tokens=True)["input_ids"]
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id, *ids]

@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,10 @@ def test_encode_prompts_checks_input(tiny):
         assert tiny.tokenizer(f"a {special}")["input_ids"].count(tiny.tokenizer.convert_tokens_to_ids(special)) >= 1
         with pytest.raises(ValueError, match=f"prompt 0 contains the special token '{special}'"):
             tiny.encode_prompts([f"a cat {special} left of a dog"], 10)
+    for tag in GOT_TAGS:  # ordinary added tokens, but a caption spelling one would plant a box in the prompt
+        assert tiny.tokenizer.convert_tokens_to_ids(tag) in tiny.tokenizer(f"a {tag}")["input_ids"]
+        with pytest.raises(ValueError, match=re.escape(f"prompt 0 contains the GoT tag '{tag}'")):
+            tiny.encode_prompts([f"a cat {tag}(1,2),(3,4) left of a dog"], 10)
 
 
 def test_decode_images_gives_rgb_of_model_size(tiny):

@@ -76,7 +76,9 @@ class VQTrainConfig:
     steps: int = 2000
     batch_size: int = 8
     learning_rate: float = 3e-3  # one-cycle peak
-    beta: float = 0.25  # commitment weight, transformers' default for JanusVQVAEVectorQuantizer
+    # Commitment weight: the VQ-VAE paper's beta on ||z - sg(zq)||^2 (transformers' quantizer puts 0.25 on the
+    # codebook term instead)
+    beta: float = 0.25
     codebook_size: int = CODEBOOK_SIZE
     warmup_fraction: float = 0.5  # first steps train a plain autoencoder on the unit latents
     foreground_weight: float = 4.0  # pixels on or within 2 px of an object count this much more in the loss
