@@ -20,6 +20,8 @@
 # uvicorn or pydantic: carry them as wheels (.whl/: transformers 5.24.0, peft 0.21.2, and for serve fastapi,
 # starlette, uvicorn, pydantic + pydantic_core for cp312, annotated-types, typing-inspection, typing-extensions,
 # opentelemetry-api) installed with `pip install --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site.
+# Every rollout run also times the engine with 64-step decode windows (`window_speedup`: does the host gap at
+# window boundaries, 10% of the H100's wall time, shrink with fewer windows?).
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
@@ -68,6 +70,7 @@ else
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
   compare=$([[ "$mode" == skinny ]] && echo --compare-skinny-matmul)
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
+    --compare-num-scheduler-steps 64 \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 fi
 # A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).

@@ -13,10 +13,12 @@ same engine with `fuse_projections` the other way from its default (fused on a G
 each, on the same weights): the same work, tokens equal up to the matmuls' roundings (`other_fusion_tokens_match`
 says whether they were); `fused_projections_speedup` is unfused time over fused time. On a GPU,
 `--compare-skinny-matmul` adds the same engine with `skinny_matmul` the other way (`skinny_matmul_speedup`: off
-time over on time). `--hf-compile` adds
-transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`: static caches,
-`torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time not counted:
-`speedup_vs_hf_compiled`.
+time over on time). `--compare-num-scheduler-steps K` adds the same engine with K-step decode windows, whose
+tokens must be equal (`window_speedup`: default-window time over K-window time; on a GPU the device idles while
+the host reads a window's tokens and schedules the next, so fewer, longer windows may close that gap).
+`--hf-compile` adds transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`:
+static caches, `torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time
+not counted: `speedup_vs_hf_compiled`.
 
 Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
 contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
@@ -63,6 +65,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-skinny-matmul", action="store_true",
                         help="also time the engine with skinny_matmul the other way (GPU only: on a CPU the Triton "
                              "kernel would run under the interpreter)")
+    parser.add_argument("--compare-num-scheduler-steps", type=int, default=None, metavar="K",
+                        help="also time the engine with K-step windows (same tokens): on a GPU, whether longer "
+                             "windows close the host gap at window boundaries (`window_speedup`)")
     parser.add_argument("--hf-compile", action="store_true",
                         help="also time transformers with static caches and torch.compile (compiled untimed first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
@@ -180,8 +185,13 @@ def run(args: argparse.Namespace) -> dict:
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
         return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
 
-    compare_skinny = [(args.num_scheduler_steps, fused, not skinny)] if args.compare_skinny_matmul else []
-    for side in [(args.num_scheduler_steps, not fused, skinny), *compare_skinny, (1, fused, skinny),
+    # Optional sides, each the same engine with one setting the other way: name -> (window, fuse, skinny).
+    extra: dict[str, tuple[int, bool, bool]] = {}
+    if args.compare_skinny_matmul:
+        extra["skinny"] = (args.num_scheduler_steps, fused, not skinny)
+    if args.compare_num_scheduler_steps:
+        extra["window"] = (args.compare_num_scheduler_steps, fused, skinny)
+    for side in [(args.num_scheduler_steps, not fused, skinny), *extra.values(), (1, fused, skinny),
                  (args.num_scheduler_steps, fused, skinny)]:
         rollout(*side)  # untimed: each side's first run at the timed shapes (see the module docstring)
     reference.generate(prompts, **settings)
@@ -189,24 +199,26 @@ def run(args: argparse.Namespace) -> dict:
     if compiled is not None:  # compilation and graph recording at the timed shapes, untimed: the second call
         for _ in range(2):  # compiles again, for the static caches the first one initialised
             compiled.generate(prompts, **settings)
-    engine_times, single_times, other_times, skinny_times, hf_times, compiled_times = [], [], [], [], [], []
+    engine_times, single_times, other_times, hf_times, compiled_times = [], [], [], [], []
+    extra_times: dict[str, list[float]] = {name: [] for name in extra}
+    extra_tokens: dict[str, list] = {}
     other_match = compiled_match = skinny_match = True
     for _ in range(args.repeats):  # settings switch before the single-step side, never before the engine's
         t, other_tokens = rollout(args.num_scheduler_steps, fuse=not fused)
         other_times.append(t)
-        if compare_skinny:
-            t, skinny_tokens = rollout(*compare_skinny[0])
-            skinny_times.append(t)
+        for name, side in extra.items():
+            t, extra_tokens[name] = rollout(*side)
+            extra_times[name].append(t)
         t, single_tokens = rollout(1)
         single_times.append(t)
         engine.peak_used_blocks, steps = 0, engine.num_steps
         t, tokens = rollout(args.num_scheduler_steps)
         steps = engine.num_steps - steps
         engine_times.append(t)
-        if tokens != single_tokens:
-            raise AssertionError("multi-step and single-step rollouts of the same seed sampled different tokens")
+        if tokens != single_tokens or ("window" in extra and tokens != extra_tokens["window"]):
+            raise AssertionError("rollouts of the same seed with different decode windows sampled different tokens")
         other_match &= tokens == other_tokens
-        skinny_match &= not compare_skinny or tokens == skinny_tokens
+        skinny_match &= "skinny" not in extra or tokens == extra_tokens["skinny"]
         t, hf_out = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
                                 repeats=1)
         hf_times.append(t)
@@ -256,11 +268,15 @@ def run(args: argparse.Namespace) -> dict:
         t_compiled = statistics.median(compiled_times)
         metrics.update(hf_compiled_s=t_compiled, hf_compiled_s_runs=compiled_times,
                        speedup_vs_hf_compiled=t_compiled / t_engine, hf_compiled_tokens_match=compiled_match)
-    if skinny_times:
-        t_skinny = statistics.median(skinny_times)
+    if "skinny" in extra:
+        t_skinny = statistics.median(extra_times["skinny"])
         t_on, t_off = (t_engine, t_skinny) if skinny else (t_skinny, t_engine)
-        metrics.update(engine_other_skinny_s=t_skinny, engine_other_skinny_s_runs=skinny_times,
+        metrics.update(engine_other_skinny_s=t_skinny, engine_other_skinny_s_runs=extra_times["skinny"],
                        skinny_matmul_speedup=t_off / t_on, other_skinny_tokens_match=skinny_match)
+    if "window" in extra:
+        t_window = statistics.median(extra_times["window"])
+        metrics.update(other_num_scheduler_steps=args.compare_num_scheduler_steps, engine_other_window_s=t_window,
+                       engine_other_window_s_runs=extra_times["window"], window_speedup=t_engine / t_window)
     if args.profile:
         metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
 
@@ -272,7 +288,9 @@ def run(args: argparse.Namespace) -> dict:
     rows = [
         engine_row("engine", t_engine), engine_row("engine, single-step", t_single),
         engine_row(f"engine, projections {'unfused' if fused else 'fused'}", t_other),
-        *([engine_row(f"engine, skinny matmul {'off' if skinny else 'on'}", t_skinny)] if skinny_times else []),
+        *([engine_row(f"engine, skinny matmul {'off' if skinny else 'on'}", t_skinny)] if "skinny" in extra else []),
+        *([engine_row(f"engine, {args.compare_num_scheduler_steps}-step windows", t_window)]
+          if "window" in extra else []),
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},

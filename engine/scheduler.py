@@ -300,11 +300,12 @@ class Scheduler:
 
     def _multi_step(self, batch: ScheduledBatch) -> None:
         """Let a decode step run as `num_steps` steps in one go (vLLM's multi-step scheduling), their slots
-        allocated now (at most one block per row ahead of need; with blocks short it stays one step, never a
-        preemption for a longer window). An image row takes one token per step whatever it samples, so the window
-        ends no later than the first image is complete. A text row may sample `<begin_of_image>` inside the
-        window: its later steps are wasted (their tokens are dropped, their KV lies past the row's tokens and is
-        overwritten before anything reads it); the window ends no later than the step that forces it."""
+        allocated now (a row holds at most ceil((k - 1) / block_size) blocks ahead of need; with blocks short it
+        stays one step, never a preemption for a longer window). An image row takes one token per step whatever
+        it samples, so the window ends no later than the first image is complete. A text row may sample
+        `<begin_of_image>` inside the window: its later steps are wasted (their tokens are dropped, their KV lies
+        past the row's tokens and is overwritten before anything reads it); the window ends no later than the step
+        that forces it."""
         if self.num_scheduler_steps == 1:
             return
         k = self.num_scheduler_steps
@@ -326,7 +327,8 @@ class Scheduler:
     def cut_window(self, batch: ScheduledBatch) -> None:
         """After a window that ran fewer than its `num_steps` steps (the engine was interrupted): each row's
         unrun steps are uncached again (their KV was never written), so the next step feeds the row's last token.
-        The slots stay allocated (at most one block per row ahead of need) and are the next steps' slots."""
+        The slots stay allocated (as many blocks ahead of need as the window's allocation) and are the next steps'
+        slots."""
         for seq in batch.seqs:
             seq.num_cached_tokens = min(seq.num_cached_tokens, len(seq) - 1)
 

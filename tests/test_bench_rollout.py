@@ -64,6 +64,29 @@ def test_rollout_result_figures(tiny, tmp_path):
     assert m["step_bytes_mean"] == pytest.approx(floor["step_bytes_mean"], rel=1e-12)
 
 
+def test_the_window_comparison_is_one_more_side_with_the_same_tokens(tmp_path, monkeypatch):
+    """`--compare-num-scheduler-steps 4`: one more engine side, timed every repeat, its windows really 4 steps long
+    (the scheduler's setting is read at each rollout), and its speedup the ratio of the two medians."""
+    windows = []
+    schedule = rollout.LLMEngine.step
+
+    def spy(engine, *a, **kw):
+        windows.append(engine.scheduler.num_scheduler_steps)
+        return schedule(engine, *a, **kw)
+
+    monkeypatch.setattr(rollout.LLMEngine, "step", spy)
+    path = tmp_path / "rollout.json"
+    rollout.run(_args(["--groups", "1", "--n", "1", "--reasoning-tokens", "2", "--repeats", "2",
+                       "--compare-num-scheduler-steps", "4", "--json", str(path)]))
+    result = json.loads(path.read_text())
+    m = result["metrics"]
+    assert m["other_num_scheduler_steps"] == 4 and len(m["engine_other_window_s_runs"]) == 2
+    assert m["engine_other_window_s"] == statistics.median(m["engine_other_window_s_runs"])
+    assert m["window_speedup"] == pytest.approx(m["engine_s"] / m["engine_other_window_s"])
+    assert [row["side"] for row in result["rows"]][3] == "engine, 4-step windows"
+    assert 4 in windows and 16 in windows and 1 in windows
+
+
 def test_the_skinny_matmul_comparison_is_refused_on_a_cpu():
     """Under Triton's interpreter the kernel's time says nothing about a GPU's: refused before any model loads."""
     with pytest.raises(SystemExit, match="--compare-skinny-matmul needs --device cuda"):
