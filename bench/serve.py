@@ -5,8 +5,9 @@ they would hold the server's GIL): `c` client threads each send streaming reques
 `rounds * c` requests per level. Every request asks for `n` samples of exactly R reasoning tokens (min = max)
 and the decoded image, with its own seed. Measured at the client: time to the first `token` event (TTFT) and
 to the first `image` event; p50/p99 over the level's requests (with few requests, p99 is close to the
-maximum). Per level also: samples/s over its wall time, engine steps, and the fraction of the wall time the
-engine spent inside steps.
+maximum). Per level also: samples/s over its wall time, the engine's forwards (`gotr1_engine_steps_total`:
+one per decode step or prefill, up to `--num-scheduler-steps` per scheduled batch) and the fraction of the wall
+time the engine spent inside its scheduled batches.
 
 With `--request-rate R`, an open-loop level follows (vLLM's `benchmark_serving --request-rate`): requests
 arrive at Poisson times of rate R whatever the server's state, so they land in the middle of multi-step decode
@@ -183,22 +184,23 @@ def run(args: argparse.Namespace) -> dict:
 
         level(1, 10**6, 1)  # warm-up
         offset = 0
-        steps = app.state.server.metrics.step_seconds
+        # The metrics, not the engine: only the engine thread may read the engine (the counter adds its forwards).
+        forwards, batches = app.state.server.metrics.steps_total, app.state.server.metrics.step_seconds
 
         def timed(run_level: Callable[[], tuple[float, list[dict]]]) -> tuple[float, list[dict], int, float]:
-            """(wall, results, engine steps, seconds inside steps) of one run."""
-            count, busy = steps.count, steps.sum
+            """(wall, results, engine forwards, seconds inside scheduled batches) of one run."""
+            count, busy = forwards.get(), batches.sum
             wall, results = run_level()
-            return wall, results, steps.count - count, steps.sum - busy
+            return wall, results, int(forwards.get() - count), batches.sum - busy
 
         def row(name: str | int, runs: list[tuple[float, list[dict], int, float]]) -> list[dict]:
             """One table row over `runs` pooled: percentiles over all their requests, rates over their walls."""
-            wall, steps_run, busy = (sum(r[i] for r in runs) for i in (0, 2, 3))
+            wall, forwards_run, busy = (sum(r[i] for r in runs) for i in (0, 2, 3))
             results = [x for r in runs for x in r[1]]
             ttft, tti = [r["ttft"] for r in results], [r["tti"] for r in results]
             rows.append({"concurrency": name, "requests": len(results), "ttft_p50_s": _pct(ttft, 50),
                          "ttft_p99_s": _pct(ttft, 99), "tti_p50_s": _pct(tti, 50), "tti_p99_s": _pct(tti, 99),
-                         "samples_per_s": len(results) * args.n / wall, "wall_s": wall, "steps": steps_run,
+                         "samples_per_s": len(results) * args.n / wall, "wall_s": wall, "forwards": forwards_run,
                          "engine_busy": busy / wall})
             return results
 
@@ -240,7 +242,8 @@ def run(args: argparse.Namespace) -> dict:
         offline_rates[name] = len(bodies) * args.n / seconds
         rows.append({"concurrency": name, "requests": len(bodies), **dict.fromkeys(
             ("ttft_p50_s", "ttft_p99_s", "tti_p50_s", "tti_p99_s"), float("nan")),
-            "samples_per_s": offline_rates[name], "wall_s": seconds, "steps": engine.num_steps // 2,  # warm-up + run
+            "samples_per_s": offline_rates[name], "wall_s": seconds,
+            "forwards": engine.num_steps // 2,  # warm-up + run
             "engine_busy": float("nan")})
     match = all([(s.reasoning_ids, s.image_tokens.tolist()) for s in g.samples] == r["tokens"]
                 for g, r in zip(offline, results))

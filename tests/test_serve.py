@@ -644,19 +644,25 @@ def test_saved_artifacts_are_utf8_under_any_locale(tmp_path):
 
 def test_image_decoding_failure_is_an_error_response_or_event(main_server, monkeypatch):
     """The decoder thread failing (a GPU out of memory, say) closed a stream mid-way with no `error` event and
-    answered a plain request with a bare-text 500; a request without images records no time to image."""
+    answered a plain request with a bare-text 500; a request without images records no time to image. Either
+    way the request counts as failed (it counted as completed once its tokens were done)."""
     client, state = main_server
 
     def broken(output, returns):
         raise RuntimeError("injected decoder fault")
 
+    def outcomes():
+        return {o: metric(client, f'gotr1_requests_total{{outcome="{o}"}}') for o in ("completed", "failed")}
+
     monkeypatch.setattr(state, "_images", broken)
+    before = outcomes()
     body = dict(prompt=PROMPTS[0], max_reasoning_tokens=2, seed=3)
     r = client.post("/v1/generate", json={**body, "return": ["image"]})
     assert r.status_code == 500 and "image decoding failed" in r.json()["error"]
     with client.stream("POST", "/v1/generate", json={**body, "return": ["image"], "stream": True}) as s:
         events = list(sse_events(s.iter_lines()))
     assert events[-1][0] == "error" and "injected decoder fault" in events[-1][1]["error"]
+    assert {o: v - before[o] for o, v in outcomes().items()} == {"completed": 0, "failed": 2}
     images_before = metric(client, "gotr1_time_to_image_seconds_count")
     assert client.post("/v1/generate", json={**body, "return": ["tokens"]}).status_code == 200
     assert metric(client, "gotr1_time_to_image_seconds_count") == images_before
@@ -668,7 +674,8 @@ def test_image_decoding_failure_is_an_error_response_or_event(main_server, monke
 def test_a_client_gone_before_its_decode_runs_is_not_decoded(main_server, monkeypatch):
     """A plain request whose client left after its last token still had its images decoded on the one decoder
     thread, delaying every later request's images; its slot was free meanwhile, so a burst of such clients
-    queued decodes without bound. Now a decode whose client is gone by its turn is skipped."""
+    queued decodes without bound. Now a decode whose client is gone by its turn is skipped, and the request
+    counts as cancelled (it was counted completed when its tokens were done, though never answered)."""
     import threading
 
     client, state = main_server
@@ -684,15 +691,18 @@ def test_a_client_gone_before_its_decode_runs_is_not_decoded(main_server, monkey
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.post, "/v1/generate", json=dict(prompt=PROMPTS[0], max_reasoning_tokens=2))
         assert wait_until(lambda: len(calls) == 1)  # the first request holds the decoder
-        completed = metric(client, 'gotr1_requests_total{outcome="completed"}')
+        outcomes = {o: metric(client, f'gotr1_requests_total{{outcome="{o}"}}') for o in ("completed", "cancelled")}
+        tokens_done = metric(client, "gotr1_time_to_first_token_seconds_count")  # observed as a request's tokens end
         body = json.dumps(dict(prompt=PROMPTS[1], max_reasoning_tokens=2)).encode()
         with socket.create_connection((client.base_url.host, client.base_url.port), timeout=30) as gone:
             gone.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            assert wait_until(lambda: metric(client, 'gotr1_requests_total{outcome="completed"}') == completed + 1)
+            assert wait_until(lambda: metric(client, "gotr1_time_to_first_token_seconds_count") == tokens_done + 1)
         assert wait_until(lambda: client.get("/health").json()["in_flight"] == 1)  # only the first holds a slot
         gate.set()
         assert first.result(timeout=60).status_code == 200
+    assert {o: metric(client, f'gotr1_requests_total{{outcome="{o}"}}') - v for o, v in outcomes.items()} == {
+        "completed": 1, "cancelled": 1}
     assert wait_until(lambda: client.get("/health").json()["in_flight"] == 0)
     time.sleep(0.2)  # the decoder thread would take the second decode now
     assert len(calls) == 1 and metric(client, "gotr1_time_to_image_seconds_count") == decoded + 1
@@ -904,9 +914,10 @@ def test_the_app_under_any_asgi_server(tiny):
 
 def test_worker_late_abort_and_adds_beside_the_stop(tiny):
     """At the engine thread: an abort arriving after its request finished (a client leaving just after its last
-    token) is a no-op, not a crash or a `cancelled` count; the gauges are published before the events (a
-    finished request's blocks show free when its answer arrives); an add read together with the stop command
-    is refused as shutting down, answered once (no second answer raising inside the event loop)."""
+    token) is a no-op, not a crash or a `cancelled` event (the handlers count outcomes, not this thread); the
+    gauges are published before the events (a finished request's blocks show free when its answer arrives); an
+    add read together with the stop command is refused as shutting down, answered once (no second answer raising
+    inside the event loop)."""
     import asyncio
 
     from gotr1.serving.worker import SHUTTING_DOWN, FinishedEvent, Job
@@ -931,7 +942,7 @@ def test_worker_late_abort_and_adds_beside_the_stop(tiny):
         assert isinstance(await finish(worker, first), FinishedEvent) and free_when_posted == [64]
         worker.cancel(first)
         assert isinstance(await finish(worker, second), FinishedEvent) and worker.alive
-        assert [metrics.requests_total.get(o) for o in ("completed", "cancelled")] == [2, 0]
+        assert first.events.empty() and metrics.requests_total.samples() == []
         worker.stop()
         await asyncio.to_thread(worker.join, 10)
 
@@ -1051,3 +1062,136 @@ def test_a_client_leaving_ends_its_handler(tiny):
         assert wait_until(lambda: state.metrics.requests_total.get("cancelled") == 2)
         assert wait_until(lambda: not tasks)
         assert state.in_flight == 0
+
+
+# ------------------------------------------------------------------------------------------------ outcome accounting
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread re-raises
+def test_every_generate_answer_counts_once_under_its_outcome(tiny, monkeypatch):
+    """Each answer to `POST /v1/generate` adds exactly 1 to `gotr1_requests_total`, under a label its help text
+    documents, once the handler is done (no late count from the engine thread). Were counted wrong: a failed
+    image decode (as completed, when its tokens were done), the 503s of a dead engine thread, before the request
+    reached it or while it was dying (not at all)."""
+    import re
+    import threading
+
+    srv, state = _start(tiny, EngineConfig(num_kv_blocks=512, block_size=16), ServerConfig(max_n=1, max_queue=2))
+    tasks = srv.server.server_state.tasks  # the request handlers running
+    short = dict(prompt=PROMPTS[0], seed=1, max_reasoning_tokens=2)
+    long = dict(prompt=PROMPTS[1], seed=2, max_reasoning_tokens=1500, min_reasoning_tokens=1500)
+    seen = set()
+
+    def outcomes():
+        text = "\n".join(state.metrics.requests_total.samples())
+        return {m[1]: float(m[2]) for m in re.finditer(r'outcome="(\w+)"\} (\S+)', text)}
+
+    def counted(want, send, held=0):
+        """`send()`, whose requests (their handlers finished, `held` others still running) add `want`."""
+        before = outcomes()
+        result = send()
+        assert wait_until(lambda: sum(outcomes().values()) >= sum(before.values()) + sum(want.values())
+                          and len(tasks) <= held)
+        after = outcomes()
+        assert {o: v - before.get(o, 0) for o, v in after.items() if v != before.get(o, 0)} == want
+        seen.update(want)
+        return result
+
+    with srv, httpx.Client(base_url=srv.url, timeout=TIMEOUT) as client:
+        def post(body, **kwargs):
+            return client.post("/v1/generate", json=body, **kwargs)
+
+        def stream(body):
+            with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                return r.status_code, list(sse_events(r.iter_lines()))
+
+        assert counted({"completed": 1}, lambda: post(short)).status_code == 200
+        status, events = counted({"completed": 1}, lambda: stream(short))
+        assert status == 200 and events[-1][0] == "done"
+
+        assert counted({"invalid": 1}, lambda: post({"prompt": ""})).status_code == 422
+        refused = counted({"invalid": 1}, lambda: post({**short, "prompt": "a " * 900, "max_reasoning_tokens": 1200}))
+        assert refused.status_code == 422 and "too long" in refused.json()["error"]  # by the engine, at admission
+        not_json = counted({"invalid": 1}, lambda: client.post("/v1/generate", content=b'{"prompt": "a",',
+                                                               headers={"content-type": "application/json"}))
+        assert not_json.status_code == 400
+
+        def too_large():
+            with raw_post(client, f"Content-Length: {state.config.max_body_bytes + 1}\r\n") as sock:
+                return read_response(sock)[0]
+
+        assert counted({"invalid": 1}, too_large) == 413
+
+        def broken_decode(output, returns):
+            raise RuntimeError("injected decoder fault")
+
+        def broken_step(interrupt=None):
+            raise RuntimeError("injected step fault")
+
+        with monkeypatch.context() as m:
+            m.setattr(state, "_images", broken_decode)
+            assert counted({"failed": 1}, lambda: post(short)).status_code == 500
+            status, events = counted({"failed": 1}, lambda: stream(short))
+            assert status == 200 and events[-1][0] == "error" and "injected decoder fault" in events[-1][1]["error"]
+            m.setattr(state.engine, "step", broken_step)
+            assert counted({"failed": 1}, lambda: post(short)).status_code == 500
+
+        def broken_response(*args, **kwargs):
+            raise RuntimeError("injected bug")
+
+        def stream_breaks_off():
+            with pytest.raises(httpx.RemoteProtocolError):
+                stream(short)
+
+        with monkeypatch.context() as m:  # a bug in a handler: Starlette's bare 500, a stream cut off
+            m.setattr("gotr1.serving.app.response_json", broken_response)
+            assert counted({"failed": 1}, lambda: post(short)).status_code == 500
+            counted({"failed": 1}, stream_breaks_off)
+
+        def gives_up():
+            with pytest.raises(httpx.ReadTimeout):
+                post(long, timeout=httpx.Timeout(60.0, read=0.2))
+
+        counted({"cancelled": 1}, gives_up)
+
+        def leaves_mid_stream():
+            with client.stream("POST", "/v1/generate", json={**long, "stream": True}) as r:
+                events = sse_events(r.iter_lines())  # held: a dropped line iterator closes the connection
+                assert next(events)[0] == "token"
+                with monkeypatch.context() as m:
+                    m.setattr(state.config, "max_queue", 1)
+                    assert counted({"queue_full": 1}, lambda: post(short), held=1).status_code == 429
+
+        counted({"queue_full": 1, "cancelled": 1}, leaves_mid_stream)  # the 429 inside, then the stream
+
+        # The engine thread dies while one request runs and another waits in its inbox: the first fails (500), the
+        # second is refused at admission (503); from then on requests get 503 before reaching the thread.
+        stepping, die = threading.Event(), threading.Event()
+
+        def dying_progress(request_id):
+            stepping.set()
+            assert die.wait(30)
+            raise RuntimeError("injected bug")
+
+        assert wait_until(lambda: state.metrics.kv_blocks_used.get() == 0)  # the stream's abort is done
+        monkeypatch.setattr(state.engine, "progress", dying_progress)
+
+        def engine_dies():
+            with ThreadPoolExecutor(2) as pool:
+                running = pool.submit(post, short)
+                assert stepping.wait(30)
+                waiting = pool.submit(post, short)
+                assert wait_until(lambda: state.in_flight == 2)  # submitted: the lease is taken just before
+                die.set()
+                return running.result(timeout=30), waiting.result(timeout=30)
+
+        running, waiting = counted({"failed": 1, "unavailable": 1}, engine_dies)
+        assert running.status_code == 500 and "engine thread died" in running.json()["error"]
+        assert waiting.status_code == 503 and "engine thread died" in waiting.json()["error"]
+        dead = counted({"unavailable": 1}, lambda: post(short))
+        assert (dead.status_code, dead.json()) == (503, {"error": "the engine is not running"})
+
+        state.shut_down()  # as `_Server` does when shutdown begins
+        shed = counted({"shutdown": 1}, lambda: post(short))
+        assert (shed.status_code, shed.json()) == (503, {"error": "the server is shutting down"})
+
+    labels = {"completed", "cancelled", "failed", "invalid", "queue_full", "shutdown", "unavailable"}
+    assert seen == labels and all(label in state.metrics.requests_total.help for label in labels)

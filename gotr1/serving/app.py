@@ -143,11 +143,14 @@ class _BodyLimit:
 
 class _Lease:
     """A request's in-flight slot, released exactly once (answer, failure or disconnect); releasing it before
-    the engine finished the request aborts it there."""
+    the engine finished the request aborts it there. It also counts the request's outcome exactly once: the
+    handler settles it when it answers, and a slot released unanswered (the client left, the handler was
+    cancelled) counts as cancelled, whatever the engine does with the request afterwards."""
 
     def __init__(self, server: "GoTServer", job: Job):
         self.server, self.job = server, job
         self.finished = self.released = False
+        self.outcome: str | None = None
         server.in_flight += 1
         server.metrics.in_flight.set(server.in_flight)
         self.watcher: asyncio.Task | None = None
@@ -161,12 +164,19 @@ class _Lease:
 
         self.watcher = asyncio.create_task(until_disconnect())
 
+    def count(self, outcome: str) -> None:
+        """Count the request under `outcome` in `gotr1_requests_total`, unless it was counted already."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self.server.metrics.requests_total.inc(label_value=outcome)
+
     def release(self) -> None:
         if self.watcher is not None and self.watcher is not asyncio.current_task():
             self.watcher.cancel()
         if self.released:
             return
         self.released = True
+        self.count("cancelled")  # a no-op once answered
         self.server.in_flight -= 1
         self.server.metrics.in_flight.set(self.server.in_flight)
         if not self.finished:
@@ -291,6 +301,7 @@ class GoTServer:
         if self.shutting_down:
             return self._shed()
         if not self.worker.alive:
+            self.metrics.requests_total.inc(label_value="unavailable")
             return error(503, "the engine is not running")
         if self.in_flight >= self.config.max_queue:
             self.metrics.requests_total.inc(label_value="queue_full")
@@ -318,11 +329,12 @@ class GoTServer:
                 await job.admitted
             except ValueError as e:  # the engine's own checks: prompt too long, can never fit the KV cache
                 lease.finished = True
-                self.metrics.requests_total.inc(label_value="invalid")
+                lease.count("invalid")
                 return error(422, f"request refused: {e}")
             except RuntimeError as e:  # the engine thread stopped (shutdown) or died before reading the request
                 lease.finished = True
-                return self._shed() if self.shutting_down else error(503, str(e))
+                lease.count("shutdown" if self.shutting_down else "unavailable")
+                return error(503, SHUTTING_DOWN if self.shutting_down else str(e))
             if body.stream:
                 streaming = True
                 return StreamingResponse(self._stream(job, lease, returns, images, seed),
@@ -333,12 +345,20 @@ class GoTServer:
                 pass
             lease.finished = True
             if isinstance(event, FailedEvent):
+                lease.count(event.outcome)
                 return error(event.status, event.message)
             try:
                 pngs, timing = await self._decode(lease, event, returns if images else None)
             except Exception as e:  # the decoder failed (out of memory, say): the tokens exist, the images do not
+                lease.count("failed")
                 return error(500, f"image decoding failed: {e!r}")
-            return JSONResponse(response_json(event.output, seed=seed, returns=returns, images=pngs, timing=timing))
+            response = JSONResponse(response_json(event.output, seed=seed, returns=returns, images=pngs,
+                                                  timing=timing))
+            lease.count("completed")
+            return response
+        except Exception:  # a bug: Starlette answers a bare 500
+            lease.count("failed")
+            raise
         finally:
             if not streaming:
                 lease.release()
@@ -353,6 +373,7 @@ class GoTServer:
                     continue
                 lease.finished = True
                 if isinstance(event, FailedEvent):
+                    lease.count(event.outcome)
                     yield sse("error", {"error": event.message})
                     return
                 assert isinstance(event, FinishedEvent)
@@ -361,12 +382,18 @@ class GoTServer:
                 try:
                     pngs, timing = await self._decode(lease, event, returns if images else None)
                 except Exception as e:  # as in `_generate`, but the status line is long sent: an error event
+                    lease.count("failed")
                     yield sse("error", {"error": f"image decoding failed: {e!r}"})
                     return
                 if pngs is not None:
                     yield "".join(sse("image", {"sample": i, **im}) for i, im in enumerate(pngs))
-                yield sse("done", response_json(event.output, seed=seed, returns=returns, timing=timing))
+                done = sse("done", response_json(event.output, seed=seed, returns=returns, timing=timing))
+                lease.count("completed")
+                yield done
                 return
+        except Exception:  # a bug: the stream breaks off
+            lease.count("failed")
+            raise
         finally:
             lease.release()
 

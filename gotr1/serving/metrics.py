@@ -150,9 +150,11 @@ class ServerMetrics:
         self.tokens_rate = Rate(10.0)
         self.generated_tokens_total = Counter("gotr1_generated_tokens_total", "Tokens (reasoning + image) of "
                                                                               "finished requests.")
-        self.requests_total = Counter("gotr1_requests_total", "Requests by outcome: completed, cancelled (by the "
-                                      "client), failed, invalid, queue_full, shutdown (shed by a stopping server).",
-                                      label="outcome")
+        # Each answer to POST /v1/generate counts once, under the outcome its handler settled on.
+        self.requests_total = Counter("gotr1_requests_total", "Requests to /v1/generate by outcome: completed, "
+                                      "cancelled (the client left before its answer), failed (the engine or the "
+                                      "image decoder failed), invalid, queue_full, shutdown (shed by a stopping "
+                                      "server), unavailable (the engine thread is not running).", label="outcome")
         self.steps_total = Counter("gotr1_engine_steps_total", "Engine steps (one forward each; a multi-step "
                                                                "decode window runs several).")
         self.time_to_first_token = Histogram("gotr1_time_to_first_token_seconds",

@@ -43,10 +43,12 @@ class FinishedEvent:
 @dataclass(frozen=True, slots=True)
 class FailedEvent:
     """The request ended without a result; `status` answers a plain request (499: its client cancelled it, 503:
-    the server is shutting down, 500: the engine failed)."""
+    the server is shutting down, 500: the engine failed) and `outcome` is its `gotr1_requests_total` label (the
+    handler counts it: only it knows whether an answer reached the client first)."""
 
     message: str
     status: int = 500
+    outcome: str = "failed"
 
 
 @dataclass(eq=False)
@@ -166,8 +168,7 @@ class EngineWorker:
         if self.jobs.pop(job.id, None) is None:  # finished (or refused) before the abort arrived
             return
         self.engine.abort(job.id)
-        self.metrics.requests_total.inc(label_value="cancelled")
-        self._publish([(job, FailedEvent("request cancelled", status=499))])
+        self._publish([(job, FailedEvent("request cancelled", status=499, outcome="cancelled"))])
 
     def _has_commands(self) -> bool:
         return not self.inbox.empty()
@@ -191,7 +192,6 @@ class EngineWorker:
             self.metrics.generated_tokens_total.inc(tokens)
             self.metrics.tokens_rate.add(tokens)
             self.metrics.time_to_first_token.observe(first - job.arrival)
-            self.metrics.requests_total.inc(label_value="completed")
             events.append((job, FinishedEvent(out, first - job.arrival, now - job.arrival)))
         for job in self.jobs.values():
             if job.first_token_at is not None and not job.stream:
@@ -236,8 +236,7 @@ class EngineWorker:
                 pass
             except Exception as e:  # the engine's state is broken: answer every request, then stop the thread
                 broken = broken or e
-            self.metrics.requests_total.inc(label_value=outcome)
-            events.append((job, FailedEvent(message, status)))
+            events.append((job, FailedEvent(message, status, outcome)))
         self.jobs.clear()
         self._publish(events)
         if broken is not None:
