@@ -69,7 +69,8 @@ def _merge_lora_ab(trainer, prompts: list[str], args) -> dict:
     from gotr1.config import sampling_params
 
     config = trainer.config
-    params = [sampling_params(config, n=config.num_generations, seed=i) for i in range(len(prompts))]
+    params = [sampling_params(config, n=config.num_generations, seed=i, decode_images=False)
+              for i in range(len(prompts))]
     sides = {merge: LLMEngine(trainer.bundle, dataclasses.replace(trainer.engine.config, merge_lora=merge))
              for merge in (True, False)}
     seconds: dict[bool, list[float]] = {True: [], False: []}

@@ -165,13 +165,14 @@ class EvalConfig:
         })
 
 
-def sampling_params(config: GRPOConfig | EvalConfig, *, n: int, seed: int) -> SamplingParams:
+def sampling_params(config: GRPOConfig | EvalConfig, *, n: int, seed: int, **overrides: Any) -> SamplingParams:
     """The engine's settings for one request: the `SamplingParams` fields `config` declares (the rest at their
-    defaults), with the request's group size and seed (a config's own `n`/`seed` mean something else)."""
+    defaults, or `overrides`), with the request's group size and seed (a config's own `n`/`seed` mean something
+    else)."""
     from engine.sampling_params import SamplingParams  # the engine (torch, transformers) only when sampling
 
     names = {f.name for f in fields(SamplingParams)} & {f.name for f in fields(config)} - {"n", "seed"}
-    return SamplingParams(n=n, seed=seed, **{name: getattr(config, name) for name in names})
+    return SamplingParams(n=n, seed=seed, **({name: getattr(config, name) for name in names} | overrides))
 
 
 def _sampling_checks(config: GRPOConfig | EvalConfig) -> dict[str, bool]:

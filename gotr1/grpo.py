@@ -7,13 +7,14 @@ resume exactly, and data-parallel runs under torchrun.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,11 @@ from gotr1.model import JanusBundle
 from gotr1.plot import plot_curves
 from gotr1.policy import GoTBatch, Guidance, image_head_parts, make_batch, policy_hidden, token_logprobs
 from gotr1.rewards.combine import advantage_combine
-from gotr1.rewards.protocol import COMPONENTS, Judge, reward_samples
+from gotr1.rewards.protocol import COMPONENTS, Judge, needs_images, reward_samples
 from gotr1.training import LossScaler, add_lora, lr_scheduler
+
+if TYPE_CHECKING:
+    from engine.outputs import GroupOutput
 
 
 class PolicyForward(nn.Module):
@@ -116,8 +120,11 @@ class GRPOTrainer(ckpt.Checkpointed):
         return (self.config.seed * 1_000_003 + self.step * 10_007 + index) % (2**62)
 
     def rollout(self, prompts: list[str], first_index: int):
+        """The step's groups; images VQ-decoded only for a judge that reads pixels (seconds a step on CPU; sample
+        steps decode the group they save, in `with_images`)."""
         c = self.config
-        params = [sampling_params(c, n=c.num_generations, seed=self.request_seed(first_index + i))
+        decode = needs_images(self.judge)
+        params = [sampling_params(c, n=c.num_generations, seed=self.request_seed(first_index + i), decode_images=decode)
                   for i in range(len(prompts))]
         self.bundle.model.eval()
         with torch.no_grad():
@@ -283,7 +290,8 @@ class GRPOTrainer(ckpt.Checkpointed):
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", step_s=f"{metrics['time/step']:.2f}")
                 if c.sample_steps and self.step % c.sample_steps == 0 and self.rank == 0:
-                    save_groups(self.output_dir / "samples" / f"step-{self.step}", self._last_groups[:1])
+                    save_groups(self.output_dir / "samples" / f"step-{self.step}",
+                                self.with_images(self._last_groups[:1]))
                 if self.step % c.save_steps == 0 or self.step == end:
                     self.save()
         finally:
@@ -293,6 +301,17 @@ class GRPOTrainer(ckpt.Checkpointed):
         if self.rank == 0:
             self.plot()
         return self.history
+
+    def with_images(self, groups: list[GroupOutput]) -> list[GroupOutput]:
+        """`groups` with every sample's image, VQ-decoding the groups whose rollout left them undecoded."""
+        out = []
+        for g in groups:
+            if any(s.image is None for s in g.samples):
+                images = self.bundle.decode_images(torch.stack([s.image_tokens for s in g.samples]))
+                g = dataclasses.replace(g, samples=[dataclasses.replace(s, image=im)
+                                                    for s, im in zip(g.samples, images, strict=True)])
+            out.append(g)
+        return out
 
     def plot(self) -> Path:
         keys = ["reward/mean"] + [f"reward/{name}_mean" for name in COMPONENTS]

@@ -141,6 +141,62 @@ def test_saving_a_step_again_never_deletes_the_checkpoint_latest_names(tmp_path,
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-2"
 
 
+
+class DecodedCodebookJudge(CodebookSubsetJudge):
+    """The codebook reward declared a pixel judge: the run that VQ-decodes every image, to compare against."""
+
+    needs_images = True
+
+    def score(self, samples):
+        assert all(s.image is not None and s.image.size == (64, 64) for s in samples)  # a pixel judge gets pixels
+        return super().score(samples)
+
+
+def _count_vq_decodes(monkeypatch, bundle) -> list[int]:
+    """The batch size of every VQ decode of `bundle`'s model, whoever asks for it (engine or trainer)."""
+    sizes, real = [], bundle.model.decode_image_tokens
+    monkeypatch.setattr(bundle.model, "decode_image_tokens",
+                        lambda tokens: (sizes.append(len(tokens)), real(tokens))[1])
+    return sizes
+
+
+def test_a_token_judge_trains_without_decoding_images_exactly_as_a_decoding_run(tmp_path, monkeypatch):
+    """`codebook:K` reads image tokens only: no rollout VQ-decodes, a sample step decodes the one group it saves,
+    and the run's rewards, advantages, log-probs, metrics and updated weights are exactly those of the same run
+    made to decode every image (a pixel judge), whose saved pictures are the same."""
+    from PIL import Image
+
+    calls = _spy_objective(monkeypatch)
+    runs = {}
+    for name, judge in (("tokens", CodebookSubsetJudge(512)), ("pixels", DecodedCodebookJudge(512))):
+        calls.clear()
+        trainer = make_trainer(tmp_path / name, judge=judge, max_steps=3, sample_steps=2, save_steps=100)
+        decodes = _count_vq_decodes(monkeypatch, trainer.bundle)
+        rewards, real = [], trainer.rewards
+        monkeypatch.setattr(trainer, "rewards", lambda groups, out=rewards, real=real: (out.append(real(groups)),
+                                                                                         out[-1])[1])
+        history = trainer.train()
+        runs[name] = trainer, history, rewards, list(calls), decodes
+    (a, ha, ra, ca, da), (b, hb, rb, cb, db) = runs["tokens"], runs["pixels"]
+    assert da == [4] and db == [4] * 6  # one saved group of 4 vs 2 groups x 3 steps
+    assert all(s.image is None for g in a._last_groups for s in g.samples)
+    drop = ("time/", "tokens_per_s/")
+    assert [{k: v for k, v in h.items() if not k.startswith(drop)} for h in ha] == \
+        [{k: v for k, v in h.items() if not k.startswith(drop)} for h in hb]
+    assert len(ra) == len(rb) == 3 and all(torch.equal(x, y) for x, y in zip(ra, rb))
+    assert len(ca) == len(cb) == 3 and len({float(c["advantages"].abs().sum()) for c in ca}) > 1
+    for x, y in zip(ca, cb):
+        assert torch.equal(x["advantages"], y["advantages"])
+        assert all(torch.equal(u, v) for u, v in zip(x["logp"], y["logp"]))
+    for (n1, p1), (n2, p2) in zip(a.bundle.model.named_parameters(), b.bundle.model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    saved = [sorted((tmp_path / name / "samples" / "step-2").glob("p000_s*.png")) for name in runs]
+    assert [p.name for p in saved[0]] == [p.name for p in saved[1]] and len(saved[0]) == 8  # 4 images, 4 layouts
+    for x, y in zip(*saved):
+        assert Image.open(x).tobytes() == Image.open(y).tobytes(), x.name
+    assert all(Image.open(x).size == (64, 64) for x in saved[0] if "layout" not in x.name)
+
+
 class NaNJudge:
     def score(self, samples):
         values = torch.ones(len(samples))

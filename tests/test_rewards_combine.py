@@ -164,14 +164,16 @@ def test_reasoning_text_collapses_whitespace_left_by_the_tags():
 
 
 def test_reward_samples_carry_each_samples_chain_text_and_image_tokens():
-    """What the engine's groups hand the judge: every sample (in order), its own prose (R_sem reads it) and codes."""
+    """What the engine's groups hand the judge: every sample (in order), its own prose (R_sem reads it), codes and
+    image, or None where the rollout did not decode it."""
     from types import SimpleNamespace
 
     from gotr1.chain import parse_chain
     from gotr1.rewards import reward_samples
 
     def out(text, k):
-        return SimpleNamespace(chain=parse_chain(text), image=Image.new("RGB", (4, 4)), reasoning_text=text,
+        return SimpleNamespace(chain=parse_chain(text), image=Image.new("RGB", (4, 4)) if k < 2 else None,
+                               reasoning_text=text,
                                image_tokens=torch.full((4,), k))
 
     texts = [format_chain([ChainObject("cat", (1, 2, 3, 4))], ["A fat", "sits."]), "just prose", "more prose"]
@@ -181,3 +183,4 @@ def test_reward_samples_carry_each_samples_chain_text_and_image_tokens():
     assert [(s.prompt, s.reasoning) for s in samples] == [("p0", texts[0]), ("p0", texts[1]), ("p1", texts[2])]
     assert [s.image_tokens.tolist() for s in samples] == [[k] * 4 for k in range(3)]
     assert samples[0].reasoning_text() == "A fat cat (1,2),(3,4) sits."
+    assert [s.image for s in samples] == [o.image for g in groups for o in g.samples] and samples[2].image is None

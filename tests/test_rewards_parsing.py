@@ -99,7 +99,7 @@ def _brute_force_expectation(p_first: torch.Tensor, p_next: torch.Tensor, lo: in
     value = 0.0
     for d in range(lo, 10):
         q = p_first[d] / total_first
-        if d == 1:
+        if d == 1 and p_first[1] > 0:  # (a "1" of probability 0 adds nothing)
             w1, w10 = weights[1] / p_first[1], weights[10] / p_first[1]
             value += q * (1 * w1 + 10 * w10) / (w1 + w10)
         else:
@@ -217,3 +217,53 @@ def test_expected_score_reads_one_when_only_invalid_digits_follow_it():
 def test_scale_score_clamps_to_the_unit_interval():
     assert scale_score(11, 0, 10).item() == 1.0 and scale_score(0, 1, 10).item() == 0.0
     assert scale_score(torch.tensor([10.000001, -0.5]), 0, 10).tolist() == [1.0, 0.0]
+
+
+# --------------------------------------------------------------------------------- -inf log-probs are probability 0
+def _masked(*entries: tuple[int, float]) -> torch.Tensor:
+    """A `[1, 10]` digit log-prob row: -inf (probability 0) except the given (digit, log-prob) entries."""
+    row = torch.full((1, 10), -math.inf, dtype=torch.float64)
+    for d, lp in entries:
+        row[0, d] = lp
+    return row
+
+
+@pytest.mark.parametrize("lo", [0, 1])
+def test_expected_score_reads_minus_inf_as_probability_zero(lo):
+    """Hand-computed: every digit but the named ones is -inf (a judge that masks tokens, a 16-bit underflow)."""
+    nothing = _masked()  # after "1": no digit at all, i.e. the answer ended ("1")
+    assert expected_score(_masked((7, 0.0)), nothing, lo).item() == 7.0
+    assert expected_score(_masked((1, 0.0)), _masked((0, 0.0)), lo).item() == 10.0  # "1" then "0"
+    assert expected_score(_masked((1, 0.0)), nothing, lo).item() == 1.0  # "1" then end: p_end = 1
+    # half "1", half "9"; after "1": "0" with 1/4, a non-digit with 3/4 (p_end = 1 - 1/4), "5" nowhere
+    got = expected_score(_masked((1, math.log(0.5)), (9, math.log(0.5))), _masked((0, math.log(0.25))), lo)
+    assert got.item() == pytest.approx(0.5 * 9 + 0.5 * (0.75 * 1 + 0.25 * 10), rel=1e-12)
+    # after "1": "0" 1/2 and "3" 1/2 (13 is no answer, p_end = 0): "1" is 10
+    assert expected_score(_masked((1, 0.0)), _masked((0, math.log(0.5)), (3, math.log(0.5))), lo).item() == 10.0
+
+
+def test_expected_score_is_unparsable_without_valid_first_digit_mass_or_with_nan():
+    end = _masked()
+    assert torch.isnan(expected_score(_masked(), end, 0)).item()  # every first digit -inf
+    assert torch.isnan(expected_score(_masked((0, 0.0)), end, 1)).item()  # only "0", not on a 1..10 scale
+    assert expected_score(_masked((0, 0.0)), end, 0).item() == 0.0  # ...but valid on 0..10
+    for broken in (math.nan, math.inf):
+        assert torch.isnan(expected_score(_masked((7, 0.0), (3, broken)), end, 0)).item()
+        assert torch.isnan(expected_score(_masked((7, 0.0)), _masked((4, broken)), 0)).item()
+        assert torch.isnan(expected_score(_masked((7, 0.0), (0, broken)), end, 1)).item()  # even outside lo..9
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([0, 1]), st.lists(st.booleans(), min_size=20, max_size=20))
+def test_expected_score_with_masked_digits_matches_enumeration(seed, lo, mask):
+    """Random digits of both rows masked to -inf (at least one valid first digit kept): the expectation the
+    enumeration gives with those probabilities 0, never NaN; a float32 input gives the same as float64."""
+    g = torch.Generator().manual_seed(seed)
+    logp = (torch.randn(2, 30, generator=g, dtype=torch.float64) * 3).log_softmax(-1)[:, :10]
+    masked = torch.tensor(mask).view(2, 10)
+    masked[0, 9] = False  # a valid first digit keeps some mass
+    logp = logp.masked_fill(masked, -math.inf)
+    got = expected_score(logp[:1], logp[1:], lo)
+    want = _brute_force_expectation(logp[0].exp(), logp[1].exp(), lo)
+    assert got.item() == pytest.approx(want, rel=1e-12, abs=1e-12) and lo <= got.item() <= 10
+    assert expected_score(logp[:1].float(), logp[1:].float(), lo).item() == pytest.approx(want, rel=1e-5)

@@ -3,7 +3,7 @@ from gotr1.rewards.combine import COMBINATIONS, Combination, combine, reward_fn
 from gotr1.rewards.exact import CodebookSubsetJudge
 from gotr1.rewards.geometry import iou, judge_frame, judge_to_got, mean_iou
 from gotr1.rewards.parsing import expected_score, parse_box, parse_score, scale_score
-from gotr1.rewards.protocol import COMPONENTS, Judge, RewardBreakdown, RewardSample, reward_samples
+from gotr1.rewards.protocol import COMPONENTS, Judge, RewardBreakdown, RewardSample, needs_images, reward_samples
 from gotr1.rewards.qwen import (
     JUDGE_PRESETS,
     ImageOnlyQwenProcessor,
@@ -21,8 +21,8 @@ __all__ = [
     "COMBINATIONS", "COMPONENTS", "CodebookSubsetJudge", "Combination", "ImageOnlyQwenProcessor", "JUDGE_PRESETS",
     "Judge", "JudgeConfig", "QwenVLJudge", "RewardBreakdown", "RewardSample", "build_qwen_judge_preset",
     "build_tiny_qwen_judge", "check_judge_dir", "combine", "expected_score", "iou", "judge_frame", "judge_to_got",
-    "load_qwen_judge", "make_judge", "make_qwen_judge", "mean_iou", "parse_box", "parse_score", "reward_fn",
-    "reward_samples", "save_judge", "scale_score",
+    "load_qwen_judge", "make_judge", "make_qwen_judge", "mean_iou", "needs_images", "parse_box", "parse_score",
+    "reward_fn", "reward_samples", "save_judge", "scale_score",
 ]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
@@ -12,8 +13,11 @@ class CodebookSubsetJudge:
     """R_PI = the share of a sample's image tokens below `subset_size` (the other components are 1).
 
     A reward a policy can only raise by moving its image-token distribution: the smallest honest signal that
-    GRPO changes what the engine samples (the tiny preset's random weights draw a picture of nothing).
+    GRPO changes what the engine samples (the tiny preset's random weights draw a picture of nothing). It reads
+    codes only, so GRPO does not VQ-decode images for it.
     """
+
+    needs_images: ClassVar[bool] = False
 
     def __init__(self, subset_size: int):
         if subset_size < 1:

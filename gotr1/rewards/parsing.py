@@ -122,7 +122,8 @@ def parse_box(text: str) -> Box | None:
 
 
 def expected_score(logp_first: torch.Tensor, logp_after_one: torch.Tensor, lo: int) -> torch.Tensor:
-    """E[score] over the valid answers lo..10 from digit-token log-probabilities; NaN where they are not finite.
+    """E[score] over the valid answers lo..10 from digit-token log-probabilities; NaN (unparsable) where a row
+    holds a NaN or +inf, or puts no mass on the valid first digits lo..9.
 
     `logp_first[:, d]` is log P(first answer token = "d") and `logp_after_one[:, d]` is log P(next token = "d" |
     first token "1"), both over the full vocabulary (shape `[N, 10]`). With digits tokenised one by one (Qwen),
@@ -130,7 +131,8 @@ def expected_score(logp_first: torch.Tensor, logp_after_one: torch.Tensor, lo: i
     by a non-digit. So the first-token mass over the valid first digits lo..9 is renormalised, and the mass of "1"
     is split by p10 = P("0" | "1") / (P("0" | "1") + P(non-digit | "1")); "1" followed by 1..9 (11..19) is
     invalid and dropped. Exact under the assumption that the other first digits end the answer (the only valid
-    continuation for them).
+    continuation for them). A log-prob of -inf is a probability of 0 (a judge that masks tokens, a 16-bit
+    underflow), not a broken answer.
     """
     if lo not in (0, 1):
         raise ValueError(f"score scales start at 0 or 1, got {lo}")
@@ -142,8 +144,10 @@ def expected_score(logp_first: torch.Tensor, logp_after_one: torch.Tensor, lo: i
     digits = torch.arange(lo, 10, dtype=torch.float64)
     one = 1 - lo  # column of "1" in `first`
     value = (first * digits).sum(-1) + first[:, one] * 9 * p10  # "1" -> 10 adds 9 to the 1 already counted
-    finite = torch.isfinite(logp_first).all(-1) & torch.isfinite(logp_after_one).all(-1)
-    return torch.where(finite, value, torch.nan)
+    broken = (logp_first.isnan() | logp_first.isposinf()).any(-1) \
+        | (logp_after_one.isnan() | logp_after_one.isposinf()).any(-1)
+    no_mass = logp_first[:, lo:].isneginf().all(-1)  # the softmax above is 0/0 there
+    return torch.where(broken | no_mass, torch.nan, value)
 
 
 def scale_score(score: torch.Tensor | float, lo: int, hi: int) -> torch.Tensor:

@@ -25,18 +25,26 @@ class RewardSample:
 
     `reasoning` is the chain as the policy wrote it (prose and tags); R_sem judges that text. When absent, the
     parsed objects stand in for it. `image_tokens` are the image's VQ codes when the policy generated it (the GRPO
-    driver passes them): a judge that works on codes can skip the pixels; `QwenVLJudge` ignores them.
+    driver passes them): a judge that works on codes can skip the pixels; `QwenVLJudge` ignores them. `image` is
+    None where nobody VQ-decoded the codes (GRPO with a judge that declares `needs_images = False`).
     """
 
     prompt: str
     chain: ParsedChain
-    image: Image.Image
+    image: Image.Image | None = None
     reasoning: str | None = None
     image_tokens: torch.Tensor | None = None
 
     @classmethod
     def from_text(cls, prompt: str, reasoning: str, image: Image.Image) -> RewardSample:
         return cls(prompt=prompt, chain=parse_chain(reasoning), image=image, reasoning=reasoning)
+
+    def pixels(self) -> Image.Image:
+        """`image` for a judge that reads pixels: a clear error, not an AttributeError deep in it, when absent."""
+        if self.image is None:
+            raise ValueError("this sample has no image (RewardSample.image is None: its image tokens were not "
+                             "VQ-decoded); a judge that reads pixels must not set needs_images = False")
+        return self.image
 
     def reasoning_text(self) -> str:
         """The chain as the judge reads it: GoT tags removed, so `<|obj_start|>cat<|obj_end|> <|box_start|>(1,2),
@@ -98,6 +106,20 @@ class RewardBreakdown:
 @runtime_checkable
 class Judge(Protocol):
     """Scores a batch; must return one value per sample and component, in [0, 1], and never raise on bad
-    model output (unparsable answers score 0 and are counted)."""
+    model output (unparsable answers score 0 and are counted).
+
+    A judge that reads only `image_tokens` and text says so with a class attribute `needs_images = False`: GRPO
+    then skips VQ-decoding every rollout (seconds a step). The attribute is optional (see `needs_images`) and so
+    not a member of the protocol, whose runtime `isinstance` check would then refuse every judge without it.
+    """
 
     def score(self, samples: Sequence[RewardSample]) -> RewardBreakdown: ...
+
+
+def needs_images(judge: Judge) -> bool:
+    """Whether `judge` reads `RewardSample.image`: its `needs_images` attribute, True when it has none (pixels are
+    the safe default: a judge that cannot say otherwise gets them)."""
+    value = getattr(judge, "needs_images", True)
+    if not isinstance(value, bool):
+        raise TypeError(f"{type(judge).__name__}.needs_images must be a bool, got {value!r}")
+    return value

@@ -319,9 +319,10 @@ class QwenVLJudge:
         size = self.config.image_size
         pictures = []
         for i, s in enumerate(samples):
-            if s.image.width * s.image.height == 0:
-                raise ValueError(f"sample {i}: image has no pixels ({s.image.width}x{s.image.height})")
-            image = s.image.convert("RGB")
+            image = s.pixels()
+            if image.width * image.height == 0:
+                raise ValueError(f"sample {i}: image has no pixels ({image.width}x{image.height})")
+            image = image.convert("RGB")
             pictures += [image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC),
                          render_layout(s.chain.objects, size)]
         features, grids = [], []

@@ -284,7 +284,7 @@ class ShapesJudge:
 
     def verdict(self, sample: RewardSample) -> Verdict:
         spec = parse_prompt(sample.prompt)
-        rgb = _prepare(sample.image)
+        rgb = _prepare(sample.pixels())
         detections = detect_objects(rgb)
         objects = sample.chain.objects
         checks, extras = image_checks(spec, detections)
