@@ -347,11 +347,12 @@ def emulation(threads: int) -> ctypes.CDLL:
     includes, cxx = cuda_include_flags(), shutil.which("g++")
     if includes is None or cxx is None:
         pytest.skip("the kernel emulation needs g++ and the CUDA toolkit headers")
-    lib = Path(tempfile.mkdtemp(prefix="cfg_sample_emulation_")) / f"emulation{threads}.so"
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", *includes,
-                    f"-DGOTR1_CFG_SAMPLE_THREADS={threads}", str(CSRC / "host_emulation.cpp"), "-o", str(lib)],
-                   check=True)
-    return ctypes.CDLL(str(lib))
+    with tempfile.TemporaryDirectory(prefix="cfg_sample_emulation_") as tmp:  # a loaded library outlives its file
+        lib = Path(tmp) / f"emulation{threads}.so"
+        subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread", *includes,
+                        f"-DGOTR1_CFG_SAMPLE_THREADS={threads}", str(CSRC / "host_emulation.cpp"), "-o", str(lib)],
+                       check=True)
+        return ctypes.CDLL(str(lib))
 
 
 def emulated_sample(threads: int, cond, uncond, **params) -> SampleOutput:

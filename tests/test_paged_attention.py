@@ -246,6 +246,17 @@ def test_bad_inputs_raise():
             fn(qp, k_cache, v_cache, table, cu, ctx, scale=1.0)
         with pytest.raises(ValueError, match="cu_seqlens_q must rise"):
             fn(qp, k_cache, v_cache, table, cu.flip(0), ctx, scale=1.0)
+    with pytest.raises(ValueError, match="one query row per sequence"):
+        paged_decode_attention(randn(3, 2, 8), k_cache, v_cache, table, ctx, scale=1.0)
+    qp, cu = packed_queries([5, 9], 2, 8)
+    with pytest.raises(ValueError, match="does not fit the block table"):
+        paged_prefill_attention(qp, k_cache, v_cache, table[:, :2], cu, ctx, scale=1.0)
+    strided_k = torch.cat([k_cache, k_cache], dim=-1)[..., ::2]  # the cache's shape, not contiguous
+    assert strided_k.shape == k_cache.shape and not strided_k.is_contiguous()
+    with pytest.raises(ValueError, match="must be contiguous"):
+        paged_decode_attention(randn(2, 2, 8), strided_k, v_cache, table, ctx, scale=1.0)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        paged_prefill_attention(qp, k_cache, strided_k, table, cu, ctx, scale=1.0)
 
 
 @settings(max_examples=6, deadline=None)
@@ -274,6 +285,61 @@ def test_bench_prefill_reference(benchmark):
     k_cache, v_cache, table, ctx = paged_case([200] * 4, hkv=4, d=64, block_size=16)
     qp, cu = packed_queries([64] * 4, 8, 64)
     benchmark(paged_prefill_attention_reference, qp, k_cache, v_cache, table, cu, ctx, scale=0.125)
+
+
+def strided_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """`q` as a fused qkv projection hands it over: its query heads (a row stride past the K/V heads) with the head
+    dim padded (a head stride past D), NaN in between."""
+    rows, hq, d = q.shape
+    fused = torch.full((rows, hq + 2 * hkv, d + 3), float("nan"), dtype=q.dtype, device=q.device)
+    fused[:, :hq, :d] = q
+    return fused[:, :hq, :d]
+
+
+def sliced_table(table: torch.Tensor, free_block: int) -> torch.Tensor:
+    """`table` as the leading columns of a wider table (a row stride past its width, unit column stride); the
+    columns past it name a free (NaN) block, so a read through the wrong row stride shows."""
+    wide = torch.full((table.shape[0], table.shape[1] + 5), free_block, dtype=table.dtype, device=table.device)
+    wide[:, :table.shape[1]] = table
+    return wide[:, :table.shape[1]]
+
+
+@pytest.mark.usefixtures("poison")
+def test_strided_queries_and_column_sliced_block_tables():
+    """Queries whose rows and heads have strides of their own and a block table that is the leading columns of a
+    wider one (unit last stride: no copy is made) are read through their strides, in decode and prefill."""
+    hq, hkv, d = 6, 2, 24
+    k_cache, v_cache, table, ctx = paged_case([5, 17, 9], hkv=hkv, d=d, block_size=4)
+    free = min(set(range(k_cache.shape[0])) - set(table.flatten().tolist()))
+    q = randn(3, hq, d)
+    want = decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)
+    for splits in (1, 2):
+        out = paged_decode_attention(strided_queries(q, hkv), k_cache, v_cache, sliced_table(table, free), ctx,
+                                     scale=0.3, num_splits=splits)
+        assert max_rel_err(out, want) < 1e-5
+    qp, cu = packed_queries([5, 3, 9], hq, d)
+    out = paged_prefill_attention(strided_queries(qp, hkv), k_cache, v_cache, sliced_table(table, free), cu, ctx,
+                                  scale=0.3)
+    assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)) < 1e-5
+
+
+@pytest.mark.usefixtures("poison")
+def test_contexts_that_fill_or_exceed_the_block_table():
+    """A block table exactly as wide as the longest context (the other tests leave a spare column): that context
+    is read to its end. Decode clips a context longer than the table to the table (documented: no sync checks
+    it), so row 0 given 23 tokens reads its 16 tabled positions, not the next row's table entries."""
+    k_cache, v_cache, table, ctx = paged_case([16, 13], hkv=2, d=16, block_size=4)
+    table = table[:, :4].contiguous()  # 4 blocks of 4: row 0 fills them, row 1 uses all 4
+    q = randn(2, 4, 16)
+    want = decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)
+    longer = ctx + torch.tensor([7, 0], dtype=ctx.dtype, device=DEVICE)
+    for splits in (1, 3):
+        for lens in (ctx, longer):
+            out = paged_decode_attention(q, k_cache, v_cache, table, lens, scale=0.3, num_splits=splits)
+            assert max_rel_err(out, want) < 1e-5
+    qp, cu = packed_queries([16, 4], 4, 16)
+    out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3)
+    assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)) < 1e-5
 
 
 def strided(t: torch.Tensor, fill: int) -> torch.Tensor:
@@ -306,8 +372,9 @@ def test_prefill_rejects_max_seqlen_q_below_the_longest_query():
     the first query tile unwritten: it raises."""
     k_cache, v_cache, table, ctx = paged_case([70], hkv=1, d=16, block_size=16)
     qp, cu = packed_queries([70], 2, 16)
-    with pytest.raises(ValueError, match="max_seqlen_q"):
-        paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=1)
+    for short in (1, 69):  # 69: one short is already refused
+        with pytest.raises(ValueError, match="max_seqlen_q"):
+            paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=short)
     out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=0.3, max_seqlen_q=70)
     assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, 0.3)) < 1e-5
 
@@ -343,3 +410,40 @@ def test_torch_backend_regathers_rows_that_grew_by_more_than_one_token(monkeypat
                                                scale=scale)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert backend._tiled == native
+
+
+@pytest.mark.usefixtures("poison")
+def test_torch_backend_native_decode_with_scores_far_apart():
+    """The C++ decode step's softmax with scores hundreds apart: a key far above the rest in the first tile of a
+    two-tile row (the max must come from every tile, or e^(s - m) overflows), and a head whose scores all lie far
+    below 0 in a row whose last tile is partial (the max must skip the lanes past the context, which hold 0, or
+    every e^(s - m) hits the exp's floor and the weights go uniform). Equal to the paged reference."""
+    import engine.attention as attention
+    from engine.attention import AttentionMetadata, TorchBackend
+
+    if attention._decode_library() is None:
+        pytest.skip("no C++ compiler: the decode kernel cannot be built")
+    g = torch.Generator().manual_seed(1)
+    bs, dim, scale, lens = 4, 16, 0.25, [30, 21]
+    tables = [list(range(8)), list(range(8, 16))]
+    base = F.normalize(torch.randn(dim, generator=g), dim=0)
+    kv = torch.full((2, 1, 16, bs, 1, dim), float("nan"))
+    keys = [torch.randn(30, dim, generator=g), 5 * base + 0.1 * torch.randn(21, dim, generator=g)]
+    keys[0][3] = 10 * base  # row 0, head 0: position 3 scores ~150, the others ~±15
+    for row, (table, n) in enumerate(zip(tables, lens)):
+        for p in range(n - 1):  # the last position is the step's own token, stored by the step
+            kv[0, 0, table[p // bs], p % bs, 0] = keys[row][p]
+            kv[1, 0, table[p // bs], p % bs, 0] = torch.randn(dim, generator=g)
+    meta = AttentionMetadata(
+        is_prefill=False, context_lens=torch.tensor(lens, dtype=torch.int32),
+        slot_mapping=torch.tensor([t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]),
+        block_tables=torch.tensor(tables, dtype=torch.int32), seq_ids=(0, 1), host_context_lens=lens)
+    backend = TorchBackend()
+    backend.begin_step(kv, meta)
+    q = torch.stack([60 * base, -100 * base])[None].expand(2, 2, dim).contiguous()  # head 1, row 1: ~ -125
+    k = torch.stack([keys[0][29], keys[1][20]])[:, None]
+    out = backend.forward(0, q, k, torch.randn(2, 1, dim, generator=g), kv[0, 0], kv[1, 0], meta, scale)
+    assert backend._tiled
+    ref = paged_decode_attention_reference(q, kv[0, 0], kv[1, 0], meta.block_tables, meta.context_lens, scale=scale)
+    # scores of ~100 carry ~1e-5 of fp32 rounding (the sums' order); what this catches is O(1) or NaN
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

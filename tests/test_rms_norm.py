@@ -102,6 +102,18 @@ def test_cpu_path_equals_torch_within_ulps(rows, hidden, seed):
 
 
 @pytest.mark.skipif(not cpu_rms_norm_available(), reason="no C++ compiler")
+@pytest.mark.parametrize("hidden", [7, 33, 300])
+def test_cpu_path_equals_torch_bitwise_where_the_sum_is_exact(hidden):
+    """Integer rows: every order of the sum of squares gives the same fp32 value, so the rest (rstd, then
+    `(x * rstd) * weight` in torch's order) equals `F.rms_norm` to the bit; the ulp band of the test above would
+    hide a reordered product."""
+    g = torch.Generator().manual_seed(hidden)
+    x = torch.randint(-20, 21, (5, hidden), generator=g).float()
+    weight = 1 + 0.5 * torch.randn(hidden, generator=g)
+    assert torch.equal(rms_norm_cpu(x, weight, 1e-6), torch.nn.functional.rms_norm(x, [hidden], weight, 1e-6))
+
+
+@pytest.mark.skipif(not cpu_rms_norm_available(), reason="no C++ compiler")
 def test_cpu_path_rejects_other_inputs():
     with pytest.raises(ValueError, match="fp32 CPU"):
         rms_norm_cpu(torch.randn(2, 8).double(), torch.ones(8), 1e-6)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.skinny_matmul import MAX_ROWS, default_launch, skinny_matmul, skinny_matmul_reference
+from kernels.skinny_matmul import MAX_ROWS, default_launch, linear, skinny_matmul, skinny_matmul_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -45,6 +45,32 @@ def test_fp32_equals_f_linear_at_default_launch(poison, m):
     close(skinny_matmul(x, w, b), F.linear(x, w, b))
 
 
+@pytest.mark.parametrize("k,split_k,block_k", [(65, 2, 32), (129, 4, 32), (97, 3, 16)])
+def test_split_shares_round_up(poison, k, split_k, block_k):
+    """K just past what the splits' shares cover when rounded down: each split takes ceil(K / SPLIT_K) rounded up
+    to BLOCK_K, so the last columns are summed (the property test above rarely draws such a K)."""
+    x, w, b = case(3, 20, k, torch.float32, bias=True, seed=k)
+    close(skinny_matmul(x, w, b, split_k=split_k, block_n=16, block_k=block_k), skinny_matmul_reference(x, w, b))
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_weight_rows_with_a_stride_of_their_own(poison, split_k):
+    """A weight that is the leading columns of a wider matrix (unit column stride, row stride past K) is read
+    through its row stride, directly and through `linear`; NaN in the padding shows a read through a wrong one.
+    `linear` sends a weight that is not contiguous along K to `F.linear` instead of raising."""
+    x, w, b = case(5, 24, 40, torch.float32, bias=True)
+    wide = torch.full((24, 47), float("nan"), device=DEVICE)
+    wide[:, :40] = w
+    view = wide[:, :40]
+    assert view.stride() == (47, 1)
+    want = skinny_matmul_reference(x, w, b)
+    close(skinny_matmul(x, view, b, split_k=split_k, block_n=16, block_k=16), want)
+    close(linear(x, view, b), want)
+    transposed = w.T.contiguous().T
+    assert transposed.stride(1) != 1
+    close(linear(x, transposed, b), F.linear(x, w, b))
+
+
 def test_strided_rows_and_empty_sizes():
     x, w, b = case(6, 20, 48, torch.float32, bias=True)
     wide = torch.randn(6, 64, device=DEVICE)
@@ -66,5 +92,7 @@ def test_bad_inputs_raise():
         skinny_matmul(x, w, b[:4])
     with pytest.raises(ValueError, match="one dtype and device"):
         skinny_matmul(x, w.double())
+    with pytest.raises(ValueError, match="one dtype and device"):  # a bias would be read as x's dtype
+        skinny_matmul(x, w, b.double())
     with pytest.raises(ValueError, match="contiguous along K"):
         skinny_matmul(x, w.T.contiguous().T)
