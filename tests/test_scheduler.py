@@ -1,16 +1,21 @@
 """Scheduler properties with a fake model: every request finishes with the same tokens however tight the KV
 pool (preemption by recompute never drops or corrupts anything), refs drain to zero, rows only ever read the KV
 their own tokens produced, prompt / unconditional-prefix blocks are shared as designed, and requests with
-cfg_weight 1 hold no unconditional rows at all. Then the refusal bound through the real engine at the tiny preset:
-a request alone fills a pool of exactly its bound and cannot run in one block fewer, and mixed requests in a pool
-just above the largest bound sample the tokens of a roomy run."""
+cfg_weight 1 hold no unconditional rows at all. Every fake step also checks the bookkeeping (`check_batch`,
+`check_state`, `CheckedScheduler`: exact ref counts, queue order and statuses, batch limits, exact admission plans),
+and hand-stepped runs pin the boundaries a mutation review found unpinned (inclusive limits, exact-fit windows and
+prefix growth, dropping the prefix at admission, abort at any step). Then the refusal bound through the real
+engine at the tiny preset: a request alone fills a pool of exactly its bound and cannot run in one block fewer, and
+mixed requests in a pool just above the largest bound sample the tokens of a roomy run."""
+import collections
 import functools
 import itertools
 import random
+import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.block_manager import BlockManager
@@ -18,7 +23,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Group, Sample, Sequence, sample_key
+from engine.sequence import Group, Sample, SampleStatus, Sequence, sample_key
 from gotr1.model import build_preset
 
 PAD, BOS, BOI = 0, 1, 2
@@ -37,9 +42,10 @@ class FakeModel:
         self.steps = []
 
     def step(self, sched: Scheduler):
+        before = [id(s) for s in sched.running]
         batch = sched.schedule()
         self.steps.append(batch)
-        assert batch.is_prefill or len(batch.seqs) <= sched.max_num_seqs
+        check_batch(sched, batch, before)
         assert [batch.seqs[r] for r in batch.cond_rows] == [s.cond for s in batch.image_samples]
         assert [batch.seqs[r] for r in batch.uncond_rows] == [s.uncond for s in batch.image_samples
                                                               if s.group.guided]
@@ -58,6 +64,7 @@ class FakeModel:
             finished += self._step(sched, batch, step)
         if steps < batch.num_steps:
             sched.cut_window(batch)
+        check_state(sched, self.bm)
         return finished
 
     def _step(self, sched: Scheduler, batch, step: int):
@@ -96,6 +103,62 @@ class FakeModel:
         return sched.postprocess(batch, text, lps, image, ilps, [x - 1 for x in ilps])
 
 
+def check_state(sched: Scheduler, bm: BlockManager) -> None:
+    """Between steps: every block's ref count is the number of live rows that hold it (running samples, the prefix,
+    prompts not yet forked), waiting samples hold nothing, statuses match the queues, and the prefix lives only
+    while a guided request does."""
+    live = [s.cond.block_table for s in sched.running] + [s.uncond.block_table for s in sched.running if s.uncond]
+    live += [g.prompt_seq.block_table for g in sched.groups.values() if g.prompt_seq is not None]
+    live += [sched.uncond_prefix.block_table] if sched.uncond_prefix is not None else []
+    held = collections.Counter(b for table in live for b in table)
+    assert bm.num_used_blocks == len(held) and all(bm.ref_counts[b] == n for b, n in held.items())
+    assert all(s.status is SampleStatus.RUNNING for s in sched.running)
+    for w in sched.waiting:
+        for s in w.samples if isinstance(w, Group) else [w]:
+            assert s.status is SampleStatus.WAITING and not s.cond.block_table and s.uncond is None
+            assert s.group.request_id in sched.groups
+    kinds = [isinstance(w, Sample) for w in sched.waiting]  # preempted samples resume before new requests
+    assert kinds == sorted(kinds, reverse=True)
+    assert sched.uncond_prefix is None or any(g.guided for g in sched.groups.values())
+
+
+def check_batch(sched: Scheduler, batch, before: list[int]) -> None:
+    """A scheduled batch keeps the limits and the order: running samples stay in admission order (new ones last,
+    so a preemption victim is the most recently admitted); a prefill exceeds max_num_batched_tokens or (counting
+    the running samples' peak rows) max_num_seqs only with one unit (prefix growth, a group's prompt or a resumed
+    sample) that runs alone; a decode step takes the running samples in order until the next would pass
+    max_num_seqs."""
+    running = [id(s) for s in sched.running]
+    kept = [i for i in before if i in set(running)]
+    assert running[:len(kept)] == kept
+    if batch.is_prefill:
+        units = len(batch.seqs) - len(batch.uncond_rows)
+        assert batch.num_tokens <= sched.max_num_batched_tokens or units == 1
+        admitted = {id(s) for s in batch.text_samples + batch.image_samples}
+        assert (not admitted or sum(s.peak_rows for s in sched.running) <= sched.max_num_seqs
+                or (units == 1 and set(running) == admitted))
+        return
+    assert len(batch.seqs) <= sched.max_num_seqs
+    rows = sorted(zip(batch.text_rows + batch.cond_rows, batch.text_samples + batch.image_samples),
+                  key=lambda t: t[0])
+    assert [id(s) for _, s in rows] == running[:len(rows)]
+    if len(rows) < len(running):
+        s = sched.running[len(rows)]
+        assert len(batch.seqs) + 1 + (s.uncond is not None) > sched.max_num_seqs
+
+
+class CheckedScheduler(Scheduler):
+    """Checks that `_admission` is exact: admitting an item takes the prefill tokens and free blocks it planned
+    (unless it takes the prefix's blocks over), so admission never over- or under-reserves."""
+
+    def _admit(self, item, batch, take_prefix=False):
+        _, tokens, blocks = self._admission(item, sys.maxsize)
+        free, num_tokens = self.block_manager.num_free_blocks, batch.num_tokens
+        super()._admit(item, batch, take_prefix)
+        assert batch.num_tokens - num_tokens == tokens
+        assert take_prefix or free - self.block_manager.num_free_blocks == blocks
+
+
 def make_group(rid, prompt_len, n, max_r, min_r, cfg_weight=5.0, *, num_image_tokens, seed):
     rng = random.Random(seed)
     prompt = [BOS] + [rng.randrange(10, 40) for _ in range(prompt_len - 1)]
@@ -107,12 +170,21 @@ def make_group(rid, prompt_len, n, max_r, min_r, cfg_weight=5.0, *, num_image_to
     return g
 
 
+def make_sched(num_blocks, block_size, **config) -> tuple[CheckedScheduler, BlockManager]:
+    bm = BlockManager(num_blocks, block_size)
+    config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, **config)
+    return CheckedScheduler(config, bm, bos_id=BOS, pad_id=PAD, boi_id=BOI), bm
+
+
+def outcome(group: Group) -> list[tuple]:
+    return [(s.reasoning_ids, s.image_token_ids, s.boi_forced, s.text_logprobs, s.image_logprobs)
+            for s in group.samples]
+
+
 def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_tokens=4096, num_image_tokens=4,
         arrivals=None, num_scheduler_steps=1, cuts=None):
-    config = EngineConfig(block_size=block_size, num_kv_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=max_num_batched_tokens, num_scheduler_steps=num_scheduler_steps)
-    bm = BlockManager(num_blocks, block_size)
-    sched = Scheduler(config, bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    sched, bm = make_sched(num_blocks, block_size, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens, num_scheduler_steps=num_scheduler_steps)
     model = FakeModel(bm, cuts)
     arrivals = arrivals or [0] * len(specs)
     pending = sorted(range(len(specs)), key=lambda i: arrivals[i])
@@ -128,9 +200,24 @@ def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_token
         assert step < 20_000, "scheduler does not make progress"
     assert bm.ref_counts == [0] * num_blocks and bm.num_free_blocks == num_blocks
     assert sched.uncond_prefix is None and not sched.running and not sched.waiting
-    results = {rid: [(s.reasoning_ids, s.image_token_ids, s.boi_forced, s.text_logprobs, s.image_logprobs)
-                     for s in g.samples] for rid, g in done.items()}
-    return results, sched, model
+    return {rid: outcome(g) for rid, g in done.items()}, sched, model
+
+
+def start(specs, *, num_blocks, block_size, num_image_tokens, **config):
+    """A checked scheduler with every request of `specs` added, and its fake model (for tests that step by hand)."""
+    sched, bm = make_sched(num_blocks, block_size, **config)
+    for i, spec in enumerate(specs):
+        sched.add(make_group(str(i), *spec, num_image_tokens=num_image_tokens, seed=i))
+    return sched, bm, FakeModel(bm)
+
+
+def finish(sched: Scheduler, model: FakeModel, done: dict | None = None) -> dict:
+    """Step to the end; the outcome of every request that finishes (and of those in `done`)."""
+    done = dict(done or {})
+    while sched.has_unfinished():
+        done.update((g.request_id, outcome(g)) for g in model.step(sched))
+    assert model.bm.num_used_blocks == 0 and sched.uncond_prefix is None and not sched.waiting
+    return done
 
 
 group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6)).flatmap(
@@ -138,6 +225,14 @@ group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6))
                         st.sampled_from([1.0, 5.0])))
 
 
+# resumed guided samples charged their two peak rows against max_num_seqs: in the text phase, in the image phase
+@example(specs=[(2, 1, 0, 0, 1.0), (2, 3, 1, 1, 5.0)], block_size=1, num_image_tokens=2, spare=0, max_num_seqs=2,
+         max_num_batched_tokens=5, arrivals=[1, 0, 0, 0], num_scheduler_steps=1, cuts=None)
+@example(specs=[(2, 1, 0, 0, 1.0), (2, 1, 0, 0, 1.0), (2, 3, 1, 0, 5.0)], block_size=1, num_image_tokens=4, spare=1,
+         max_num_seqs=3, max_num_batched_tokens=5, arrivals=[0, 0, 0, 0], num_scheduler_steps=1, cuts=None)
+# prefix growth for a running sample preempts every running sample: nothing is admitted beside the growth as if alone
+@example(specs=[(2, 1, 0, 0, 1.0), (11, 3, 5, 0, 1.0), (2, 1, 10, 0, 5.0)], block_size=1, num_image_tokens=1, spare=0,
+         max_num_seqs=12, max_num_batched_tokens=40, arrivals=[0, 0, 0, 0], num_scheduler_steps=1, cuts=None)
 @settings(max_examples=40, deadline=None)
 @given(specs=st.lists(group_spec, min_size=1, max_size=4), block_size=st.sampled_from([1, 2, 3, 4, 8]),
        num_image_tokens=st.integers(1, 6), spare=st.integers(0, 12), max_num_seqs=st.integers(2, 12),
@@ -194,7 +289,7 @@ def test_prompt_blocks_are_computed_once_per_group():
     """Prefill allocates the prompt's blocks once; the first decode step of n samples copies only the partial
     last prompt block (n - 1 copies: the last sample writes it in place) and shares the full ones."""
     bm = BlockManager(100, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=100, num_scheduler_steps=1), bm, bos_id=BOS,
+    sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=100, num_scheduler_steps=1), bm, bos_id=BOS,
                       pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
     sched.add(make_group("g", 10, 4, 6, 6, num_image_tokens=3, seed=0))  # prompt: 2 full blocks + 2 tokens
@@ -211,13 +306,14 @@ def test_prompt_blocks_are_computed_once_per_group():
     assert len({s.cond.block_table[2] for s in samples}) == 4
 
 
-def test_multi_step_windows_end_at_forced_boi_and_complete_images():
+@pytest.mark.parametrize("num_image_tokens", [1, 2, 3])
+def test_multi_step_windows_end_at_forced_boi_and_complete_images(num_image_tokens):
     """A group in lock-step (4 samples, exactly 6 reasoning tokens) decodes its text in one window that ends with
-    the forced BOI, holding at most one block per row past its need, and its 3 image tokens in another."""
+    the forced BOI, holding at most one block per row past its need, and its 1, 2 or 3 image tokens in another."""
     bm = BlockManager(100, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=100), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=100), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
-    group = make_group("g", 10, 4, 6, 6, num_image_tokens=3, seed=0)
+    group = make_group("g", 10, 4, 6, 6, num_image_tokens=num_image_tokens, seed=0)
     sched.add(group)
     model.step(sched)  # the prompt's prefill samples each first reasoning token
     model.step(sched)
@@ -230,13 +326,13 @@ def test_multi_step_windows_end_at_forced_boi_and_complete_images():
         assert s.cond.num_cached_tokens == len(s.cond) - 1 == 16
     while sched.has_unfinished():
         model.step(sched)
-    assert [(b.is_prefill, b.num_steps) for b in model.steps[2:]] == [(True, 1), (False, 3)]  # prefix, image
+    assert [(b.is_prefill, b.num_steps) for b in model.steps[2:]] == [(True, 1), (False, num_image_tokens)]
     assert bm.num_used_blocks == 0
 
 
 def test_uncond_prefix_is_computed_once_and_shared_by_every_group():
     bm = BlockManager(400, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400, num_scheduler_steps=1), bm, bos_id=BOS,
+    sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=400, num_scheduler_steps=1), bm, bos_id=BOS,
                       pad_id=PAD, boi_id=BOI)  # single steps: the moment all 7 samples hold pairs is seen
     model = FakeModel(bm)
     sched.add(make_group("a", 9, 3, 5, 5, num_image_tokens=8, seed=1))  # every cond row: 9 + 5 + 1 = 15 tokens
@@ -277,7 +373,7 @@ def test_request_that_can_never_fit_is_refused_clearly():
 def test_abort_frees_everything_at_any_point():
     for abort_at in range(0, 12):
         bm = BlockManager(200, 2)
-        sched = Scheduler(EngineConfig(block_size=2, num_kv_blocks=200), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+        sched = CheckedScheduler(EngineConfig(block_size=2, num_kv_blocks=200), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
         model = FakeModel(bm)
         sched.add(make_group("a", 5, 3, 4, 0, num_image_tokens=4, seed=1))
         sched.add(make_group("b", 7, 2, 4, 2, num_image_tokens=4, seed=2))
@@ -298,7 +394,7 @@ def test_cfg_weight_1_takes_no_uncond_rows_prefix_or_blocks():
     exactly those of its prompt and conditional rows, with no unconditional prefix, and it needs only one row's
     blocks to finish alone."""
     bm = BlockManager(400, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
     group = make_group("u", 10, 4, 6, 2, 1.0, num_image_tokens=8, seed=3)  # rows up to 10 + 6 + 1 + 8 = 25 tokens
     assert sched.blocks_to_finish_alone(group) == 6  # the last image token is never fed: 24 positions of KV
@@ -326,7 +422,7 @@ def test_max_num_seqs_counts_uncond_rows_only_for_guided_requests(cfg_weight, ad
     """Admission reserves each sample's peak rows: 2 with CFG, 1 at cfg_weight 1, so two groups of 2 samples fit
     max_num_seqs=4 together only when unguided."""
     bm = BlockManager(200, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=200, max_num_seqs=4), bm, bos_id=BOS, pad_id=PAD,
+    sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=200, max_num_seqs=4), bm, bos_id=BOS, pad_id=PAD,
                       boi_id=BOI)
     model = FakeModel(bm)
     for rid in ("a", "b"):
@@ -341,7 +437,7 @@ def test_max_num_seqs_counts_uncond_rows_only_for_guided_requests(cfg_weight, ad
 def test_uncond_prefix_lives_only_while_a_guided_request_does():
     """The prefix is built for the guided request and dropped when it finishes, while the unguided one still runs."""
     bm = BlockManager(400, 4)
-    sched = Scheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
+    sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=400), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
     model = FakeModel(bm)
     sched.add(make_group("u", 6, 2, 8, 8, 1.0, num_image_tokens=12, seed=1))  # long: finishes last
     sched.add(make_group("g", 6, 2, 2, 2, 5.0, num_image_tokens=3, seed=2))
@@ -378,6 +474,161 @@ def test_a_row_ending_one_past_a_block_boundary_fits(cfg_weight, num_blocks):
     roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=1)
     tight, _, _ = run([spec], num_blocks=num_blocks, block_size=4, num_image_tokens=1)
     assert tight == roomy
+
+
+def test_a_window_that_needs_exactly_the_free_blocks_runs_whole():
+    """The lock-step group above in a pool of its bound (10 blocks): after its first decode step 4 blocks are free,
+    exactly what the window's slots take (one new block per sample), so the 6-step window still runs."""
+    spec = (10, 4, 6, 6, 5.0)
+    roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=3)
+    sched, bm, model = start([spec], num_blocks=10, block_size=4, num_image_tokens=3)
+    model.step(sched)
+    assert bm.num_free_blocks == 7  # 3 prompt blocks
+    model.step(sched)
+    assert model.steps[-1].num_steps == 6 and bm.num_free_blocks == 0
+    assert finish(sched, model) == roomy
+
+
+def test_a_guided_request_finishing_keeps_the_prefix_for_another():
+    """The prefix is grown to 4 for request 1 (prompt 4, no reasoning), which finishes while request 0 still
+    reasons; request 0 then grows the same prefix on from 4 to 10, it is not recomputed from 0."""
+    sched, _, model = start([(4, 1, 6, 6, 5.0), (4, 1, 0, 0, 5.0)], num_blocks=100, block_size=4,
+                            num_image_tokens=2, num_scheduler_steps=1)
+    growth, done = [], set()
+    while sched.has_unfinished():
+        done |= {g.request_id for g in model.step(sched)}
+        batch = model.steps[-1]
+        growth += [(pos, q, sorted(done)) for seq, pos, q in zip(batch.seqs, batch.starts, batch.query_lens)
+                   if seq is sched.uncond_prefix]
+    assert growth == [(0, 4, []), (4, 6, ["1"])]
+
+
+def test_prefix_growth_for_a_queued_sample_takes_exactly_the_free_blocks():
+    """A guided sample preempted right after sampling BOI (forced here) waits at the head of the queue for a
+    prefix (4 blocks) while an unguided request runs and 4 blocks are free: the prefix is grown at once into
+    exactly those blocks, preempting nothing, not only once the unguided request has freed more."""
+    specs = [(2, 1, 2, 2, 5.0), (6, 1, 1, 1, 1.0)]
+    roomy, _, _ = run(specs, num_blocks=100, block_size=1, num_image_tokens=2)
+    sched, bm, model = start(specs, num_blocks=12, block_size=1, num_image_tokens=2, num_scheduler_steps=1)
+    g = sched.groups["0"].samples[0]
+    while not g.in_image_phase:
+        model.step(sched)
+    assert sched.uncond_prefix is None and sched.num_preemptions == 0
+    sched._preempt(g)
+    assert bm.num_free_blocks == 4
+    model.step(sched)
+    batch = model.steps[-1]
+    assert batch.is_prefill and batch.seqs == [sched.uncond_prefix] and batch.query_lens == [4]
+    assert bm.num_free_blocks == 0 and sched.num_preemptions == 1 and sched.running
+    assert finish(sched, model) == roomy
+
+
+def test_a_sample_resuming_alone_beside_a_prefix_it_does_not_fit_drops_the_prefix():
+    """An unguided sample preempted with 9 of its 10 tokens' KV (forced here: pressure from a newer request would
+    do the same) resumes alone in a 10-block pool while the shared prefix (2 blocks) is kept for a queued guided
+    request: it cannot fit beside the prefix, so the prefix is dropped (and recomputed for the guided request
+    later) and the sample is admitted in the same step."""
+    specs = [(2, 1, 0, 0, 5.0), (2, 1, 6, 6, 1.0), (2, 1, 0, 0, 5.0)]  # guided, unguided (long), guided
+    roomy, _, _ = run(specs, num_blocks=100, block_size=1, num_image_tokens=2)
+    sched, bm, model = start(specs, num_blocks=10, block_size=1, num_image_tokens=2, num_scheduler_steps=1)
+    u = sched.groups["1"].samples[0]
+    done = {}
+    while len(u.cond) < 9 or u.status is not SampleStatus.RUNNING:
+        done.update((g.request_id, outcome(g)) for g in model.step(sched))
+    assert list(done) == ["0"] and len(sched.uncond_prefix.block_table) == 2
+    assert sched.running == [u] and list(sched.waiting) == [sched.groups["2"]] and bm.num_free_blocks == 0
+    sched._preempt(u)
+    model.step(sched)
+    batch = model.steps[-1]
+    assert batch.is_prefill and batch.seqs == [u.cond] and sched.uncond_prefix is None
+    assert finish(sched, model, done) == roomy
+
+
+def test_a_prefix_dropped_at_admission_is_not_forked_later_in_the_step():
+    """A queue built by hand (reachable only through a long chain of preemptions): first an unguided sample with 29
+    tokens, then a guided sample that sampled BOI right after its 2-token prompt and for which the prefix was just
+    grown to 12 tokens (its request's longest need). In a 40-block pool the first cannot fit beside the prefix: the
+    prefix is dropped and the sample admitted; the guided sample behind it fits the blocks left but must wait for
+    the prefix to be grown again, not fork the one just dropped."""
+    specs = [(2, 1, 10, 0, 5.0), (2, 1, 30, 30, 1.0)]
+    sched, bm, model = start(specs, num_blocks=40, block_size=1, num_image_tokens=1, num_scheduler_steps=1)
+    (y,), (x,) = sched.groups["0"].samples, sched.groups["1"].samples
+    y.cond.token_ids.append(BOI)
+    y.cond.image_start = len(y.cond)
+    x.cond.token_ids += [10] * 27
+    sched.waiting = collections.deque([y])
+    model.step(sched)  # the prefix alone, for y at the head of the queue
+    assert model.steps[-1].seqs == [sched.uncond_prefix] and len(sched.uncond_prefix) == 12
+    sched.waiting.appendleft(x)
+    model.step(sched)
+    assert model.steps[-1].seqs == [x.cond] and sched.uncond_prefix is None and list(sched.waiting) == [y]
+    finish(sched, model)
+    assert x.reasoning_ids[:27] == [10] * 27 and len(x.reasoning_ids) == 31 and len(y.image_token_ids) == 1
+
+
+@pytest.mark.parametrize("cfg_weight,num_blocks,admitted", [(1.0, 4, ["0", "1"]), (1.0, 3, ["0"]),
+                                                            (5.0, 6, ["0", "1"]), (5.0, 5, ["0"])])
+def test_admission_keeps_a_free_block_per_peak_row(cfg_weight, num_blocks, admitted):
+    """Beside its prompt's blocks, admission keeps one free block for each peak row running or admitted (each may
+    need a new block at its next decode step): after request 0 (a one-block prompt, one sample) request 1, the
+    same, needs 1 + 2 free blocks unguided, 1 + 4 guided; the bound is inclusive."""
+    sched, _, model = start([(4, 1, 0, 0, cfg_weight)] * 2, num_blocks=num_blocks, block_size=4, num_image_tokens=2)
+    model.step(sched)
+    assert [g.request_id for g in model.steps[0].prefilled_groups] == admitted
+
+
+@pytest.mark.parametrize("max_num_batched_tokens,admitted", [(8, ["0", "1"]), (7, ["0"])])
+def test_max_num_batched_tokens_is_inclusive(max_num_batched_tokens, admitted):
+    sched, _, model = start([(5, 1, 2, 0, 1.0), (3, 1, 2, 0, 1.0)], num_blocks=100, block_size=4, num_image_tokens=2,
+                            max_num_batched_tokens=max_num_batched_tokens)
+    model.step(sched)
+    assert [g.request_id for g in model.steps[0].prefilled_groups] == admitted
+
+
+def test_abort_at_any_step_of_a_tight_run_leaves_the_rest_exact():
+    """Abort the guided request at each step of a run that preempts: none of its samples stays queued or running
+    (preempted ones included), they are FINISHED, the shared prefix goes with the last guided request, every ref
+    count is exact, and the unguided request samples a roomy run's tokens. Aborting everything between
+    `schedule()` and the step's `postprocess()` (a failed step; a prefilled prompt not forked yet) empties the
+    pool."""
+    specs, kw = [(6, 3, 4, 2, 5.0), (5, 2, 6, 6, 1.0)], dict(num_blocks=14, block_size=2, num_image_tokens=4)
+    roomy, _, _ = run(specs, num_blocks=1000, block_size=2, num_image_tokens=4)
+    seen = set()
+    for abort_at in itertools.count():
+        sched, bm, model = start(specs, **kw)
+        for _ in range(abort_at):
+            model.step(sched)
+        if "0" not in sched.groups:
+            break
+        group = sched.groups["0"]
+        seen |= {"preempted"} if any(w in group.samples for w in sched.waiting) else set()
+        seen |= {"prefix"} if sched.uncond_prefix is not None else set()
+        sched.abort("0")
+        assert all(s.status is SampleStatus.FINISHED and not s.cond.block_table and s.uncond is None
+                   for s in group.samples)
+        check_state(sched, bm)
+        assert sched.uncond_prefix is None  # no guided request left
+        assert finish(sched, model)["1"] == roomy["1"]
+
+        sched, bm, model = start(specs, **kw)
+        for _ in range(abort_at):
+            model.step(sched)
+        sched.schedule()
+        seen |= {"prompt"} if any(g.prompt_seq is not None for g in sched.groups.values()) else set()
+        for rid in list(sched.groups):
+            sched.abort(rid)
+        assert bm.num_used_blocks == 0 and sched.uncond_prefix is None and not sched.waiting and not sched.running
+    assert seen == {"preempted", "prefix", "prompt"}
+
+
+def test_a_scheduler_that_lost_a_request_fails_instead_of_spinning():
+    """Bookkeeping that holds a request in no queue (a bug) makes `schedule()` raise, not return empty batches to
+    an engine that steps while `has_unfinished()`."""
+    sched, _ = make_sched(10, 4)
+    sched.add(make_group("a", 3, 1, 2, 0, num_image_tokens=2, seed=0))
+    sched.waiting.clear()
+    with pytest.raises(RuntimeError, match="made no progress"):
+        sched.schedule()
 
 
 # ---------------------------------------------------------------------------------------- the bound, real engine
