@@ -159,19 +159,13 @@ class Scheduler:
         bm = self.block_manager
         batch = ScheduledBatch(is_prefill=True)
         ready = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
-        target, running_waits = self._prefix_target()
+        target = self._prefix_target()[0]
         prefix = self.uncond_prefix if self.uncond_prefix is not None else Sequence([self.bos_id])
 
         def need() -> int:
             return bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens, target - prefix.num_cached_tokens)
 
-        # Growth for running samples may preempt others. Growth for the preempted sample at the head of the queue
-        # alone takes free blocks only: preempting running samples for it would let them and it take turns
-        # preempting each other in a tight pool; it waits until running samples finish and free blocks.
-        if target and (running_waits or need() <= bm.num_free_blocks):
-            if not self._make_room(need):
-                raise RuntimeError("the shared unconditional prefix does not fit an otherwise empty KV cache "
-                                   "(a bug: requests are checked to fit when added)")
+        if target and self._room_for_prefix(need):
             self.uncond_prefix = prefix
             prefix.token_ids.extend([self.pad_id] * (target - len(prefix)))
             batch.add_row(prefix, bm.append(prefix, target - prefix.num_cached_tokens))
@@ -251,9 +245,11 @@ class Scheduler:
             batch.uncond_rows.append(batch.add_row(item.uncond, copies))
 
     def _schedule_decode(self) -> ScheduledBatch:
-        """One token per running sample, as many as fit. Unconditional rows go after all the others (their
-        blocks are made writable in the loop, the rows added at the end), so that an image step's conditional
-        and unconditional rows are two consecutive runs and its heads read one slice of the hidden states."""
+        """One token per running sample, as many as fit. No running sample awaits its unconditional row here:
+        the prefill step grows the prefix for such samples or preempts them. Unconditional rows go after all the
+        others (their blocks are made writable in the loop, the rows added at the end), so that an image step's
+        conditional and unconditional rows are two consecutive runs and its heads read one slice of the hidden
+        states."""
         bm = self.block_manager
         batch = ScheduledBatch(is_prefill=False)
         scheduled: set[int] = set()  # ids of samples in this step: never preempted by a later one
@@ -261,18 +257,12 @@ class Scheduler:
         rows = i = 0
         while i < len(self.running):
             s = self.running[i]
-            if s.awaits_uncond:  # waits for the prefix (grown by the next prefill step)
-                i += 1
-                continue
             pair = s.uncond is not None
             if rows + 1 + pair > self.max_num_seqs:
                 break
             scheduled.add(id(s))
-            if self._decode_need(s) <= bm.num_free_blocks:
-                i += 1
-            elif self._make_room(functools.partial(self._decode_need, s), scheduled):
-                i = self.running.index(s) + 1  # preemption may have removed samples before it (awaiting the prefix)
-            else:
+            if self._decode_need(s) > bm.num_free_blocks \
+                    and not self._make_room(functools.partial(self._decode_need, s), scheduled):
                 scheduled.discard(id(s))
                 if batch.seqs:  # only scheduled samples are left: they hold the blocks, it resumes later
                     self._preempt(s)
@@ -281,8 +271,8 @@ class Scheduler:
                     raise RuntimeError("a sample alone in the KV cache ran out of blocks (a bug: requests are "
                                        "checked to fit when added)")
                 self._drop_prefix()
-                i = self.running.index(s)
                 continue
+            i += 1  # preemptions took only samples after it: those before it are scheduled
             row = batch.add_row(s.cond, bm.append(s.cond, 1))
             if s.in_image_phase:
                 batch.cond_rows.append(row)
@@ -349,6 +339,19 @@ class Scheduler:
             if victim is None:
                 return False
             self._preempt(victim)
+        return True
+
+    def _room_for_prefix(self, need: Callable[[], int]) -> bool:
+        """Free `need()` blocks for the prefix's growth. Growth for running samples preempts running samples
+        (most recently admitted first, a waiting one included), but only while a running sample still waits for
+        it: once the preemptions have sent every such sample back to the queue, the growth is for the queue alone,
+        which takes free blocks only (preempting running samples for it would let them and it take turns
+        preempting each other in a tight pool; it waits until running samples finish and free blocks). False: no
+        growth this step."""
+        while need() > self.block_manager.num_free_blocks:
+            if not self._prefix_target()[1]:
+                return False
+            self._preempt(self.running[-1])
         return True
 
     def _preempt(self, s: Sample) -> None:

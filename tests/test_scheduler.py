@@ -23,7 +23,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Group, Sample, SampleStatus, Sequence, sample_key
+from engine.sequence import NO_IMAGE, Group, Sample, SampleStatus, Sequence, sample_key
 from gotr1.model import build_preset
 
 PAD, BOS, BOI = 0, 1, 2
@@ -139,6 +139,7 @@ def check_batch(sched: Scheduler, batch, before: list[int]) -> None:
                 or (units == 1 and set(running) == admitted))
         return
     assert len(batch.seqs) <= sched.max_num_seqs
+    assert not any(s.awaits_uncond for s in sched.running)  # the prefill step grew the prefix or preempted them
     rows = sorted(zip(batch.text_rows + batch.cond_rows, batch.text_samples + batch.image_samples),
                   key=lambda t: t[0])
     assert [id(s) for _, s in rows] == running[:len(rows)]
@@ -230,7 +231,7 @@ group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6))
          max_num_batched_tokens=5, arrivals=[1, 0, 0, 0], num_scheduler_steps=1, cuts=None)
 @example(specs=[(2, 1, 0, 0, 1.0), (2, 1, 0, 0, 1.0), (2, 3, 1, 0, 5.0)], block_size=1, num_image_tokens=4, spare=1,
          max_num_seqs=3, max_num_batched_tokens=5, arrivals=[0, 0, 0, 0], num_scheduler_steps=1, cuts=None)
-# prefix growth for a running sample preempts every running sample: nothing is admitted beside the growth as if alone
+# prefix growth for a running sample preempts that sample: nothing is admitted beside the growth as if alone
 @example(specs=[(2, 1, 0, 0, 1.0), (11, 3, 5, 0, 1.0), (2, 1, 10, 0, 5.0)], block_size=1, num_image_tokens=1, spare=0,
          max_num_seqs=12, max_num_batched_tokens=40, arrivals=[0, 0, 0, 0], num_scheduler_steps=1, cuts=None)
 @settings(max_examples=40, deadline=None)
@@ -283,6 +284,25 @@ def test_prefix_growth_for_a_queued_sample_preempts_no_running_one():
     tight, sched, _ = run([spec], num_blocks=sched.blocks_to_finish_alone(group), block_size=4, num_image_tokens=12)
     assert tight == roomy
     assert sched.num_preemptions == 3
+
+
+def test_prefix_growth_stops_preempting_once_no_running_sample_waits_for_it():
+    """A guided sample (prompt 2, up to 10 reasoning tokens) reaches BOI with nothing to fork in a pool of the
+    bound (26 blocks) beside an unguided group of three. Growing the prefix for it preempts the most recently
+    admitted sample, which is itself: the growth is then for the queue's head alone and preempts nothing more.
+    Preempting on for it used to send a second, running sample back too, and that sample, resuming alone beside
+    the prefix, dropped it to be grown again: 3 preemptions, the 12-token prefix computed twice, 72 prefill
+    tokens instead of 43."""
+    specs = [(2, 1, 0, 0, 1.0), (11, 3, 5, 0, 1.0), (2, 1, 10, 0, 5.0)]
+    roomy, _, _ = run(specs, num_blocks=4096, block_size=1, num_image_tokens=1)
+    tight, sched, model = run(specs, num_blocks=26, block_size=1, max_num_seqs=12, max_num_batched_tokens=40,
+                              num_image_tokens=1)
+    assert tight == roomy
+    growth = [q for b in model.steps if b.is_prefill for seq, q in zip(b.seqs, b.query_lens)
+              if seq.image_start == NO_IMAGE and seq.token_ids[1:] == [PAD] * (len(seq) - 1)]
+    assert growth == [12]
+    assert sched.num_preemptions == 2
+    assert sum(b.num_tokens for b in model.steps if b.is_prefill) == 43
 
 
 def test_prompt_blocks_are_computed_once_per_group():
