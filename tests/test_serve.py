@@ -353,7 +353,7 @@ def test_shutdown_answers_every_request_in_flight_with_503(tiny, monkeypatch):
                 assert wait_until(lambda: len(srv.server.server_state.tasks) == 3)  # its handler awaits the body
                 closing = pool.submit(srv.close)
                 rest = list(events)
-                assert rest[-1] == ("error", shutting_down) and {k for k, _ in rest[:-1]} <= {"token"}
+                assert rest[-1] == ("error", {**shutting_down, "status": 503}) and {k for k, _ in rest[:-1]} <= {"token"}
                 r = queued.result(timeout=30)
                 assert (r.status_code, r.json()) == (503, shutting_down)
                 sock.sendall(late[5:])  # shutdown has begun: answered, not run
@@ -663,6 +663,7 @@ def test_image_decoding_failure_is_an_error_response_or_event(main_server, monke
     with client.stream("POST", "/v1/generate", json={**body, "return": ["image"], "stream": True}) as s:
         events = list(sse_events(s.iter_lines()))
     assert events[-1][0] == "error" and "injected decoder fault" in events[-1][1]["error"]
+    assert events[-1][1]["status"] == 500  # what the plain request was answered with
     assert {o: v - before[o] for o, v in outcomes().items()} == {"completed": 0, "failed": 2}
     images_before = metric(client, "gotr1_time_to_image_seconds_count")
     assert client.post("/v1/generate", json={**body, "return": ["tokens"]}).status_code == 200
@@ -1132,6 +1133,7 @@ def test_every_generate_answer_counts_once_under_its_outcome(tiny, monkeypatch):
             assert counted({"failed": 1}, lambda: post(short)).status_code == 500
             status, events = counted({"failed": 1}, lambda: stream(short))
             assert status == 200 and events[-1][0] == "error" and "injected decoder fault" in events[-1][1]["error"]
+            assert events[-1][1]["status"] == 500
             m.setattr(state.engine, "step", broken_step)
             assert counted({"failed": 1}, lambda: post(short)).status_code == 500
 

@@ -390,7 +390,7 @@ class GoTServer:
                 lease.finished = True
                 if isinstance(event, FailedEvent):
                     lease.count(event.outcome)
-                    yield sse("error", {"error": event.message})
+                    yield sse("error", {"error": event.message, "status": event.status})
                     return
                 assert isinstance(event, FinishedEvent)
                 if late := state.catch_up(event.output):
@@ -399,7 +399,7 @@ class GoTServer:
                     pngs, timing = await self._decode(lease, event, returns if images else None)
                 except Exception as e:  # as in `_generate`, but the status line is long sent: an error event
                     lease.count("failed")
-                    yield sse("error", {"error": f"image decoding failed: {e!r}"})
+                    yield sse("error", {"error": f"image decoding failed: {e!r}", "status": 500})
                     return
                 if pngs is not None:
                     yield "".join(sse("image", {"sample": i, **im}) for i, im in enumerate(pngs))

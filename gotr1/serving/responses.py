@@ -5,7 +5,8 @@ Stream protocol (`text/event-stream`), per request:
            remainder); the `text` pieces of a sample concatenate to its chain text.
   `boxes`  {"sample", "chain", "boxes", "problems"}: once the sample's chain is complete (before its image).
   `image`  {"sample", "image"?, "layout"?}: base64 PNGs, when the request asked for them.
-  `done`   the non-streaming response without the images; or `error` {"error"} if the request failed.
+  `done`   the non-streaming response without the images; or `error` {"error", "status"} if the request failed
+           (`status`: the HTTP status a non-streaming request would have been answered with).
 """
 from __future__ import annotations
 
