@@ -158,7 +158,10 @@ class Scheduler:
     def _schedule_prefill(self) -> ScheduledBatch:
         bm = self.block_manager
         batch = ScheduledBatch(is_prefill=True)
-        ready = self.uncond_prefix.num_cached_tokens if self.uncond_prefix is not None else 0
+        # The prefix's KV this step's admissions may fork: what it held before the step, while it is still the
+        # scheduler's prefix (growth in this step is computed by its forward, too late; a dropped one is gone).
+        computed = self.uncond_prefix
+        ready = computed.num_cached_tokens if computed is not None else 0
         target = self._prefix_target()[0]
         prefix = self.uncond_prefix if self.uncond_prefix is not None else Sequence([self.bos_id])
 
@@ -172,7 +175,7 @@ class Scheduler:
         rows = sum(s.peak_rows for s in self.running) if self.waiting else 0
         while self.waiting:
             item = self.waiting[0]
-            plan = self._admission(item, ready)
+            plan = self._admission(item, ready if self.uncond_prefix is computed else 0)
             if plan is None:
                 break
             peak_rows, tokens, blocks = plan
@@ -187,13 +190,10 @@ class Scheduler:
                     raise RuntimeError("a request that fits an empty KV cache could not be admitted (a bug)")
                 if not (isinstance(item, Sample) and item.awaits_uncond):
                     self._drop_prefix()  # recomputed when needed
-                    ready = 0
                     continue
                 take_prefix = True  # dropping it would leave nothing to fork: inherit its blocks instead
             self.waiting.popleft()
             self._admit(item, batch, take_prefix)
-            if take_prefix:
-                ready = 0
             rows += peak_rows
         return batch
 
