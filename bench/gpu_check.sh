@@ -20,8 +20,9 @@
 # uvicorn or pydantic: carry them as wheels (.whl/: transformers 5.24.0, peft 0.21.2, and for serve fastapi,
 # starlette, uvicorn, pydantic + pydantic_core for cp312, annotated-types, typing-inspection, typing-extensions,
 # opentelemetry-api) installed with `pip install --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site.
-# Every rollout run also times the engine with 64-step decode windows (`window_speedup`: does the host gap at
-# window boundaries, 10% of the H100's wall time, shrink with fewer windows?).
+# Every rollout run also times the engine with 64-step decode windows and with 16-step image windows (the default
+# runs an image phase in one window): `window_speedup` and `image_window_speedup` say how much of the host gap at
+# window boundaries (10% of the H100's wall time with 16-step windows everywhere) fewer windows close.
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
@@ -70,7 +71,7 @@ else
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
   compare=$([[ "$mode" == skinny ]] && echo --compare-skinny-matmul)
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
-    --compare-num-scheduler-steps 64 \
+    --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 fi
 # A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).
@@ -83,5 +84,5 @@ if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transfor
   step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
     --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
 fi
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|fused_projections|skinny_matmul_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"

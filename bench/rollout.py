@@ -16,6 +16,8 @@ says whether they were); `fused_projections_speedup` is unfused time over fused 
 time over on time). `--compare-num-scheduler-steps K` adds the same engine with K-step decode windows, whose
 tokens must be equal (`window_speedup`: default-window time over K-window time; on a GPU the device idles while
 the host reads a window's tokens and schedules the next, so fewer, longer windows may close that gap).
+`--compare-num-image-scheduler-steps M` likewise adds the engine with M-step image-only windows
+(`image_window_speedup`: default time over M-step time; the default runs a group's image phase in one window).
 `--hf-compile` adds transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`:
 static caches, `torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time
 not counted: `speedup_vs_hf_compiled`.
@@ -60,6 +62,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--num-scheduler-steps", type=int, default=EngineConfig().num_scheduler_steps,
                         help="decode steps per host sync (the engine's multi-step window)")
+    parser.add_argument("--num-image-scheduler-steps", type=int, default=EngineConfig().num_image_scheduler_steps,
+                        help="decode steps per host sync of image-only windows (default: up to an image's end)")
     parser.add_argument("--skinny-matmul", action="store_true",
                         help="decode projections through kernels.skinny_matmul (EngineConfig.skinny_matmul)")
     parser.add_argument("--compare-skinny-matmul", action="store_true",
@@ -68,6 +72,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-num-scheduler-steps", type=int, default=None, metavar="K",
                         help="also time the engine with K-step windows (same tokens): on a GPU, whether longer "
                              "windows close the host gap at window boundaries (`window_speedup`)")
+    parser.add_argument("--compare-num-image-scheduler-steps", type=int, default=None, metavar="M",
+                        help="also time the engine with M-step image-only windows (same tokens; "
+                             "`image_window_speedup`)")
     parser.add_argument("--hf-compile", action="store_true",
                         help="also time transformers with static caches and torch.compile (compiled untimed first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
@@ -156,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
     config = EngineConfig(block_size=args.block_size, attention_backend=args.attention_backend,
                           enforce_eager=args.enforce_eager or not args.device.startswith("cuda"),
                           gpu_memory_utilization=0.5, num_scheduler_steps=args.num_scheduler_steps,
-                          skinny_matmul=args.skinny_matmul)
+                          num_image_scheduler_steps=args.num_image_scheduler_steps, skinny_matmul=args.skinny_matmul)
     engine = LLMEngine(bundle, config)
     reference = ReferenceGenerator(bundle)
 
@@ -174,8 +181,10 @@ def run(args: argparse.Namespace) -> dict:
     fused = engine.config.fuse_projections = engine.runner.fuse_projections  # the default for this device
     skinny = args.skinny_matmul
 
-    def rollout(num_scheduler_steps: int, fuse: bool = fused, skinny_matmul: bool = skinny) -> tuple[float, list]:
+    def rollout(num_scheduler_steps: int, fuse: bool = fused, skinny_matmul: bool = skinny,
+                image_steps: int | None = args.num_image_scheduler_steps) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
+        engine.scheduler.num_image_scheduler_steps = image_steps
         if (engine.config.fuse_projections, engine.config.skinny_matmul) != (fuse, skinny_matmul):
             # read at the next bind, which drops the CUDA graphs: captured again by an untimed warm-up
             engine.config.fuse_projections, engine.config.skinny_matmul = fuse, skinny_matmul
@@ -185,12 +194,14 @@ def run(args: argparse.Namespace) -> dict:
         assert all(len(s.reasoning_ids) == r + 1 for g in out for s in g.samples)
         return t, [(s.reasoning_ids, s.image_tokens.tolist()) for g in out for s in g.samples]
 
-    # Optional sides, each the same engine with one setting the other way: name -> (window, fuse, skinny).
-    extra: dict[str, tuple[int, bool, bool]] = {}
+    # Optional sides, each the same engine with one setting the other way: name -> rollout's arguments.
+    extra: dict[str, tuple] = {}
     if args.compare_skinny_matmul:
         extra["skinny"] = (args.num_scheduler_steps, fused, not skinny)
     if args.compare_num_scheduler_steps:
         extra["window"] = (args.compare_num_scheduler_steps, fused, skinny)
+    if args.compare_num_image_scheduler_steps:
+        extra["image_window"] = (args.num_scheduler_steps, fused, skinny, args.compare_num_image_scheduler_steps)
     for side in [(args.num_scheduler_steps, not fused, skinny), *extra.values(), (1, fused, skinny),
                  (args.num_scheduler_steps, fused, skinny)]:
         rollout(*side)  # untimed: each side's first run at the timed shapes (see the module docstring)
@@ -215,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
         t, tokens = rollout(args.num_scheduler_steps)
         steps = engine.num_steps - steps
         engine_times.append(t)
-        if tokens != single_tokens or ("window" in extra and tokens != extra_tokens["window"]):
+        if tokens != single_tokens or any(tokens != extra_tokens[w] for w in ("window", "image_window") if w in extra):
             raise AssertionError("rollouts of the same seed with different decode windows sampled different tokens")
         other_match &= tokens == other_tokens
         skinny_match &= "skinny" not in extra or tokens == extra_tokens["skinny"]
@@ -243,7 +254,7 @@ def run(args: argparse.Namespace) -> dict:
         "reasoning_tokens": r, "image_tokens": bundle.num_image_tokens, "cfg_weight": args.cfg,
         "attention_backend": engine.runner.backend.name, "cuda_graphs": engine.runner.use_cuda_graphs,
         "threads": torch.get_num_threads(), "hf_match": hf_match,
-        "num_scheduler_steps": args.num_scheduler_steps,
+        "num_scheduler_steps": args.num_scheduler_steps, "num_image_scheduler_steps": args.num_image_scheduler_steps,
         "engine_s": t_engine, "hf_s": t_hf, "speedup_vs_hf": t_hf / t_engine,
         "engine_single_step_s": t_single, "multi_step_speedup": t_single / t_engine,
         "fuse_projections": fused, "skinny_matmul": skinny, "engine_other_fusion_s": t_other,
@@ -277,6 +288,12 @@ def run(args: argparse.Namespace) -> dict:
         t_window = statistics.median(extra_times["window"])
         metrics.update(other_num_scheduler_steps=args.compare_num_scheduler_steps, engine_other_window_s=t_window,
                        engine_other_window_s_runs=extra_times["window"], window_speedup=t_engine / t_window)
+    if "image_window" in extra:
+        t_image_window = statistics.median(extra_times["image_window"])
+        metrics.update(other_num_image_scheduler_steps=args.compare_num_image_scheduler_steps,
+                       engine_other_image_window_s=t_image_window,
+                       engine_other_image_window_s_runs=extra_times["image_window"],
+                       image_window_speedup=t_engine / t_image_window)
     if args.profile:
         metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
 
@@ -291,6 +308,8 @@ def run(args: argparse.Namespace) -> dict:
         *([engine_row(f"engine, skinny matmul {'off' if skinny else 'on'}", t_skinny)] if "skinny" in extra else []),
         *([engine_row(f"engine, {args.compare_num_scheduler_steps}-step windows", t_window)]
           if "window" in extra else []),
+        *([engine_row(f"engine, {args.compare_num_image_scheduler_steps}-step image windows", t_image_window)]
+          if "image_window" in extra else []),
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},

@@ -21,6 +21,10 @@ class EngineConfig:
     per token (a window ends by the time an image completes or a forced `<begin_of_image>`; a row that samples
     one earlier idles to the window's end). Requests added meanwhile wait for the window's end, unless the caller
     ends it early with `LLMEngine.step(interrupt=...)` (the server does when a request arrives); 1 turns it off.
+    `num_image_scheduler_steps` bounds instead the windows whose rows are all in the image phase while no request
+    waits: image rows take one token per step and end at known steps, so a longer window wastes nothing and saves
+    host syncs (on a GPU the device idles at each). None (default): up to the first image's completion. Its slots
+    are allocated at the window's start; with blocks short for it, the window falls back to `num_scheduler_steps`.
     `skinny_matmul` runs the projections of decode steps (at most 64 rows) through `kernels.skinny_matmul` instead
     of `F.linear` (cuBLAS); off until a GPU benchmark (`python -m bench kernels --only skinny_matmul`) shows it
     faster.
@@ -47,6 +51,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 16384
     max_model_len: int | None = None
     num_scheduler_steps: int = 16
+    num_image_scheduler_steps: int | None = None
     skinny_matmul: bool = False
     fuse_projections: bool | None = None
     merge_lora: bool | None = None
@@ -72,6 +77,10 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
         if not isinstance(self.num_scheduler_steps, int) or self.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps must be a positive int, got {self.num_scheduler_steps!r}")
+        if self.num_image_scheduler_steps is not None and (not isinstance(self.num_image_scheduler_steps, int)
+                                                           or self.num_image_scheduler_steps < 1):
+            raise ValueError(f"num_image_scheduler_steps must be None or a positive int, got "
+                             f"{self.num_image_scheduler_steps!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
                              f"{self.attention_backend!r}")

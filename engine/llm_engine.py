@@ -1,12 +1,12 @@
 """`LLMEngine`: GoT rollouts (reasoning, then CFG image tokens) with continuous batching over a paged KV cache.
 
 nano-vllm's loop — `schedule -> run -> sample -> postprocess` — with Janus's two phases in one batch, and vLLM's
-multi-step decoding: a decode batch runs up to `num_scheduler_steps` steps, each step's tokens fed to the next on
-the device, so the host syncs once per window rather than once per token and can queue steps while the device
-computes. The model is the policy itself: the engine keeps no copy of any weight, so the rollout after an
-optimizer step samples from the updated policy. Update weights between rollouts (when `has_unfinished()` is
-False): the shared unconditional prefix KV is recomputed for each rollout, not for each weight change in the
-middle of one.
+multi-step decoding: a decode batch runs up to `num_scheduler_steps` steps (`num_image_scheduler_steps` when its
+rows are all drawing images), each step's tokens fed to the next on the device, so the host syncs once per window
+rather than once per token and can queue steps while the device computes. The model is the policy itself: the engine
+keeps no copy of any weight, so the rollout after an optimizer step samples from the updated policy. Update weights
+between rollouts (when `has_unfinished()` is False): the shared unconditional prefix KV is recomputed for each
+rollout, not for each weight change in the middle of one.
 """
 from __future__ import annotations
 

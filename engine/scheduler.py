@@ -13,6 +13,7 @@ sampled from the conditional row alone, and the prefix exists only while some re
 from __future__ import annotations
 
 import functools
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.num_scheduler_steps = config.num_scheduler_steps
+        self.num_image_scheduler_steps = config.num_image_scheduler_steps
         self.block_manager = block_manager
         self.bos_id, self.pad_id, self.boi_id = bos_id, pad_id, boi_id
         self.waiting: deque[Group | Sample] = deque()
@@ -290,29 +292,32 @@ class Scheduler:
 
     def _multi_step(self, batch: ScheduledBatch) -> None:
         """Let a decode step run as `num_steps` steps in one go (vLLM's multi-step scheduling), their slots
-        allocated now (a row holds at most ceil((k - 1) / block_size) blocks ahead of need; with blocks short it
-        stays one step, never a preemption for a longer window). An image row takes one token per step whatever
-        it samples, so the window ends no later than the first image is complete. A text row may sample
-        `<begin_of_image>` inside the window: its later steps are wasted (their tokens are dropped, their KV lies
-        past the row's tokens and is overwritten before anything reads it); the window ends no later than the step
-        that forces it."""
+        allocated now (a row holds at most ceil((k - 1) / block_size) blocks ahead of need; with blocks short for
+        an image-only window it is tried at `num_scheduler_steps`, then stays one step, never a preemption for a
+        longer window). An image row takes one token per step whatever it samples, so the window ends no later
+        than the first image is complete; an image-only window with nothing waiting is bounded by
+        `num_image_scheduler_steps` alone (None: that completion). A text row may sample `<begin_of_image>`
+        inside the window: its later steps are wasted (their tokens are dropped, their KV lies past the row's
+        tokens and is overwritten before anything reads it); the window ends no later than the step that forces
+        it."""
         if self.num_scheduler_steps == 1:
             return
         k = self.num_scheduler_steps
+        if not batch.text_samples and not self.waiting:
+            k = self.num_image_scheduler_steps or sys.maxsize
         for s in batch.image_samples:
             k = min(k, s.group.num_image_tokens - s.num_image_tokens)
         for s in batch.text_samples:
             k = min(k, s.group.params.max_reasoning_tokens - s.num_reasoning_tokens + 1)
-        if k < 2:
-            return
         bm = self.block_manager
-        if sum(bm.blocks_needed(seq.block_table, seq.num_cached_tokens, k - 1) for seq in batch.seqs) \
-                > bm.num_free_blocks:
-            return
-        for seq in batch.seqs:
-            batch.copies.extend(bm.append(seq, k - 1))
-            seq.num_cached_tokens += k - 1
-        batch.num_steps = k
+        for steps in dict.fromkeys((k, min(k, self.num_scheduler_steps))):  # the longer window first
+            if steps >= 2 and sum(bm.blocks_needed(seq.block_table, seq.num_cached_tokens, steps - 1)
+                                  for seq in batch.seqs) <= bm.num_free_blocks:
+                for seq in batch.seqs:
+                    batch.copies.extend(bm.append(seq, steps - 1))
+                    seq.num_cached_tokens += steps - 1
+                batch.num_steps = steps
+                return
 
     def cut_window(self, batch: ScheduledBatch) -> None:
         """After a window that ran fewer than its `num_steps` steps (the engine was interrupted): each row's

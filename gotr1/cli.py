@@ -286,7 +286,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     engine_config = EngineConfig(**{k: v for k, v in (("block_size", args.block_size),
                                                       ("num_kv_blocks", args.num_kv_blocks),
-                                                      ("num_scheduler_steps", args.num_scheduler_steps))
+                                                      ("num_scheduler_steps", args.num_scheduler_steps),
+                                                      ("num_image_scheduler_steps", args.num_image_scheduler_steps))
                                     if v is not None})
     defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
     config = ServerConfig(max_n=args.max_n, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--block-size", type=int, default=None, help="KV block size in tokens (default: engine's)")
     srv.add_argument("--num-scheduler-steps", type=int, default=None,
                      help="decode steps per host sync (default: the engine's 16)")
+    srv.add_argument("--num-image-scheduler-steps", type=int, default=None,
+                     help="decode steps per host sync when every row is in the image phase and no request waits "
+                          "(default: up to the first image's completion)")
     srv.add_argument("--interrupt-windows", action=argparse.BooleanOptionalAction, default=True,
                      help="a request arriving during a multi-step window ends it at the next step (default: on; "
                           "off, a new request waits for the rest of the window)")

@@ -3,12 +3,14 @@ definitions on a tiny run (its speed is not asserted: speed claims come from the
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 
 import pytest
 
 from bench import rollout
+from engine.scheduler import Scheduler
 from gotr1.model import load_model
 
 
@@ -64,27 +66,37 @@ def test_rollout_result_figures(tiny, tmp_path):
     assert m["step_bytes_mean"] == pytest.approx(floor["step_bytes_mean"], rel=1e-12)
 
 
-def test_the_window_comparison_is_one_more_side_with_the_same_tokens(tmp_path, monkeypatch):
-    """`--compare-num-scheduler-steps 4`: one more engine side, timed every repeat, its windows really 4 steps long
-    (the scheduler's setting is read at each rollout), and its speedup the ratio of the two medians."""
-    windows = []
-    schedule = rollout.LLMEngine.step
+def test_the_window_comparisons_are_more_sides_with_the_same_tokens(tmp_path, monkeypatch):
+    """`--compare-num-scheduler-steps 4 --compare-num-image-scheduler-steps 8`: two more engine sides, timed every
+    repeat, their windows really that long (the scheduler's settings are read at each rollout; the default runs
+    the image phase in one window), and their speedups the ratios of the medians."""
+    longest = collections.defaultdict(int)  # (window, image window) -> longest window scheduled
+    schedule = Scheduler.schedule
 
-    def spy(engine, *a, **kw):
-        windows.append(engine.scheduler.num_scheduler_steps)
-        return schedule(engine, *a, **kw)
+    def spy(scheduler):
+        batch = schedule(scheduler)
+        key = scheduler.num_scheduler_steps, scheduler.num_image_scheduler_steps
+        longest[key] = max(longest[key], batch.num_steps)
+        return batch
 
-    monkeypatch.setattr(rollout.LLMEngine, "step", spy)
+    monkeypatch.setattr(Scheduler, "schedule", spy)
     path = tmp_path / "rollout.json"
     rollout.run(_args(["--groups", "1", "--n", "1", "--reasoning-tokens", "2", "--repeats", "2",
-                       "--compare-num-scheduler-steps", "4", "--json", str(path)]))
+                       "--compare-num-scheduler-steps", "4", "--compare-num-image-scheduler-steps", "8",
+                       "--json", str(path)]))
     result = json.loads(path.read_text())
     m = result["metrics"]
     assert m["other_num_scheduler_steps"] == 4 and len(m["engine_other_window_s_runs"]) == 2
     assert m["engine_other_window_s"] == statistics.median(m["engine_other_window_s_runs"])
     assert m["window_speedup"] == pytest.approx(m["engine_s"] / m["engine_other_window_s"])
-    assert [row["side"] for row in result["rows"]][3] == "engine, 4-step windows"
-    assert 4 in windows and 16 in windows and 1 in windows
+    assert m["other_num_image_scheduler_steps"] == 8 and len(m["engine_other_image_window_s_runs"]) == 2
+    assert m["engine_other_image_window_s"] == statistics.median(m["engine_other_image_window_s_runs"])
+    assert m["image_window_speedup"] == pytest.approx(m["engine_s"] / m["engine_other_image_window_s"])
+    assert m["num_image_scheduler_steps"] is None
+    sides = [row["side"] for row in result["rows"]]
+    assert sides[3:5] == ["engine, 4-step windows", "engine, 8-step image windows"]
+    # the image phase (576 tokens, the first sampled by the step that feeds BOI) in one window, or 8-step ones
+    assert longest == {(16, None): 576, (4, None): 576, (16, 8): 8, (1, None): 1}
 
 
 def test_the_skinny_matmul_comparison_is_refused_on_a_cpu():

@@ -88,7 +88,8 @@ def test_serve_checks_its_flags_before_loading_the_model(capsys, monkeypatch):
     for flags, message in [(["--port", "99999"], "port must be in 0..65535"), (["--port", "-1"], "port must be"),
                            (["--max-n", "0"], "max_n must be a positive int"),
                            (["--max-body-bytes", "0"], "max_body_bytes must be a positive int"),
-                           (["--num-kv-blocks", "0"], "num_kv_blocks must be a positive int")]:
+                           (["--num-kv-blocks", "0"], "num_kv_blocks must be a positive int"),
+                           (["--num-image-scheduler-steps", "0"], "num_image_scheduler_steps must be None or")]:
         assert main(["serve", "--preset", "tiny", *flags]) == 2
         assert message in capsys.readouterr().err
 

@@ -183,9 +183,10 @@ def outcome(group: Group) -> list[tuple]:
 
 
 def run(specs, *, num_blocks, block_size, max_num_seqs=64, max_num_batched_tokens=4096, num_image_tokens=4,
-        arrivals=None, num_scheduler_steps=1, cuts=None):
+        arrivals=None, num_scheduler_steps=1, num_image_scheduler_steps=None, cuts=None):
     sched, bm = make_sched(num_blocks, block_size, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=max_num_batched_tokens, num_scheduler_steps=num_scheduler_steps)
+                           max_num_batched_tokens=max_num_batched_tokens, num_scheduler_steps=num_scheduler_steps,
+                           num_image_scheduler_steps=num_image_scheduler_steps)
     model = FakeModel(bm, cuts)
     arrivals = arrivals or [0] * len(specs)
     pending = sorted(range(len(specs)), key=lambda i: arrivals[i])
@@ -228,22 +229,26 @@ group_spec = st.tuples(st.integers(2, 10), st.integers(1, 4), st.integers(0, 6))
 
 # resumed guided samples charged their two peak rows against max_num_seqs: in the text phase, in the image phase
 @example(specs=[(2, 1, 0, 0, 1.0), (2, 3, 1, 1, 5.0)], block_size=1, num_image_tokens=2, spare=0, max_num_seqs=2,
-         max_num_batched_tokens=5, arrivals=[1, 0, 0, 0], num_scheduler_steps=1, cuts=None)
+         max_num_batched_tokens=5, arrivals=[1, 0, 0, 0], num_scheduler_steps=1, num_image_scheduler_steps=None,
+         cuts=None)
 @example(specs=[(2, 1, 0, 0, 1.0), (2, 1, 0, 0, 1.0), (2, 3, 1, 0, 5.0)], block_size=1, num_image_tokens=4, spare=1,
-         max_num_seqs=3, max_num_batched_tokens=5, arrivals=[0, 0, 0, 0], num_scheduler_steps=1, cuts=None)
+         max_num_seqs=3, max_num_batched_tokens=5, arrivals=[0, 0, 0, 0], num_scheduler_steps=1,
+         num_image_scheduler_steps=None, cuts=None)
 # prefix growth for a running sample preempts that sample: nothing is admitted beside the growth as if alone
 @example(specs=[(2, 1, 0, 0, 1.0), (11, 3, 5, 0, 1.0), (2, 1, 10, 0, 5.0)], block_size=1, num_image_tokens=1, spare=0,
-         max_num_seqs=12, max_num_batched_tokens=40, arrivals=[0, 0, 0, 0], num_scheduler_steps=1, cuts=None)
+         max_num_seqs=12, max_num_batched_tokens=40, arrivals=[0, 0, 0, 0], num_scheduler_steps=1,
+         num_image_scheduler_steps=None, cuts=None)
 @settings(max_examples=40, deadline=None)
 @given(specs=st.lists(group_spec, min_size=1, max_size=4), block_size=st.sampled_from([1, 2, 3, 4, 8]),
        num_image_tokens=st.integers(1, 6), spare=st.integers(0, 12), max_num_seqs=st.integers(2, 12),
        max_num_batched_tokens=st.integers(1, 40), arrivals=st.lists(st.integers(0, 12), min_size=4, max_size=4),
-       num_scheduler_steps=st.sampled_from([1, 2, 3, 16]),
+       num_scheduler_steps=st.sampled_from([1, 2, 3, 16]), num_image_scheduler_steps=st.sampled_from([None, 1, 2, 5]),
        cuts=st.none() | st.lists(st.integers(1, 16), min_size=1, max_size=5))
 def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_image_tokens, spare, max_num_seqs,
-                                                     max_num_batched_tokens, arrivals, num_scheduler_steps, cuts):
-    """Any pool from the least that fits, any arrival order, batch limits and multi-step windows, whole or
-    interrupted: the tokens of a single-step run on a roomy pool."""
+                                                     max_num_batched_tokens, arrivals, num_scheduler_steps,
+                                                     num_image_scheduler_steps, cuts):
+    """Any pool from the least that fits, any arrival order, batch limits and multi-step windows (image-only ones
+    bounded apart), whole or interrupted: the tokens of a single-step run on a roomy pool."""
     roomy, _, _ = run(specs, num_blocks=4096, block_size=block_size, num_image_tokens=num_image_tokens)
     bm = BlockManager(1, block_size)
     sched = Scheduler(EngineConfig(block_size=block_size), bm, bos_id=BOS, pad_id=PAD, boi_id=BOI)
@@ -251,7 +256,8 @@ def test_tight_pool_gives_the_same_tokens_and_drains(specs, block_size, num_imag
                 for s in specs)
     tight, sched, _ = run(specs, num_blocks=least + spare, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, num_image_tokens=num_image_tokens,
-                          arrivals=arrivals[:len(specs)], num_scheduler_steps=num_scheduler_steps, cuts=cuts)
+                          arrivals=arrivals[:len(specs)], num_scheduler_steps=num_scheduler_steps,
+                          num_image_scheduler_steps=num_image_scheduler_steps, cuts=cuts)
     assert tight == roomy
     for rid, samples in tight.items():
         n, max_r, min_r = specs[int(rid)][1:4]
@@ -348,6 +354,51 @@ def test_multi_step_windows_end_at_forced_boi_and_complete_images(num_image_toke
         model.step(sched)
     assert [(b.is_prefill, b.num_steps) for b in model.steps[2:]] == [(True, 1), (False, num_image_tokens)]
     assert bm.num_used_blocks == 0
+
+
+def windows(model: FakeModel) -> list[tuple[str, int, int, int]]:
+    """Each step's kind, steps, text samples and image samples."""
+    return [("prefill" if b.is_prefill else "decode", b.num_steps, len(b.text_samples), len(b.image_samples))
+            for b in model.steps]
+
+
+@pytest.mark.parametrize("num_image_scheduler_steps,image_windows", [(None, [12]), (5, [5, 5, 2]), (12, [12]),
+                                                                     (1, [1] * 12)])
+def test_image_only_windows_have_their_own_bound_while_nothing_waits(num_image_scheduler_steps, image_windows):
+    """A lock-step guided group (3 reasoning tokens, 12 image tokens) with 4-step windows: its text window is cut
+    by the forced BOI, the prefix is grown, then the image-only windows are bounded by `num_image_scheduler_steps`
+    alone (None: the images' completion, one window)."""
+    spec = (5, 2, 3, 3, 5.0)
+    roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=12)
+    sched, _, model = start([spec], num_blocks=100, block_size=4, num_image_tokens=12, num_scheduler_steps=4,
+                            num_image_scheduler_steps=num_image_scheduler_steps)
+    assert finish(sched, model) == roomy
+    assert windows(model) == [("prefill", 1, 2, 0), ("decode", 3, 2, 0), ("prefill", 1, 0, 0),
+                              *[("decode", k, 0, 2) for k in image_windows]]
+
+
+def test_image_only_windows_keep_the_text_bound_while_a_request_waits():
+    """The same group with a second one waiting for rows (`max_num_seqs` 4): the first group's image windows stay
+    at 4 steps, so the queue is looked at every 4 steps; the second, alone, then runs its images in one window."""
+    spec = (5, 2, 3, 3, 5.0)
+    roomy, _, _ = run([spec, spec], num_blocks=100, block_size=4, num_image_tokens=12)
+    sched, _, model = start([spec, spec], num_blocks=100, block_size=4, num_image_tokens=12, num_scheduler_steps=4,
+                            max_num_seqs=4)
+    assert finish(sched, model) == roomy
+    text = [("prefill", 1, 2, 0), ("decode", 3, 2, 0)]
+    assert windows(model) == [*text, ("prefill", 1, 0, 0), *[("decode", 4, 0, 2)] * 3, *text, ("decode", 12, 0, 2)]
+
+
+@pytest.mark.parametrize("num_blocks,image_windows", [(17, [("decode", 12, 0, 2)]),
+                                                      (16, [("decode", 4, 0, 2)] * 2 + [("decode", 4, 0, 1)])])
+def test_an_image_window_short_of_blocks_falls_back_to_the_text_bound(num_blocks, image_windows):
+    """The lock-step group in a pool of 17 blocks has the 11 slots ahead its 12-step image window needs; in 16 it
+    does not, and runs 4-step windows instead (not single steps) until one sample is preempted."""
+    spec = (5, 2, 3, 3, 5.0)
+    roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=12)
+    sched, _, model = start([spec], num_blocks=num_blocks, block_size=4, num_image_tokens=12, num_scheduler_steps=4)
+    assert finish(sched, model) == roomy
+    assert windows(model)[3:3 + len(image_windows)] == image_windows
 
 
 def test_uncond_prefix_is_computed_once_and_shared_by_every_group():

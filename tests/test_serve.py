@@ -353,7 +353,8 @@ def test_shutdown_answers_every_request_in_flight_with_503(tiny, monkeypatch):
                 assert wait_until(lambda: len(srv.server.server_state.tasks) == 3)  # its handler awaits the body
                 closing = pool.submit(srv.close)
                 rest = list(events)
-                assert rest[-1] == ("error", {**shutting_down, "status": 503}) and {k for k, _ in rest[:-1]} <= {"token"}
+                assert rest[-1] == ("error", {**shutting_down, "status": 503})
+                assert {k for k, _ in rest[:-1]} <= {"token"}
                 r = queued.result(timeout=30)
                 assert (r.status_code, r.json()) == (503, shutting_down)
                 sock.sendall(late[5:])  # shutdown has begun: answered, not run
@@ -993,11 +994,12 @@ def test_cli_serve_passes_every_flag_on(monkeypatch):
     monkeypatch.setattr("gotr1.serving.serve", lambda bundle, **kw: seen.update(kw, bundle=bundle))
     assert main(["serve", "--preset", "tiny", "--host", "0.0.0.0", "--port", "65535",
                  "--max-n", "3", "--max-queue", "5", "--max-body-bytes", "999", "--num-kv-blocks", "40",
-                 "--block-size", "32", "--num-scheduler-steps", "4"]) == 0
+                 "--block-size", "32", "--num-scheduler-steps", "4", "--num-image-scheduler-steps", "64"]) == 0
     config, engine_config = seen["config"], seen["engine_config"]
     assert (seen["host"], seen["port"]) == ("0.0.0.0", 65535)
     assert (config.max_n, config.max_queue, config.max_body_bytes) == (3, 5, 999)
-    assert (engine_config.num_kv_blocks, engine_config.block_size, engine_config.num_scheduler_steps) == (40, 32, 4)
+    assert (engine_config.num_kv_blocks, engine_config.block_size, engine_config.num_scheduler_steps,
+            engine_config.num_image_scheduler_steps) == (40, 32, 4, 64)
     assert seen["bundle"].model.dtype == torch.float32  # no GPU here: float32 unless --dtype says otherwise
     assert main(["serve", "--preset", "tiny"]) == 0
     defaults = ServerConfig()

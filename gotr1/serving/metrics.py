@@ -162,7 +162,8 @@ class ServerMetrics:
         self.time_to_image = Histogram("gotr1_time_to_image_seconds",
                                        "Arrival to the decoded images of a finished request.")
         self.step_seconds = Histogram("gotr1_engine_step_seconds", "Duration of one scheduled batch: a prefill, "
-                                      "or a decode window of up to num_scheduler_steps steps.",
+                                      "or a decode window of up to num_scheduler_steps steps (image-only "
+                                      "windows: num_image_scheduler_steps).",
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 
     def render(self) -> str:

@@ -5,7 +5,8 @@ thread answers each request through its own asyncio queue (`loop.call_soon_threa
 steps it drains the inbox, so a new request joins the running batch at the next step (continuous batching) and
 an abort frees its KV blocks before the next step allocates any. A command that arrives during a multi-step
 decode window ends the window at its next step (`interrupt_windows`), so a new request's prefill waits for one
-decode step, not for up to `num_scheduler_steps`. When nothing is pending it blocks on the inbox.
+decode step, not for the rest of the window (up to `num_scheduler_steps` steps, or an image phase for a window
+of image rows alone). When nothing is pending it blocks on the inbox.
 """
 from __future__ import annotations
 
