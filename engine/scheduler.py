@@ -300,7 +300,7 @@ class Scheduler:
         inside the window: its later steps are wasted (their tokens are dropped, their KV lies past the row's
         tokens and is overwritten before anything reads it); the window ends no later than the step that forces
         it."""
-        if self.num_scheduler_steps == 1:
+        if self.num_scheduler_steps == 1 or not batch.seqs:
             return
         k = self.num_scheduler_steps
         if not batch.text_samples and not self.waiting:
@@ -310,7 +310,7 @@ class Scheduler:
         for s in batch.text_samples:
             k = min(k, s.group.params.max_reasoning_tokens - s.num_reasoning_tokens + 1)
         bm = self.block_manager
-        for steps in dict.fromkeys((k, min(k, self.num_scheduler_steps))):  # the longer window first
+        for steps in (k, min(k, self.num_scheduler_steps)):  # the longer window first
             if steps >= 2 and sum(bm.blocks_needed(seq.block_table, seq.num_cached_tokens, steps - 1)
                                   for seq in batch.seqs) <= bm.num_free_blocks:
                 for seq in batch.seqs:
