@@ -24,7 +24,8 @@ class EngineConfig:
     `num_image_scheduler_steps` bounds instead the windows whose rows are all in the image phase while no request
     waits: image rows take one token per step and end at known steps, so a longer window wastes nothing and saves
     host syncs (on a GPU the device idles at each). None (default): up to the first image's completion. Its slots
-    are allocated at the window's start; with blocks short for it, the window falls back to `num_scheduler_steps`.
+    are allocated at the window's start; with blocks short for it, the window falls back to `num_scheduler_steps`
+    (whose 1 turns these windows off too).
     `skinny_matmul` runs the projections of decode steps (at most 64 rows) through `kernels.skinny_matmul` instead
     of `F.linear` (cuBLAS); off until a GPU benchmark (`python -m bench kernels --only skinny_matmul`) shows it
     faster.
