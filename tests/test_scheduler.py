@@ -392,8 +392,9 @@ def test_image_only_windows_keep_the_text_bound_while_a_request_waits():
 @pytest.mark.parametrize("num_blocks,image_windows", [(17, [("decode", 12, 0, 2)]),
                                                       (16, [("decode", 4, 0, 2)] * 2 + [("decode", 4, 0, 1)])])
 def test_an_image_window_short_of_blocks_falls_back_to_the_text_bound(num_blocks, image_windows):
-    """The lock-step group in a pool of 17 blocks has the 11 slots ahead its 12-step image window needs; in 16 it
-    does not, and runs 4-step windows instead (not single steps) until one sample is preempted."""
+    """The lock-step group in a pool of 17 blocks has the blocks for the 11 slots per row that its 12-step image
+    window allocates ahead; in 16 it does not, and runs 4-step windows instead (not single steps) until one
+    sample is preempted."""
     spec = (5, 2, 3, 3, 5.0)
     roomy, _, _ = run([spec], num_blocks=100, block_size=4, num_image_tokens=12)
     sched, _, model = start([spec], num_blocks=num_blocks, block_size=4, num_image_tokens=12, num_scheduler_steps=4)
