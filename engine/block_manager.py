@@ -97,6 +97,17 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached_tokens = 0
 
+    def trim(self, seq: Sequence) -> None:
+        """Return the blocks past the row's last token to the pool: slots a multi-step window allocated ahead for
+        steps that did not run (fresh blocks, the row's alone)."""
+        keep = self.blocks_for(len(seq))
+        for b in reversed(seq.block_table[keep:]):
+            if self.ref_counts[b] != 1:
+                raise RuntimeError(f"block {b} past the row's tokens is shared ({self.ref_counts[b]} references)")
+            self.ref_counts[b] = 0
+            self.free_block_ids.append(b)
+        del seq.block_table[keep:]
+
     def _take(self) -> int:
         if not self.free_block_ids:
             raise RuntimeError("out of KV blocks (callers must check blocks_needed first)")

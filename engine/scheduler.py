@@ -321,11 +321,12 @@ class Scheduler:
 
     def cut_window(self, batch: ScheduledBatch) -> None:
         """After a window that ran fewer than its `num_steps` steps (the engine was interrupted): each row's
-        unrun steps are uncached again (their KV was never written), so the next step feeds the row's last token.
-        The slots stay allocated (as many blocks ahead of need as the window's allocation) and are the next steps'
-        slots."""
+        unrun steps are uncached again (their KV was never written), so the next step feeds the row's last token,
+        and the blocks allocated for them return to the pool (an image-only window allocates up to an image's
+        worth: the request whose arrival cut the window may need them)."""
         for seq in batch.seqs:
             seq.num_cached_tokens = min(seq.num_cached_tokens, len(seq) - 1)
+            self.block_manager.trim(seq)
 
     def _decode_need(self, s: Sample) -> int:
         """Free blocks the next decode step of `s` takes (both rows of a pair)."""

@@ -157,6 +157,28 @@ def test_fork_then_write_copies_only_the_partial_block():
     assert bm.num_used_blocks == 4
 
 
+@pytest.mark.parametrize("block_size", [1, 3, 4])
+def test_trim_returns_exactly_the_blocks_past_the_rows_tokens(block_size):
+    """Slots allocated ahead (a multi-step window's) for 9 more positions of a 5-token row: `trim` keeps the
+    blocks of the row's 5 tokens, in order, and returns the rest; a block past the tokens that another row
+    shares is a bug and refused."""
+    bm = BlockManager(20, block_size)
+    row = Sequence(list(range(5)))
+    bm.append(row, 14)
+    table = list(row.block_table)
+    keep = bm.blocks_for(5)
+    bm.trim(row)
+    assert row.block_table == table[:keep] and bm.num_used_blocks == keep
+    assert all(bm.ref_counts[b] == 0 for b in table[keep:]) and set(table[keep:]) <= set(bm.free_block_ids)
+    bm.trim(row)
+    assert row.block_table == table[:keep]
+    bm.append(row, 14)
+    other = Sequence([0])
+    other.block_table = bm.fork(row.block_table, 14)
+    with pytest.raises(RuntimeError, match="past the row's tokens is shared"):
+        bm.trim(row)
+
+
 def test_free_twice_is_an_error():
     bm = BlockManager(2, 2)
     s = Sequence([1, 2])

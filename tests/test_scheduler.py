@@ -402,6 +402,23 @@ def test_an_image_window_short_of_blocks_falls_back_to_the_text_bound(num_blocks
     assert windows(model)[3:3 + len(image_windows)] == image_windows
 
 
+def test_a_cut_window_returns_the_blocks_of_its_unrun_steps():
+    """The lock-step group's 12-step image window, interrupted after 2 steps: each row keeps only the blocks of
+    its tokens (the other 9 slots' blocks return, for the request whose arrival cut the window), and the rest of
+    the run gives the uninterrupted tokens."""
+    spec = (5, 2, 3, 3, 5.0)
+    roomy, _, _ = run([spec], num_blocks=100, block_size=1, num_image_tokens=12)
+    sched, bm, model = start([spec], num_blocks=100, block_size=1, num_image_tokens=12, num_scheduler_steps=4)
+    model.cuts = itertools.cycle([16, 16, 16, 2, 16])
+    for _ in range(4):
+        model.step(sched)
+    assert windows(model)[3] == ("decode", 12, 0, 2)
+    rows = [seq for s in sched.running for seq in (s.cond, s.uncond)]
+    assert all(len(seq.block_table) == len(seq) for seq in rows)  # block size 1: a block per token
+    assert bm.num_used_blocks == len(set(b for seq in rows + [sched.uncond_prefix] for b in seq.block_table))
+    assert finish(sched, model) == roomy
+
+
 def test_uncond_prefix_is_computed_once_and_shared_by_every_group():
     bm = BlockManager(400, 4)
     sched = CheckedScheduler(EngineConfig(block_size=4, num_kv_blocks=400, num_scheduler_steps=1), bm, bos_id=BOS,
