@@ -87,13 +87,7 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Drop the row's references; blocks nobody else holds return to the pool. The row's KV is gone."""
-        for b in reversed(seq.block_table):
-            count = self.ref_counts[b] - 1
-            if count < 0:
-                raise RuntimeError(f"block {b} freed more often than referenced")
-            self.ref_counts[b] = count
-            if count == 0:
-                self.free_block_ids.append(b)
+        self._release(seq.block_table)
         seq.block_table = []
         seq.num_cached_tokens = 0
 
@@ -101,12 +95,21 @@ class BlockManager:
         """Return the blocks past the row's last token to the pool: slots a multi-step window allocated ahead for
         steps that did not run (fresh blocks, the row's alone)."""
         keep = self.blocks_for(len(seq))
-        for b in reversed(seq.block_table[keep:]):
+        for b in seq.block_table[keep:]:
             if self.ref_counts[b] != 1:
                 raise RuntimeError(f"block {b} past the row's tokens is shared ({self.ref_counts[b]} references)")
-            self.ref_counts[b] = 0
-            self.free_block_ids.append(b)
+        self._release(seq.block_table[keep:])
         del seq.block_table[keep:]
+
+    def _release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; blocks nobody holds any more return to the pool."""
+        for b in reversed(blocks):
+            count = self.ref_counts[b] - 1
+            if count < 0:
+                raise RuntimeError(f"block {b} freed more often than referenced")
+            self.ref_counts[b] = count
+            if count == 0:
+                self.free_block_ids.append(b)
 
     def _take(self) -> int:
         if not self.free_block_ids:

@@ -165,7 +165,7 @@ class Scheduler:
         computed = self.uncond_prefix
         ready = computed.num_cached_tokens if computed is not None else 0
         target = self._prefix_target()[0]
-        prefix = self.uncond_prefix if self.uncond_prefix is not None else Sequence([self.bos_id])
+        prefix = computed if computed is not None else Sequence([self.bos_id])
 
         def need() -> int:
             return bm.blocks_needed(prefix.block_table, prefix.num_cached_tokens, target - prefix.num_cached_tokens)
