@@ -22,7 +22,8 @@
 # opentelemetry-api) installed with `pip install --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site.
 # Every rollout run also times the engine with 64-step decode windows and with 16-step image windows (the default
 # runs an image phase in one window): `window_speedup` and `image_window_speedup` say how much of the host gap at
-# window boundaries (10% of the H100's wall time with 16-step windows everywhere) fewer windows close.
+# window boundaries (10% of the H100's wall time with 16-step windows everywhere) fewer windows close; and with
+# cascade attention off (`cascade_attn_speedup`: what reading each run's shared prefix once saves).
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
@@ -71,7 +72,7 @@ else
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
   compare=$([[ "$mode" == skinny ]] && echo --compare-skinny-matmul)
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
-    --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 \
+    --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 --compare-cascade-attn \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 fi
 # A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).

@@ -13,7 +13,10 @@ during the call (inputs excluded).
     a 1 GiB `copy_`). On CUDA our kernel is timed as the engine runs it, replayed from a CUDA graph (so host launch
     latency is not counted); the eager reference syncs on the host and cannot be captured. `--decode-sweep` adds
     one `decode_sweep` row per launch configuration (splits, tile, matrix units or not, 16-bit operands or not),
-    the data behind the default.
+    the data behind the default. A `decode_cascade` row times an image step of a GoT group (16 conditional rows
+    over a shared 46-token prompt, 16 unconditional ones over the shared 347-position pad prefix, every row at
+    the image phase's mid-point) with shared prefixes read once per run against the same kernel reading every
+    row's own (both graph-replayed on CUDA; its bandwidth counts the bytes it must read, each shared block once).
   - RMSNorm (`kernels/rms_norm.py`, the engine's 16-bit GPU norm): a decode step's 32 rows at H = 2048 and 4096,
     and a 16 x 876-token prefill, against transformers' seven-op formula; RoPE (`kernels/rope.py`) likewise on
     q and k against the engine's five-op torch path, and `rope_store` (RoPE with the KV store folded in) against
@@ -44,6 +47,7 @@ from kernels.paged_attention import (
     paged_decode_attention_reference,
     paged_prefill_attention,
     paged_prefill_attention_reference,
+    shared_prefixes,
 )
 from kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from kernels.rope import rope, rope_reference, rope_store
@@ -204,7 +208,33 @@ def _bench_decode(args, device, dtype, gen, repeats) -> list[dict]:
                          "time_ratio": seconds / 20 * 1e3 / row["eager_ms"], "ours_mib": float("nan"),
                          "mem_ratio": float("nan")}
                 rows.append(_add_bandwidth(sweep, kv_bytes, copy_bw))
+    rows.append(_bench_decode_cascade(args, device, dtype, gen, repeats, copy_bw))
     return rows
+
+
+def _bench_decode_cascade(args, device, dtype, gen, repeats, copy_bw: float | None) -> dict:
+    """Runs of rows whose tables start with the same blocks, as the engine's image steps hold them."""
+    # (rows per run, shared positions per run, context, q heads = kv heads, head_dim)
+    runs, ctx, heads, d = (((4, 32), (4, 80)), 100, 4, 32) if args.scale == "small" else \
+        (((16, 46), (16, 347)), 347 + 1 + 288, 16, 128)
+    bsz, block_size = sum(n for n, _ in runs), 16
+    k_cache, v_cache, table, ctx_lens = _paged_cache(bsz, ctx, heads, d, block_size, dtype, device, gen)
+    first = 0
+    for n, prefix in runs:  # the run's rows read its first row's blocks for the prefix's whole blocks
+        table[first + 1:first + n, :prefix // block_size] = table[first, :prefix // block_size]
+        first += n
+    host_tables = table.tolist()
+    shared = torch.tensor(shared_prefixes(host_tables, [ctx - 1] * bsz, block_size), dtype=torch.int32,
+                          device=device)
+    q = torch.randn(bsz, heads, d, generator=gen).to(device, dtype)
+    inputs = (q, k_cache, v_cache, table, ctx_lens)
+    label = "+".join(f"{n}x{prefix}" for n, prefix in runs)
+    row = _compare("decode_cascade", f"B={bsz} ctx={ctx} runs x prefix={label} Hq={heads} Hkv={heads}", dtype,
+                   partial(paged_decode_attention, *inputs, scale=d**-0.5, shared=shared),
+                   partial(paged_decode_attention, *inputs, scale=d**-0.5), device, repeats,
+                   inner=20 if copy_bw is not None else 1, graph="both")
+    unique_blocks = len({b for t in host_tables for b in t[:-(-ctx // block_size)]})
+    return _add_bandwidth(row, 2 * unique_blocks * block_size * heads * d * k_cache.element_size(), copy_bw)
 
 
 # (num_splits, block_n, use_dot, upcast) for `--decode-sweep`.
@@ -422,4 +452,7 @@ def run(args: argparse.Namespace) -> dict:
         metrics["decode_bw_fraction_min"] = min(r["bw_fraction"] for r in decode if "ctx=800 " in r["config"])
         metrics["decode_target_met"] = metrics["decode_bw_fraction_min"] >= 0.8
         metrics["decode_cfg_step_bw_fraction"] = min(r["bw_fraction"] for r in decode if "CFG" in r["config"])
+    cascade = [r for r in rows if r["kernel"] == "decode_cascade"]
+    if cascade:  # below 1: reading each run's shared prefix once is faster
+        metrics["decode_cascade_time_ratio"] = cascade[0]["time_ratio"]
     return write_result("kernels", args, metrics, rows)

@@ -18,6 +18,9 @@ tokens must be equal (`window_speedup`: default-window time over K-window time; 
 the host reads a window's tokens and schedules the next, so fewer, longer windows may close that gap).
 `--compare-num-image-scheduler-steps M` likewise adds the engine with M-step image-only windows
 (`image_window_speedup`: default time over M-step time; the default runs a group's image phase in one window).
+`--compare-cascade-attn` adds the same engine with cascade attention the other way (`disable_cascade_attn`: a
+run of rows reads its shared prefix once, or every row reads its own; `cascade_attn_speedup`: off time over on
+time; `other_cascade_tokens_match` whether the tokens were equal: the same sums in another order).
 `--hf-compile` adds transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`:
 static caches, `torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time
 not counted: `speedup_vs_hf_compiled`.
@@ -25,9 +28,12 @@ not counted: `speedup_vs_hf_compiled`.
 Reported: groups/s and tokens/s per side and their ratio; KV bytes the engine held at its peak against the
 contiguous cache transformers allocates (2N rows x (prompt + R + 1 + image tokens) for the image phase, its
 largest); and the bandwidth floor of one decode step: the bytes a step must read (decoder weights + the step's
-head + every row's KV context) over the device's measured copy bandwidth, averaged over the text and image
+head + the K/V of every cached position a row attends, a position that rows share counted once: a group's prompt,
+the unconditional rows' pad prefix) over the device's measured copy bandwidth, averaged over the text and image
 steps of a rollout, against the engine's measured mean step time (meaningful on GPU; CPU steps are dominated
-by per-operator overhead at the tiny preset).
+by per-operator overhead at the tiny preset). `floor_ms_per_step_per_row` counts every row's whole context
+instead: what an engine without shared-prefix attention must read (the floor the results before cascade
+attention reported).
 """
 from __future__ import annotations
 
@@ -75,6 +81,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-num-image-scheduler-steps", type=int, default=None, metavar="M",
                         help="also time the engine with M-step image-only windows (same tokens; "
                              "`image_window_speedup`)")
+    parser.add_argument("--compare-cascade-attn", action="store_true",
+                        help="also time the engine with cascade attention the other way (`cascade_attn_speedup`)")
     parser.add_argument("--hf-compile", action="store_true",
                         help="also time transformers with static caches and torch.compile (compiled untimed first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
@@ -104,9 +112,13 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def bandwidth_floor(bundle, *, rows: int, prompt_len: float, reasoning: int, bandwidth: float) -> dict[str, float]:
+def bandwidth_floor(bundle, *, groups: int, n: int, prompt_len: float, reasoning: int,
+                    bandwidth: float) -> dict[str, float]:
     """Bytes one decode step must read, text and image phase (contexts at their mid-point), and the time floor.
-    `prompt_len`: the mean over the rows (prompts of several lengths are not padded in the engine's cache)."""
+    `prompt_len`: the mean over the groups (prompts of several lengths are not padded in the engine's cache).
+    A position several rows attend through the same cached K/V is read once: a group's prompt by its `n`
+    conditional rows, the pad prefix (prompt + chain long) by every unconditional row. The `_per_row` figures
+    count every row's whole context."""
     janus = bundle.model
     lm = janus.model.language_model
     tc = janus.config.text_config
@@ -115,13 +127,22 @@ def bandwidth_floor(bundle, *, rows: int, prompt_len: float, reasoning: int, ban
     kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * elem
     stack = _param_bytes(lm.layers) + _param_bytes(lm.norm)
     image_tokens = bundle.num_image_tokens
-    text_bytes = stack + _param_bytes(janus.lm_head) + rows * (prompt_len + reasoning / 2) * kv_per_token
-    image_bytes = (stack + _param_bytes(janus.model.generation_head) + _param_bytes(janus.model.generation_aligner)
-                   + 2 * rows * (prompt_len + reasoning + 1 + image_tokens / 2) * kv_per_token)
+    rows = groups * n
+    text_weights = stack + _param_bytes(janus.lm_head)
+    image_weights = stack + _param_bytes(janus.model.generation_head) + _param_bytes(janus.model.generation_aligner)
+    own_text, own_image = reasoning / 2, reasoning + 1 + image_tokens / 2  # a conditional row's own positions
     text_steps, image_steps = reasoning + 1, image_tokens
-    mean_bytes = (text_steps * text_bytes + image_steps * image_bytes) / (text_steps + image_steps)
-    return {"step_bytes_text": text_bytes, "step_bytes_image": image_bytes, "step_bytes_mean": mean_bytes,
-            "floor_ms_per_step": mean_bytes / bandwidth * 1e3, "kv_bytes_per_token": kv_per_token}
+    floors = {"kv_bytes_per_token": kv_per_token}
+    for suffix, text_kv, image_kv in (
+            ("", groups * prompt_len + rows * own_text,
+             groups * prompt_len + rows * own_image + prompt_len + reasoning + rows * (1 + image_tokens / 2)),
+            ("_per_row", rows * (prompt_len + own_text), 2 * rows * (prompt_len + own_image))):
+        text_bytes, image_bytes = text_weights + text_kv * kv_per_token, image_weights + image_kv * kv_per_token
+        mean_bytes = (text_steps * text_bytes + image_steps * image_bytes) / (text_steps + image_steps)
+        floors.update({f"step_bytes_text{suffix}": text_bytes, f"step_bytes_image{suffix}": image_bytes,
+                       f"step_bytes_mean{suffix}": mean_bytes,
+                       f"floor_ms_per_step{suffix}": mean_bytes / bandwidth * 1e3})
+    return floors
 
 
 def profile_rollout(engine: LLMEngine, prompts: list[str], params: SamplingParams, path: str) -> dict:
@@ -182,12 +203,14 @@ def run(args: argparse.Namespace) -> dict:
     skinny = args.skinny_matmul
 
     def rollout(num_scheduler_steps: int, fuse: bool = fused, skinny_matmul: bool = skinny,
-                image_steps: int | None = args.num_image_scheduler_steps) -> tuple[float, list]:
+                image_steps: int | None = args.num_image_scheduler_steps,
+                cascade: bool = True) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
         engine.scheduler.num_image_scheduler_steps = image_steps
-        if (engine.config.fuse_projections, engine.config.skinny_matmul) != (fuse, skinny_matmul):
+        cfg = engine.config
+        if (cfg.fuse_projections, cfg.skinny_matmul, cfg.disable_cascade_attn) != (fuse, skinny_matmul, not cascade):
             # read at the next bind, which drops the CUDA graphs: captured again by an untimed warm-up
-            engine.config.fuse_projections, engine.config.skinny_matmul = fuse, skinny_matmul
+            cfg.fuse_projections, cfg.skinny_matmul, cfg.disable_cascade_attn = fuse, skinny_matmul, not cascade
             engine.generate(prompts[:1], SamplingParams(**greedy), use_tqdm=False)
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
                              device=args.device, warmup=0, repeats=1)
@@ -202,6 +225,8 @@ def run(args: argparse.Namespace) -> dict:
         extra["window"] = (args.compare_num_scheduler_steps, fused, skinny)
     if args.compare_num_image_scheduler_steps:
         extra["image_window"] = (args.num_scheduler_steps, fused, skinny, args.compare_num_image_scheduler_steps)
+    if args.compare_cascade_attn:
+        extra["cascade"] = (args.num_scheduler_steps, fused, skinny, args.num_image_scheduler_steps, False)
     for side in [(args.num_scheduler_steps, not fused, skinny), *extra.values(), (1, fused, skinny),
                  (args.num_scheduler_steps, fused, skinny)]:
         rollout(*side)  # untimed: each side's first run at the timed shapes (see the module docstring)
@@ -213,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
     engine_times, single_times, other_times, hf_times, compiled_times = [], [], [], [], []
     extra_times: dict[str, list[float]] = {name: [] for name in extra}
     extra_tokens: dict[str, list] = {}
-    other_match = compiled_match = skinny_match = True
+    other_match = compiled_match = skinny_match = cascade_match = True
     for _ in range(args.repeats):  # settings switch before the single-step side, never before the engine's
         t, other_tokens = rollout(args.num_scheduler_steps, fuse=not fused)
         other_times.append(t)
@@ -230,6 +255,7 @@ def run(args: argparse.Namespace) -> dict:
             raise AssertionError("rollouts of the same seed with different decode windows sampled different tokens")
         other_match &= tokens == other_tokens
         skinny_match &= "skinny" not in extra or tokens == extra_tokens["skinny"]
+        cascade_match &= "cascade" not in extra or tokens == extra_tokens["cascade"]
         t, hf_out = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
                                 repeats=1)
         hf_times.append(t)
@@ -245,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
     prompt_lens = [len(ids) for ids in bundle.encode_prompts(prompts, r)]
     prompt_len = max(prompt_lens)  # transformers left-pads every row to the longest prompt
     tokens_per_group = args.n * (r + 1 + bundle.num_image_tokens)
-    floor = bandwidth_floor(bundle, rows=args.n * args.groups, prompt_len=statistics.fmean(prompt_lens),
+    floor = bandwidth_floor(bundle, groups=args.groups, n=args.n, prompt_len=statistics.fmean(prompt_lens),
                             reasoning=r, bandwidth=copy_bandwidth(args.device))
     engine_ms_per_step = t_engine / steps * 1e3
     rows_hf = 2 * args.n * args.groups
@@ -272,7 +298,10 @@ def run(args: argparse.Namespace) -> dict:
         "engine_steps": steps, "engine_ms_per_step": engine_ms_per_step,
         "floor_ms_per_step": floor["floor_ms_per_step"],
         "floor_fraction": floor["floor_ms_per_step"] / engine_ms_per_step,
-        "step_bytes_mean": floor["step_bytes_mean"], "preemptions": engine.scheduler.num_preemptions,
+        "step_bytes_mean": floor["step_bytes_mean"], "floor_ms_per_step_per_row": floor["floor_ms_per_step_per_row"],
+        "floor_fraction_per_row": floor["floor_ms_per_step_per_row"] / engine_ms_per_step,
+        "step_bytes_mean_per_row": floor["step_bytes_mean_per_row"], "cascade_attn": engine.runner.cascade,
+        "preemptions": engine.scheduler.num_preemptions,
     }
     metrics["kv_ratio"] = metrics["kv_bytes_engine"] / metrics["kv_bytes_contiguous"]
     if compiled_times:
@@ -294,6 +323,10 @@ def run(args: argparse.Namespace) -> dict:
                        engine_other_image_window_s=t_image_window,
                        engine_other_image_window_s_runs=extra_times["image_window"],
                        image_window_speedup=t_engine / t_image_window)
+    if "cascade" in extra:
+        t_unshared = statistics.median(extra_times["cascade"])
+        metrics.update(engine_other_cascade_s=t_unshared, engine_other_cascade_s_runs=extra_times["cascade"],
+                       cascade_attn_speedup=t_unshared / t_engine, other_cascade_tokens_match=cascade_match)
     if args.profile:
         metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
 
@@ -310,6 +343,7 @@ def run(args: argparse.Namespace) -> dict:
           if "window" in extra else []),
         *([engine_row(f"engine, {args.compare_num_image_scheduler_steps}-step image windows", t_image_window)]
           if "image_window" in extra else []),
+        *([engine_row("engine, cascade attention off", t_unshared)] if "cascade" in extra else []),
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},

@@ -30,16 +30,21 @@ class AttentionMetadata:
     max_seqlen_k: int = 0
     seq_ids: tuple[int, ...] = ()  # each row's `Sequence.seq_id`: lets a backend keep per-row state across steps
     host_context_lens: list[int] = field(default_factory=list)  # `context_lens` on the host (no device sync)
+    # [B, 2] int32 decode only: each row's run of shared leading blocks (`paged_attention.shared_prefixes`), built
+    # with the block tables when the backend `shares_prefixes` and cascade attention is on; else None
+    shared: torch.Tensor | None = None
 
 
 class AttentionBackend:
     """Store + attend. `graph_safe`: no host syncs in decode, so it can be captured in a CUDA graph.
     `triton_store`: its store is `kernels.kv_cache.store_kvcache`, so a caller may store with
-    `kernels.rope.rope_store` instead and call `attend` alone."""
+    `kernels.rope.rope_store` instead and call `attend` alone. `shares_prefixes`: its decode reads a run's shared
+    positions once when the metadata carries `shared`."""
 
     name = "base"
     graph_safe = False
     triton_store = False
+    shares_prefixes = False
 
     def store(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
@@ -106,6 +111,7 @@ class TorchBackend(AttentionBackend):
     """
 
     name = "torch"
+    shares_prefixes = True
     _CAPACITY_STEP = 256  # workspace positions are allocated in multiples of this, with at least this many spare
     _WORKSPACE_FLOOR = 64 * 2**20  # bytes a workspace may always take, whatever the pool's size
 
@@ -116,7 +122,7 @@ class TorchBackend(AttentionBackend):
         self._v: torch.Tensor | None = None  # [layers, rows * kv heads, capacity, head_dim] fp32
         self._tiled = False
         self._scratch: torch.Tensor | None = None  # the C++ kernel's scores, [4 * capacity] fp32
-        self._shared: torch.Tensor | None = None  # the C++ kernel's [rows, 2]: see `_shared_tiles`
+        self._shared: torch.Tensor | None = None  # the C++ kernel's [rows, 2]: first row of the run, shared tiles
         self._seq_ids: tuple[int, ...] = ()  # the rows the workspace holds, in order
         self._lens: list[int] = []  # positions each row holds
         self._position: torch.Tensor | None = None  # this step's new-token position per row x kv head
@@ -217,7 +223,8 @@ class TorchBackend(AttentionBackend):
             tiles = keys.view(layers, rows * heads, dim, capacity // 16, 16).transpose(2, 3)
             self._k = tiles.contiguous()
             self._scratch = torch.empty(4 * capacity, dtype=torch.float32, device=dev)
-            self._shared = torch.tensor(self._shared_tiles(meta.block_tables.tolist(), held, block_size))
+            shared = [(row, 0) for row in range(rows)] if meta.shared is None else meta.shared.tolist()
+            self._shared = torch.tensor([(first, n // 16) for first, n in shared])  # in whole 16-position tiles
         else:
             self._k = keys.view(layers, rows * heads, dim, capacity)
         self._v = values.view(layers, rows * heads, capacity, dim)
@@ -242,22 +249,6 @@ class TorchBackend(AttentionBackend):
             self._write = self._row_offsets + self._position
         self._k, self._v = keys, values
         self.peak_workspace_bytes = max(self.peak_workspace_bytes, 2 * keys.numel() * keys.element_size())
-
-    @staticmethod
-    def _shared_tiles(tables: list[list[int]], held: list[int], block_size: int) -> list[tuple[int, int]]:
-        """Per row: the first row of its run (consecutive rows whose block tables start alike) and how many
-        16-position tiles of it they share, positions both hold in the same blocks (so the same K/V: shared blocks
-        are never written)."""
-        shared, first = [], 0
-        for row, table in enumerate(tables):
-            common = 0
-            limit = min(held[row], held[first])
-            while common < limit and table[common // block_size] == tables[first][common // block_size]:
-                common += block_size
-            if row == first or min(common, limit) < 16:
-                first, common = row, 0
-            shared.append((first, min(common, limit) // 16))
-        return shared
 
     def decode(self, q, k_cache, v_cache, meta, scale):
         return paged_attention.paged_decode_attention_reference(q, k_cache, v_cache, meta.block_tables,
@@ -305,13 +296,14 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     graph_safe = True
     triton_store = True
+    shares_prefixes = True
 
     def store(self, key, value, k_cache, v_cache, slot_mapping):
         kv_cache.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
     def decode(self, q, k_cache, v_cache, meta, scale):
         return paged_attention.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                      scale=scale)
+                                                      scale=scale, shared=meta.shared)
 
     def prefill(self, q, k_cache, v_cache, meta, scale):
         return paged_attention.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
@@ -324,6 +316,7 @@ class FlashAttnBackend(TritonBackend):
 
     name = "flash_attn"
     graph_safe = True
+    shares_prefixes = False
 
     def __init__(self):
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

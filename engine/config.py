@@ -39,6 +39,10 @@ class EngineConfig:
     from the policy's own parameters at the start of every rollout into a buffer of the engine (`W` is never
     touched; TRL merges before generating, in place). None (default) merges fp32 weights only: a 16-bit merged
     weight would round away a LoRA delta smaller than its last bit, so 16-bit models apply LoRA inline.
+    `disable_cascade_attn` (vLLM's name) turns off attending shared prefixes once per run of rows: by default a
+    decode step's rows whose block tables start alike (a group's samples over their prompt, the unconditional CFG
+    rows over their pad prefix) read those K/V once per up to 16 rows (`kernels.paged_attention.shared_prefixes`;
+    the torch and Triton backends; flash-attn reads every row's own).
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
@@ -56,6 +60,7 @@ class EngineConfig:
     skinny_matmul: bool = False
     fuse_projections: bool | None = None
     merge_lora: bool | None = None
+    disable_cascade_attn: bool = False
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

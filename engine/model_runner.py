@@ -39,6 +39,7 @@ from engine.lean import (
     projection,
 )
 from engine.scheduler import ScheduledBatch
+from kernels.paged_attention import shared_prefixes
 from kernels.rope import rope, rope_store
 from kernels.skinny_matmul import linear as skinny_linear
 
@@ -131,6 +132,11 @@ class ModelRunner:
         self.use_cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager
                                 and self.backend.graph_safe and bool(self.graph_sizes))  # no bucket fits: eager
 
+    @property
+    def cascade(self) -> bool:
+        """Decode steps carry `AttentionMetadata.shared` (the config as of the last bind, like the graphs)."""
+        return self.backend.shares_prefixes and not self._disable_cascade_attn
+
     # ------------------------------------------------------------------------------------------------ set-up
     def bind(self, model: torch.nn.Module) -> None:
         """Resolve the modules to call (again): cheap, done before each rollout so that a model wrapped, merged
@@ -148,6 +154,7 @@ class ModelRunner:
         if merge is None:
             merge = weight.dtype == torch.float32
         previous, self.lora_buffers = self.lora_buffers, {}
+        self._disable_cascade_attn = self.config.disable_cascade_attn
         fuse = self.config.fuse_projections
         self.fuse_projections = lm.embed_tokens.weight.is_cuda if fuse is None else fuse
         linear = skinny_linear if self.config.skinny_matmul else F.linear
@@ -180,7 +187,7 @@ class ModelRunner:
                  tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
                hooks, tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
-               merge, self.fuse_projections, self.config.skinny_matmul)
+               merge, self.fuse_projections, self.config.skinny_matmul, self._disable_cascade_attn)
         if key != self._module_key:
             self.graphs.clear()
             self._module_key = key
@@ -351,17 +358,24 @@ class ModelRunner:
                  for j in range(num_steps)]
         per_row = context_lens
         width = 0
+        cascade = False
         if self.backend.needs_block_tables(metas):
             width = max(len(seq.block_table) for seq in seqs)
             per_row = list(context_lens)
             for seq in seqs:
                 per_row += seq.block_table
                 per_row += [0] * (width - len(seq.block_table))
+            # runs computed at the window's first step stay right for its later ones: contexts only grow
+            cascade = self.cascade and not batch.is_prefill
+            if cascade:
+                per_row += [x for run in shared_prefixes([seq.block_table for seq in seqs], starts, bs) for x in run]
         per_row = host_tensor(per_row, torch.int32, dev)
-        tables = per_row[len(context_lens):].view(num_rows, width) if width else None
+        end = len(context_lens) + num_rows * width
+        tables = per_row[len(context_lens):end].view(num_rows, width) if width else None
         for j, meta in enumerate(metas):
             meta.context_lens = rows_of(per_row, j)
             meta.block_tables = tables
+            meta.shared = per_row[end:].view(num_rows, 2) if cascade else None
         last = None
         if batch.is_prefill:
             meta = metas[0]
@@ -453,10 +467,11 @@ class ModelRunner:
         self._g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
         self._g_context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self._g_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self._g_shared = torch.zeros((max_bs, 2), dtype=torch.int32, device=dev)  # zeros: no row shares
         pool = None
         for size in reversed(self.graph_sizes):
             meta = AttentionMetadata(False, self._g_slots[:size], self._g_context_lens[:size],
-                                     self._g_tables[:size])
+                                     self._g_tables[:size], shared=self._g_shared[:size] if self.cascade else None)
             self._layers(self._g_hidden[:size], self._g_positions[:size], meta)  # warm-up: kernels compiled
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
@@ -478,5 +493,9 @@ class ModelRunner:
         self._g_context_lens.zero_()
         self._g_context_lens[:n] = meta.context_lens
         self._g_tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
+        if self.cascade:
+            self._g_shared.zero_()
+            if meta.shared is not None:
+                self._g_shared[:n] = meta.shared
         graph.replay()
         return out[:n]

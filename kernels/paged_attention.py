@@ -11,6 +11,16 @@ P @ V run on the matrix units with 16-bit operands, an MHA query row padded to 1
 of copy bandwidth, where fp32 tiles reduced with broadcast multiplies reached 0.66-0.71 (same bytes: the upcasts and
 cross-thread reductions, presumably, were the limit).
 
+Rows whose block tables start with the same blocks (a group's samples over their prompt; every unconditional CFG
+row over the shared pad prefix) can attend those positions once per run instead of once per row (vLLM's and
+FlashInfer's cascade attention): `shared` gives each row the first row of its run (at most `SHARED_ROWS`
+consecutive rows) and how many leading positions it reads through the run's blocks (`shared_prefixes` builds it
+from the tables). A first kernel runs one program per (run, q head, split) with the run's queries as the rows of
+one tile, so each shared K/V tile is read once for all of them; each row's own program then walks only its
+positions past the shared ones and merges the run's partials by their log-sum-exp. The image phase of a GoT
+rollout reads about a quarter fewer K/V bytes per step this way (the unconditional rows' prefix is as long as the
+conditional rows' prompt + chain).
+
 Prefill/extend runs one program per (query tile, q head, sequence) with a causal mask on absolute positions. The new
 tokens' K/V are already in the cache, so a shared cached prefix and the new tokens are read the same way.
 
@@ -28,6 +38,31 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+SHARED_ROWS = 16  # rows of one run of a shared prefix: the rows of the run kernel's query tile
+SHARED_QUANTUM = 16  # shared positions come in whole 16-position tiles (the CPU kernel's tile)
+
+
+def shared_prefixes(tables: list[list[int]], held: list[int], block_size: int) -> list[tuple[int, int]]:
+    """Per row, (the first row of its run, how many of its leading positions it reads through the run's blocks):
+    a run is up to `SHARED_ROWS` consecutive rows whose block tables start with the same blocks, and a row shares
+    the whole `SHARED_QUANTUM`-position tiles that it and the run's first row both hold (`held`: the positions each
+    row held before this step) in the same blocks, so the same K/V (shared blocks are never written). The first
+    row reads the longest of its run's; a row alone reads 0. The same blocks at the same positions is all it takes:
+    a group's samples share their prompt's blocks, unconditional CFG rows the pad prefix's."""
+    shared: list[tuple[int, int]] = []
+    first = 0
+    for row, table in enumerate(tables):
+        limit, lead = min(held[row], held[first]), tables[first]
+        common = 0
+        while common < limit and table[common // block_size] == lead[common // block_size]:
+            common += block_size
+        common = min(common, limit) // SHARED_QUANTUM * SHARED_QUANTUM
+        if row == first or row - first >= SHARED_ROWS or not common:
+            first, common = row, 0
+        else:
+            shared[first] = (first, max(shared[first][1], common))
+        shared.append((first, common))
+    return shared
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,15 +137,41 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed
     return out.reshape(bsz, m, hq, d)
 
 
+def _check_shared(block_tables: torch.Tensor, context_lens: torch.Tensor, shared: torch.Tensor,
+                  block_size: int) -> None:
+    """`shared` is what the kernels may rely on: each row's run starts at or before it, fewer than `SHARED_ROWS`
+    rows back, at a row that reads at least as far through the same blocks; a row shares only positions before
+    its last (its own new token), a multiple of `SHARED_QUANTUM` of them."""
+    if shared.shape != (context_lens.shape[0], 2) or shared.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"shared must be int32/int64 [B={context_lens.shape[0]}, 2], got {shared.dtype} "
+                         f"{tuple(shared.shape)}")
+    lens, tables, runs = context_lens.tolist(), block_tables.tolist(), shared.tolist()
+    for row, (first, n) in enumerate(runs):
+        if not n:
+            continue
+        if not (0 <= row - first < SHARED_ROWS and 0 < n < lens[row] and n % SHARED_QUANTUM == 0
+                and runs[first][0] == first and runs[first][1] >= n):
+            raise ValueError(f"shared[{row}] = ({first}, {n}): a row shares a multiple of {SHARED_QUANTUM} positions "
+                             f"before its last with the first row of its run, at most {SHARED_ROWS - 1} rows before "
+                             f"it, which reads as far")
+        nblk = -(-n // block_size)
+        if tables[row][:nblk] != tables[first][:nblk]:
+            raise ValueError(f"shared[{row}] = ({first}, {n}) but rows {first} and {row} hold their first {n} "
+                             f"positions in different blocks")
+
+
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
-                                     num_splits: int | None = None) -> torch.Tensor:
+                                     num_splits: int | None = None, shared: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention, torch: q `[B, Hq, D]` attends the first `context_lens[b]` cached tokens of its sequence.
 
-    `num_splits` is accepted for signature parity and ignored. A row with context 0 (CUDA-graph padding) gives 0.
+    `num_splits` is accepted for signature parity and ignored; `shared` (see `shared_prefixes`) is checked, and
+    changes nothing: sharing is exact. A row with context 0 (CUDA-graph padding) gives 0.
     """
     del num_splits
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
+    if shared is not None:
+        _check_shared(block_tables, context_lens, shared, k_cache.shape[1])
     if q.shape[0] == 0:
         return torch.empty_like(q)
     max_ctx = max(int(context_lens.max()), 1)
@@ -190,36 +251,14 @@ def _softmax_step(scores, m_i, l_i, acc):
 
 
 @triton.jit
-def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-    qk_scale, max_ctx,
-    stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh,
-    GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    ctx = tl.minimum(tl.load(ctx_ptr + b).to(tl.int32), max_ctx)  # never read past the block table
-    split_len = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, ctx)
-
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    head = kv_head * GROUP + g
-    g_valid = g < GROUP
-    d_valid = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
-                mask=g_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table_row = table_ptr + b * stride_tb
-    head_off = kv_head.to(tl.int64) * stride_kh
+def _attend(q, k_cache_ptr, v_cache_ptr, table_row, head_off, start, end, row_end, d, d_valid, qk_scale, stride_kb,
+            stride_ks, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DOT: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of the query tile `q [rows, BLOCK_D]` over positions [start, end) of one sequence's K/V (one
+    KV head, through its block table row), each row masked at `row_end [rows]`; returns (max, sum, acc)."""
+    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
     for start_n in range(start, end, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)
         valid = pos < end
@@ -233,39 +272,153 @@ def _decode_kernel(
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:  # one query row (MHA): a broadcast-multiply-sum, [1, BLOCK_D] x [BLOCK_N, BLOCK_D]
             scores = tl.sum(q * k, 1)[None, :]
-        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        scores = tl.where(valid[None, :] & (pos[None, :] < row_end[:, None]), scores * qk_scale, float("-inf"))
         p, m_i, l_i, acc = _softmax_step(scores, m_i, l_i, acc)
         if USE_DOT:
             acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(tl.trans(p) * v, 0)[None, :]
+    return m_i, l_i, acc
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty range (context 0) gives 0, not NaN
+
+@triton.jit
+def _normalise(m_i, l_i, acc):
+    """(output, base-2 log-sum-exp) of an online-softmax state; an empty range gives 0 and -inf, not NaN."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    return out, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+
+
+@triton.jit
+def _merge_partial(o_ptr, lse_ptr, m_i, l_i, acc, valid, d_valid):
+    """Fold a normalised partial output + its base-2 log-sum-exp into an online-softmax state (m, l, acc): the
+    partial is a tile whose max is its LSE and whose sum is 1. `valid`: the rows that have one."""
+    lse = tl.load(lse_ptr, mask=valid, other=float("-inf"))
+    o = tl.load(o_ptr, mask=valid[:, None] & d_valid[None, :], other=0.0)
+    m_new = tl.maximum(m_i, lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha, beta = tl.exp2(m_i - m_safe), tl.exp2(lse - m_safe)
+    return m_new, l_i * alpha + beta, acc * alpha[:, None] + o * beta[:, None]
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, shared_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    qk_scale, max_ctx,
+    stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
+    GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """A row's context past its shared positions (all of it when `SHARED_SPLITS == 0`); with one split it also
+    merges the run kernel's partials of its shared positions (slots `NUM_SPLITS..`), else the reduce does."""
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.minimum(tl.load(ctx_ptr + b).to(tl.int32), max_ctx)  # never read past the block table
+    skip = 0
+    if SHARED_SPLITS > 0:
+        # a multiple of 16 (`shared_prefixes`): the hint keeps the tiles' block-table reads as aligned as from 0
+        skip = tl.multiple_of(tl.minimum(tl.load(shared_ptr + b * stride_sb + 1).to(tl.int32), ctx), 16)
+    split_len = tl.cdiv(tl.cdiv(ctx - skip, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = skip + split * split_len
+    end = tl.minimum(start + split_len, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    head = kv_head * GROUP + g
+    g_valid = g < GROUP
+    d_valid = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i, l_i, acc = _attend(q, k_cache_ptr, v_cache_ptr, table_ptr + b * stride_tb, kv_head.to(tl.int64) * stride_kh,
+                            start, end, end + g * 0, d, d_valid, qk_scale, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N,
+                            USE_DOT, DOT_PRECISION, UPCAST)
+
+    num_slots: tl.constexpr = NUM_SPLITS + SHARED_SPLITS
     o_mask = g_valid[:, None] & d_valid[None, :]
     if NUM_SPLITS == 1:
+        if SHARED_SPLITS > 0:
+            run = g_valid & (g * 0 + skip > 0)  # a vector comparison: the interpreter's bool & int1 scalar is int32
+            for s in range(SHARED_SPLITS):
+                part = (b * NUM_Q_HEADS + head) * num_slots + 1 + s
+                m_i, l_i, acc = _merge_partial(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mid_lse_ptr + part,
+                                               m_i, l_i, acc, run, d_valid)
+        out, _ = _normalise(m_i, l_i, acc)
         tl.store(out_ptr + (b * NUM_Q_HEADS + head[:, None]) * HEAD_DIM + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        part = (b * NUM_Q_HEADS + head) * NUM_SPLITS + split
+        out, lse = _normalise(m_i, l_i, acc)
+        part = (b * NUM_Q_HEADS + head) * num_slots + split
         tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=o_mask)
         tl.store(mid_lse_ptr + part, lse, mask=g_valid)
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+def _decode_shared_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, shared_ptr, mid_o_ptr, mid_lse_ptr,
+    qk_scale, num_rows, max_ctx,
+    stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
+    GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Merge the splits of one (sequence, q head): softmax-weighted sum of the partial outputs by their LSE."""
+    """One program per (row, q head, split of the shared positions); only a run's first row has work. The run's
+    rows (up to BLOCK_R after it) are the rows of the query tile, each masked at its own shared length, and K/V
+    come through the first row's block table: each tile is read once for the run. Writes each row's normalised
+    partial + LSE to slot `NUM_SPLITS + split`."""
+    first = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    total = tl.minimum(tl.load(shared_ptr + first.to(tl.int64) * stride_sb + 1).to(tl.int32), max_ctx)
+    if (tl.load(shared_ptr + first.to(tl.int64) * stride_sb) != first) | (total <= 0):
+        return
+    r = first + tl.arange(0, BLOCK_R)
+    rows = r.to(tl.int64)
+    in_rows = r < num_rows
+    n = tl.load(shared_ptr + rows * stride_sb + 1, mask=in_rows, other=0).to(tl.int32)
+    member = in_rows & (tl.load(shared_ptr + rows * stride_sb, mask=in_rows, other=-1) == first) & (n > 0)
+    n = tl.where(member, n, 0)
+    split_len = tl.cdiv(tl.cdiv(total, SHARED_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, total)
+
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < HEAD_DIM
+    q = tl.load(q_ptr + rows[:, None] * stride_qb + head * stride_qh + d[None, :],
+                mask=member[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i, l_i, acc = _attend(q, k_cache_ptr, v_cache_ptr, table_ptr + first.to(tl.int64) * stride_tb,
+                            (head // GROUP).to(tl.int64) * stride_kh, start, end, n, d, d_valid, qk_scale, stride_kb,
+                            stride_ks, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, UPCAST)
+    out, lse = _normalise(m_i, l_i, acc)
+    part = (rows * NUM_Q_HEADS + head) * (NUM_SPLITS + SHARED_SPLITS) + NUM_SPLITS + split
+    tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=member[:, None] & d_valid[None, :])
+    tl.store(mid_lse_ptr + part, lse, mask=member)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr, shared_ptr, stride_sb,
+    HEAD_DIM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits of one (sequence, q head): softmax-weighted sum of the partial outputs by their LSE. The
+    shared-prefix slots count only for a row that shares positions (the run kernel wrote no others)."""
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
+    num_slots: tl.constexpr = NUM_SPLITS + SHARED_SPLITS
     s_valid = s < NUM_SPLITS
-    lse = tl.load(mid_lse_ptr + row * NUM_SPLITS + s, mask=s_valid, other=float("-inf"))
+    if SHARED_SPLITS > 0:
+        shares = s * 0 + tl.load(shared_ptr + (row // NUM_Q_HEADS) * stride_sb + 1) > 0  # a vector (see above)
+        s_valid = s_valid | ((s < num_slots) & shares)
+    lse = tl.load(mid_lse_ptr + row * num_slots + s, mask=s_valid, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    parts = tl.load(mid_o_ptr + (row * NUM_SPLITS + s[:, None]) * HEAD_DIM + d[None, :],
+    parts = tl.load(mid_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
                     mask=s_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
@@ -349,7 +502,8 @@ def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None,
-                           block_n: int = 64, use_dot: bool | None = None, upcast: bool | None = None) -> torch.Tensor:
+                           block_n: int = 64, use_dot: bool | None = None, upcast: bool | None = None,
+                           shared: torch.Tensor | None = None, shared_splits: int | None = None) -> torch.Tensor:
     """Decode attention: q `[B, Hq, D]`, one new token per sequence, attends its first `context_lens[b]` cached
     tokens (the current token included) through `block_tables [B, max_blocks]`. Returns `[B, Hq, D]` in q's dtype.
 
@@ -363,9 +517,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     operands (on an H200 at 32 x 800 tokens 0.90-0.93 of copy bandwidth, against 0.66-0.71 for fp32 tiles with a
     broadcast multiply: `decode_sweep` rows of bench/results/kernels-gpu-h200.json); otherwise fp32 tiles, matrix
     units only for grouped queries (the interpreter's 16-bit dot is broken, fp32 inputs need IEEE dots).
+    `shared` `[B, 2]` (`shared_prefixes`; the reference checks it, this does not: no sync) has each run of rows
+    read its shared positions once, in `shared_splits` splits (default: as `num_splits`, counting a run per
+    `SHARED_ROWS` rows); `shared_splits=0` ignores it.
     """
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     _check_kernel_inputs(q, k_cache, v_cache)
+    if shared is not None and (shared.shape != (q.shape[0], 2) or shared.dtype not in (torch.int32, torch.int64)
+                               or shared.device != q.device):
+        raise ValueError(f"shared must be int32/int64 [B={q.shape[0]}, 2] on {q.device}, got {shared.dtype} "
+                         f"{tuple(shared.shape)} on {shared.device}")
     block_tables, context_lens = _unit_stride(block_tables), _unit_stride(context_lens)
     bsz, num_q_heads, head_dim = q.shape
     out = torch.empty((bsz, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -385,24 +546,45 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"use_dot=False takes one query head per KV head, got {group}")
     if not (upcast or use_dot):
         raise ValueError("upcast=False needs use_dot=True (the broadcast path multiplies in fp32)")
+    if shared is None:
+        shared_splits = 0
+    elif shared_splits is None:
+        shared_splits = _default_num_splits(q.device, -(-bsz // SHARED_ROWS) * num_q_heads,
+                                            triton.cdiv(max_ctx, block_n))
+    if not isinstance(shared_splits, int) or shared_splits < 0:
+        raise ValueError(f"shared_splits must be a non-negative int, got {shared_splits!r}")
+    num_slots = num_splits + shared_splits
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if num_splits > 1:
-        mid_o = torch.empty((bsz, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((bsz, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    if num_slots > 1:
+        mid_o = torch.empty((bsz, num_q_heads, num_slots, head_dim), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, num_q_heads, num_slots), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused: stage 1 writes the final output
+    if not shared_splits:
+        shared = context_lens  # unused
+    dot_precision = _dot_precision(q, k_cache)
+    strides = (q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
+               k_cache.stride(2), shared.stride(0))
+    if shared_splits:  # before the rows' own kernel, which merges its partials when it has one split
+        _decode_shared_kernel[(bsz, num_q_heads, shared_splits)](
+            q, k_cache, v_cache, block_tables, shared, mid_o, mid_lse, scale * _LOG2E, bsz, max_ctx, *strides,
+            GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+            SHARED_SPLITS=shared_splits, BLOCK_R=SHARED_ROWS, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2,
+        )
     _decode_kernel[(bsz, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, mid_o, mid_lse,
-        scale * _LOG2E, max_ctx,
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, scale * _LOG2E, max_ctx,
+        *strides,
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
-        BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1, BLOCK_N=block_n, BLOCK_D=block_d,
-        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(q, k_cache), UPCAST=upcast, num_warps=4, num_stages=2,
+        SHARED_SPLITS=shared_splits, BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1,
+        BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, DOT_PRECISION=dot_precision, UPCAST=upcast,
+        num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz * num_q_heads,)](
-            mid_o, mid_lse, out, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4,
+            mid_o, mid_lse, out, shared, shared.stride(0), HEAD_DIM=head_dim, NUM_Q_HEADS=num_q_heads,
+            NUM_SPLITS=num_splits, SHARED_SPLITS=shared_splits, BLOCK_S=triton.next_power_of_2(num_slots),
+            BLOCK_D=block_d, num_warps=4,
         )
     return out
 

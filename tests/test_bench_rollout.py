@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from bench import rollout
+from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
 from gotr1.model import load_model
 
@@ -27,16 +28,24 @@ def test_bandwidth_floor_matches_a_hand_count(tiny):
     text_head = 4 * 576 * 64
     image_head = 4 * ((64 * 64 + 64) + (64 * 1024 + 1024) + (8 * 64 + 64) + (64 * 64 + 64))
     kv = 2 * 2 * 2 * 16 * 4  # K and V, layers, KV heads (not query heads), head dim, fp32
-    rows, prompt, r, image = 16, 20.5, 300, 576
+    groups, n, prompt, r, image = 2, 8, 20.5, 300, 576
+    rows = groups * n
+    floor = rollout.bandwidth_floor(tiny, groups=groups, n=n, prompt_len=prompt, reasoning=r, bandwidth=2e9)
+    assert floor["kv_bytes_per_token"] == kv
+    # every row's whole context
     text = stack + text_head + rows * (prompt + r / 2) * kv
     cfg = stack + image_head + 2 * rows * (prompt + r + 1 + image / 2) * kv  # conditional + unconditional rows
-    mean = ((r + 1) * text + image * cfg) / (r + 1 + image)
-    floor = rollout.bandwidth_floor(tiny, rows=rows, prompt_len=prompt, reasoning=r, bandwidth=2e9)
-    assert floor["kv_bytes_per_token"] == kv
-    assert floor["step_bytes_text"] == pytest.approx(text, rel=1e-12)
-    assert floor["step_bytes_image"] == pytest.approx(cfg, rel=1e-12)
-    assert floor["step_bytes_mean"] == pytest.approx(mean, rel=1e-12)
-    assert floor["floor_ms_per_step"] == pytest.approx(mean / 2e9 * 1e3, rel=1e-12)
+    # each prompt once for its group's rows; the pad prefix (prompt + chain) once for every unconditional row
+    text_shared = stack + text_head + (groups * prompt + rows * r / 2) * kv
+    cfg_shared = stack + image_head + (groups * prompt + rows * (r + 1 + image / 2)
+                                       + (prompt + r) + rows * (1 + image / 2)) * kv
+    for suffix, t, c in (("", text_shared, cfg_shared), ("_per_row", text, cfg)):
+        mean = ((r + 1) * t + image * c) / (r + 1 + image)
+        assert floor[f"step_bytes_text{suffix}"] == pytest.approx(t, rel=1e-12)
+        assert floor[f"step_bytes_image{suffix}"] == pytest.approx(c, rel=1e-12)
+        assert floor[f"step_bytes_mean{suffix}"] == pytest.approx(mean, rel=1e-12)
+        assert floor[f"floor_ms_per_step{suffix}"] == pytest.approx(mean / 2e9 * 1e3, rel=1e-12)
+    assert floor["step_bytes_mean"] < floor["step_bytes_mean_per_row"]
 
 
 def test_rollout_result_figures(tiny, tmp_path):
@@ -59,19 +68,25 @@ def test_rollout_result_figures(tiny, tmp_path):
     assert m["engine_tokens_per_s"] == pytest.approx(2 * 1 * (2 + 1 + 576) / m["engine_s"])
     lens = [len(ids) for ids in tiny.encode_prompts(list(rollout.PROMPTS[:2]), 2)]
     assert lens[0] != lens[1]
-    kv = rollout.bandwidth_floor(tiny, rows=1, prompt_len=0, reasoning=0, bandwidth=1.0)["kv_bytes_per_token"]
+    kv = rollout.bandwidth_floor(tiny, groups=1, n=1, prompt_len=0, reasoning=0, bandwidth=1.0)["kv_bytes_per_token"]
     assert m["kv_bytes_contiguous"] == 2 * 2 * (max(lens) + 2 + 1 + 576) * kv
     assert 0 < m["kv_bytes_engine"] and m["kv_ratio"] == m["kv_bytes_engine"] / m["kv_bytes_contiguous"]
-    floor = rollout.bandwidth_floor(tiny, rows=2, prompt_len=statistics.fmean(lens), reasoning=2, bandwidth=1.0)
-    assert m["step_bytes_mean"] == pytest.approx(floor["step_bytes_mean"], rel=1e-12)
+    floor = rollout.bandwidth_floor(tiny, groups=2, n=1, prompt_len=statistics.fmean(lens), reasoning=2,
+                                    bandwidth=1.0)
+    for key in ("step_bytes_mean", "step_bytes_mean_per_row"):
+        assert m[key] == pytest.approx(floor[key], rel=1e-12)
+    assert m["floor_fraction_per_row"] == pytest.approx(m["floor_ms_per_step_per_row"] / m["engine_ms_per_step"])
+    assert m["cascade_attn"] is True and "cascade_attn_speedup" not in m
 
 
-def test_the_window_comparisons_are_more_sides_with_the_same_tokens(tmp_path, monkeypatch):
-    """`--compare-num-scheduler-steps 4 --compare-num-image-scheduler-steps 8`: two more engine sides, timed every
-    repeat, their windows really that long (the scheduler's settings are read at each rollout; the default runs
-    the image phase in one window), and their speedups the ratios of the medians."""
+def test_the_window_and_cascade_comparisons_are_more_sides(tmp_path, monkeypatch):
+    """`--compare-num-scheduler-steps 4 --compare-num-image-scheduler-steps 8 --compare-cascade-attn`: three more
+    engine sides, timed every repeat, their windows really that long (the scheduler's settings are read at each
+    rollout; the default runs the image phase in one window), the cascade side's steps really unshared, the same
+    tokens, and their speedups the ratios of the medians."""
     longest = collections.defaultdict(int)  # (window, image window) -> longest window scheduled
-    schedule = Scheduler.schedule
+    schedule, prepare = Scheduler.schedule, ModelRunner._prepare
+    shared_runs = collections.Counter()  # (cascade on, shared runs built) -> decode windows
 
     def spy(scheduler):
         batch = schedule(scheduler)
@@ -79,11 +94,18 @@ def test_the_window_comparisons_are_more_sides_with_the_same_tokens(tmp_path, mo
         longest[key] = max(longest[key], batch.num_steps)
         return batch
 
+    def prepare_spy(runner, batch):
+        steps = prepare(runner, batch)
+        if not batch.is_prefill:
+            shared_runs[runner.cascade, steps[0].meta.shared is not None] += 1
+        return steps
+
     monkeypatch.setattr(Scheduler, "schedule", spy)
+    monkeypatch.setattr(ModelRunner, "_prepare", prepare_spy)
     path = tmp_path / "rollout.json"
-    rollout.run(_args(["--groups", "1", "--n", "1", "--reasoning-tokens", "2", "--repeats", "2",
+    rollout.run(_args(["--groups", "1", "--n", "2", "--reasoning-tokens", "2", "--repeats", "2",
                        "--compare-num-scheduler-steps", "4", "--compare-num-image-scheduler-steps", "8",
-                       "--json", str(path)]))
+                       "--compare-cascade-attn", "--json", str(path)]))
     result = json.loads(path.read_text())
     m = result["metrics"]
     assert m["other_num_scheduler_steps"] == 4 and len(m["engine_other_window_s_runs"]) == 2
@@ -93,8 +115,11 @@ def test_the_window_comparisons_are_more_sides_with_the_same_tokens(tmp_path, mo
     assert m["engine_other_image_window_s"] == statistics.median(m["engine_other_image_window_s_runs"])
     assert m["image_window_speedup"] == pytest.approx(m["engine_s"] / m["engine_other_image_window_s"])
     assert m["num_image_scheduler_steps"] is None
-    sides = [row["side"] for row in result["rows"]]
-    assert sides[3:5] == ["engine, 4-step windows", "engine, 8-step image windows"]
+    assert len(m["engine_other_cascade_s_runs"]) == 2 and m["other_cascade_tokens_match"] is True
+    assert m["cascade_attn_speedup"] == pytest.approx(m["engine_other_cascade_s"] / m["engine_s"])
+    assert set(shared_runs) == {(True, True), (True, False), (False, False)}  # the torch backend's workspace
+    sides = [row["side"] for row in result["rows"]]  # is gathered with the runs, then reused
+    assert sides[3:6] == ["engine, 4-step windows", "engine, 8-step image windows", "engine, cascade attention off"]
     # the image phase (576 tokens, the first sampled by the step that feeds BOI) in one window, or 8-step ones
     assert longest == {(16, None): 576, (4, None): 576, (16, 8): 8, (1, None): 1}
 

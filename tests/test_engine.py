@@ -846,6 +846,36 @@ def test_triton_backend_equals_torch_backend(tiny):
         torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cascade_attention_changes_no_token(tiny, backend, monkeypatch):
+    """Shared prefixes attended once per run of rows (the default) against every row reading its own
+    (`disable_cascade_attn`): the same tokens, log-probs to fp32 rounding. And the steps did share: the samples
+    of a group their prompt, the unconditional rows their pad prefix, the two runs `shared_prefixes` finds."""
+    from engine.model_runner import ModelRunner
+
+    runs = []
+    prepare = ModelRunner._prepare
+
+    def spy(self, batch):
+        steps = prepare(self, batch)
+        shared = steps[0].meta.shared
+        if shared is not None and batch.uncond_rows:
+            runs.append({first for first, n in shared.tolist() if n})
+        return steps
+
+    monkeypatch.setattr(ModelRunner, "_prepare", spy)
+    params = SamplingParams(n=3, max_reasoning_tokens=3, min_reasoning_tokens=3, seed=1, decode_images=False)
+    on, off = (LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4, attention_backend=backend,
+                                            disable_cascade_attn=disable)).generate(PROMPTS[:1], params,
+                                                                                    use_tqdm=False)[0]
+               for disable in (False, True))
+    assert runs and all(r == {0, 3} for r in runs)  # cond rows 0-2 over the prompt, uncond rows 3-5 over the pads
+    for a, b in zip(on.samples, off.samples):
+        assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
+        for x, y in ((a.text_logprobs, b.text_logprobs), (a.image_mixed_logprobs, b.image_mixed_logprobs)):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("skinny_matmul", [False, True])
 def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch, skinny_matmul):
     """The layer math a GPU runs in 16 bits, on this CPU (Triton's interpreter, bf16): q/k/v and gate/up fused,

@@ -21,7 +21,7 @@ from engine.sampling_params import SamplingParams
 from gotr1.model import build_preset
 from kernels.cfg_sampling import SampleOutput, cfg_sample_torch
 from kernels.native import cpu_library
-from kernels.paged_attention import paged_decode_attention_reference
+from kernels.paged_attention import paged_decode_attention_reference, shared_prefixes
 
 # Every `torch.empty` the code under test asks for comes back poisoned (conftest): unwritten outputs show.
 pytestmark = pytest.mark.usefixtures("poison")
@@ -46,7 +46,7 @@ def sample_library():
 
 def run_decode(monkeypatch, *, native: bool, runs: list[tuple[int, list[int]]], group: int, dim: int,
                kv_heads: int = 2, layers: int = 2, block_size: int = 4, steps: int = 40, drop_at: int | None = None,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> TorchBackend:
     """Decode `steps` steps of rows built from `runs` (each: blocks shared by its rows, their cached lengths) through
     a `TorchBackend`, and check every layer's output against `paged_decode_attention_reference` on the paged cache
     (to fp32 rounding; a bf16 model's outputs to one ulp).
@@ -86,7 +86,9 @@ def run_decode(monkeypatch, *, native: bool, runs: list[tuple[int, list[int]]], 
                                                          + held[r] % block_size for r in rows]),
             context_lens=torch.tensor(lens, dtype=torch.int32),
             block_tables=torch.tensor([tables[r] + [0] * (width - len(tables[r])) for r in rows], dtype=torch.int32),
-            seq_ids=tuple(rows), host_context_lens=lens)
+            seq_ids=tuple(rows), host_context_lens=lens,
+            shared=torch.tensor(shared_prefixes([tables[r] for r in rows], [held[r] for r in rows], block_size),
+                                dtype=torch.int32))
         backend.begin_step(kv_cache, meta)
         for layer in range(layers):
             qk = torch.randn(len(rows), (group + 1) * kv_heads, dim, generator=g).to(dtype)  # q, k: views, as in
@@ -100,6 +102,7 @@ def run_decode(monkeypatch, *, native: bool, runs: list[tuple[int, list[int]]], 
         for r in rows:
             held[r] += 1
     assert backend._tiled == native
+    return backend
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -109,7 +112,9 @@ def test_decode_equals_paged_reference(monkeypatch, native, group, dim, dtype):
     """Three runs of rows sharing prompt blocks (9, 5 and 0 blocks of 4), lengths that differ inside a run; a
     bf16 model (its paged cache stored by torch, the workspace fp32)."""
     runs = [(9, [40, 45, 38]), (5, [20, 33]), (0, [7])]
-    run_decode(monkeypatch, native=native, runs=runs, group=group, dim=dim, drop_at=25, dtype=dtype)
+    backend = run_decode(monkeypatch, native=native, runs=runs, group=group, dim=dim, drop_at=25, dtype=dtype)
+    if native:  # rows 1 and 2 read their first 32 positions (2 tiles) through row 0, row 4 its 16 through row 3
+        assert backend._shared.tolist() == [[0, 2], [0, 2], [0, 2], [3, 1], [3, 1]]
 
 
 @settings(max_examples=12)
@@ -137,14 +142,6 @@ def test_decode_kernel_rejects_a_slot_outside_the_pool():
     with pytest.raises(IndexError, match="outside the KV pool"):
         backend.forward(0, q, q, q, kv_cache[0, 0], kv_cache[1, 0], meta, 0.25)
     assert not kv_cache.any()  # nothing written
-
-
-def test_shared_tiles_by_hand():
-    """Rows 0-2 share two blocks of 16 (row 2 holds 20 positions of them: one tile), row 3 starts a run, row 4
-    shares one block with row 3 but row 3 holds only 10 positions: no full tile, so row 4 starts its own."""
-    tables = [[7, 8, 1], [7, 8, 2], [7, 8, 3], [4, 5], [4, 6]]
-    held = [40, 33, 20, 10, 30]
-    assert TorchBackend._shared_tiles(tables, held, 16) == [(0, 0), (0, 2), (0, 1), (3, 0), (4, 0)]
 
 
 # ---------------------------------------------------------------------------------------------------- sampling

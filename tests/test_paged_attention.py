@@ -18,6 +18,7 @@ from kernels.paged_attention import (
     paged_decode_attention_reference,
     paged_prefill_attention,
     paged_prefill_attention_reference,
+    shared_prefixes,
 )
 
 # Data is built on the CPU (seeded generators), then moved here: the kernels compile for real when a GPU is present.
@@ -273,6 +274,109 @@ def test_random_shapes(data, hkv, group, d, bs, splits, seed):
     qp, cu = packed_queries(q_lens, hkv * group, d, seed=seed)
     out = paged_prefill_attention(qp, k_cache, v_cache, table, cu, ctx, scale=scale)
     assert max_rel_err(out, sdpa_oracle(qp, k_cache, v_cache, table, cu, ctx, scale)) < 1e-5
+
+
+def run_case(groups: list[int], ctx_lens: list[int], prefix: dict[int, int], *, hkv: int, d: int,
+             block_size: int, dtype=torch.float32, seed: int = 0):
+    """Rows of the same group share the whole blocks of their group's first `prefix[group]` positions (a prompt,
+    the pad prefix), each context reaching past them; every slot no row may read is NaN. Returns the case
+    (`paged_case`'s order) and each row's `shared_prefixes`."""
+    g = torch.Generator().manual_seed(seed)
+    nblks = [-(-c // block_size) for c in ctx_lens]
+    prefixes, next_block = {}, 0
+    for grp, n in prefix.items():
+        n //= block_size
+        prefixes[grp], next_block = list(range(next_block, next_block + n)), next_block + n
+    tables = []
+    for grp, n in zip(groups, nblks):
+        own = n - len(prefixes.get(grp, []))
+        assert own > 0, "a context must reach past its group's prefix"
+        tables.append(prefixes.get(grp, []) + list(range(next_block, next_block + own)))
+        next_block += own
+    k_cache = torch.full((next_block + 2, block_size, hkv, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    for table, c in zip(tables, ctx_lens):
+        for p in range(c):
+            if k_cache[table[p // block_size], p % block_size].isnan().all():
+                k_cache[table[p // block_size], p % block_size] = torch.randn(hkv, d, generator=g).to(dtype)
+                v_cache[table[p // block_size], p % block_size] = torch.randn(hkv, d, generator=g).to(dtype)
+    width = max(nblks) + 1
+    table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    shared = torch.tensor(shared_prefixes(tables, [c - 1 for c in ctx_lens], block_size), dtype=torch.int32)
+    return (k_cache.to(DEVICE), v_cache.to(DEVICE), table.to(DEVICE),
+            torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE), shared.to(DEVICE))
+
+
+def test_shared_prefixes_by_hand():
+    """Rows 0-2 share two blocks of 16 (row 2 holds 20 positions of them: one whole tile; row 0 reads the
+    longest), row 3 starts a run, row 4 shares one block with row 3 but row 3 holds only 10 positions: no whole
+    tile, so row 4 starts its own. A run is at most `SHARED_ROWS` rows: the 17th starts the next."""
+    tables = [[7, 8, 1], [7, 8, 2], [7, 8, 3], [4, 5], [4, 6]]
+    held = [40, 33, 20, 10, 30]
+    assert shared_prefixes(tables, held, 16) == [(0, 32), (0, 32), (0, 16), (3, 0), (4, 0)]
+    assert shared_prefixes([[1, 2, 3]] * 18, [40] * 18, 16) == [(0, 32)] * 16 + [(16, 32)] * 2
+    assert shared_prefixes([[5]], [9], 16) == [(0, 0)]
+
+
+# (groups, contexts, shared positions per group): a group of 3 with its prompt, one of 2, a row alone, and 18 rows
+# over one pad prefix (a run is cut at 16).
+RUNS = [([0, 0, 0, 1, 1, 2], [30, 41, 23, 17, 29, 9], {0: 20, 1: 16}),
+        ([3] * 18, [22 + i for i in range(18)], {3: 20})]
+
+
+@pytest.mark.parametrize("groups,ctx_lens,prefix", RUNS)
+@pytest.mark.parametrize("num_splits,shared_splits", [(1, 1), (1, 3), (3, 2)])
+@pytest.mark.parametrize("hq,hkv,d,bs", [CONFIGS[0], CONFIGS[1], CONFIGS[3]])
+@pytest.mark.usefixtures("poison")
+def test_decode_cascade_equals_reference(groups, ctx_lens, prefix, num_splits, shared_splits, hq, hkv, d, bs):
+    """Shared prefixes read once per run give the reference's attention, whatever the splits of either part; and
+    a run's later rows read them only through its first row's table: with their own entries for those blocks
+    pointing at a NaN block, the result is unchanged."""
+    k_cache, v_cache, table, ctx, shared = run_case(groups, ctx_lens, prefix, hkv=hkv, d=d, block_size=bs)
+    assert (shared[:, 1] > 0).sum() >= 3  # runs exist
+    q = randn(len(ctx_lens), hq, d)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=0.3, shared=shared)
+    assert max_rel_err(ref, decode_oracle(q, k_cache, v_cache, table, ctx, 0.3)) < 1e-5
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits, shared=shared,
+                                 shared_splits=shared_splits)
+    assert max_rel_err(out, ref) < 1e-5
+    blind = table.clone()
+    for row, (first, n) in enumerate(shared.tolist()):
+        if first != row:
+            blind[row, :n // bs] = k_cache.shape[0] - 1  # a block no row holds: NaN
+    out = paged_decode_attention(q, k_cache, v_cache, blind, ctx, scale=0.3, num_splits=num_splits, shared=shared,
+                                 shared_splits=shared_splits)
+    assert max_rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.usefixtures("poison")
+def test_decode_cascade_bf16():
+    groups, ctx_lens, prefix = RUNS[0]
+    k_cache, v_cache, table, ctx, shared = run_case(groups, ctx_lens, prefix, hkv=2, d=24, block_size=4,
+                                                    dtype=torch.bfloat16)
+    q = randn(len(ctx_lens), 6, 24).bfloat16()
+    ref = paged_decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), table, ctx, scale=0.3)
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, shared=shared)
+    assert out.dtype == torch.bfloat16 and norm_rel_err(out, ref) < 1e-2
+
+
+def test_decode_cascade_rejects_bad_runs():
+    """The reference checks what the kernels rely on (they cannot: no sync); the kernel checks the layout."""
+    groups, ctx_lens, prefix = RUNS[0]
+    k_cache, v_cache, table, ctx, shared = run_case(groups, ctx_lens, prefix, hkv=1, d=8, block_size=4)
+    q = randn(len(ctx_lens), 1, 8)
+    for row, claim, match in ((5, (0, 16), "before its last"), (1, (0, 8), "a multiple of 16"),
+                              (2, (1, 16), "first row of its run"), (1, (0, 48), "before its last"),
+                              (4, (0, 16), "different blocks")):
+        bad = shared.clone()
+        bad[row] = torch.tensor(claim)
+        with pytest.raises(ValueError, match=match):
+            paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=1.0, shared=bad)
+    for wrong in (shared[:-1], shared.float(), shared[:, :1]):
+        with pytest.raises(ValueError, match=r"shared must be int32/int64 \[B"):
+            paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=1.0, shared=wrong)
+        with pytest.raises(ValueError, match=r"shared must be int32/int64 \[B"):
+            paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=1.0, shared=wrong)
 
 
 def test_bench_decode_reference(benchmark):
