@@ -3,7 +3,9 @@ flash-attn's paged KV path (nano-vllm's choice on GPU).
 
 Every backend stores the step's new K/V through the slot mapping first, then attends: decode rows (one new token
 each) through the block tables, prefill rows (new tokens at the end of their context) causally. The step's
-metadata travels in one `AttentionMetadata` (nano-vllm's `Context`) so the model code never threads it.
+metadata travels in one `AttentionMetadata` (nano-vllm's `Context`) so the model code never threads it. A decode
+step's metadata may carry the runs of rows whose block tables start alike (`shared`, cascade attention): the torch
+and Triton backends then read those positions once per run.
 """
 from __future__ import annotations
 
