@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.paged_attention import (
+    SHARED_ROWS,
+    _check_shared,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_prefill_attention,
@@ -316,6 +318,37 @@ def test_shared_prefixes_by_hand():
     assert shared_prefixes(tables, held, 16) == [(0, 32), (0, 32), (0, 16), (3, 0), (4, 0)]
     assert shared_prefixes([[1, 2, 3]] * 18, [40] * 18, 16) == [(0, 32)] * 16 + [(16, 32)] * 2
     assert shared_prefixes([[5]], [9], 16) == [(0, 0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(families=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40)), min_size=1, max_size=40),
+       bs=st.sampled_from([1, 4, 16]))
+def test_shared_prefixes_are_valid_and_maximal(families, bs):
+    """Rows drawn from a few prefix families (each row: its family's first blocks, then its own): every run
+    `shared_prefixes` reports is one the kernels may rely on (`_check_shared`, the reference's check), and a row
+    is left out of the run before it only when it shares less than a whole tile with the run's first row, or
+    the run is full."""
+    prefix_len = (0, 16, 20, 37)  # each family's shared positions (whole blocks of them are shared)
+    tables, held, next_block = [], [], 1000
+    for family, n in families:
+        own = -(-(n + 1) // bs)
+        shared_blocks = min(own - 1, prefix_len[family] // bs)
+        tables.append(list(range(100 * family, 100 * family + shared_blocks))
+                      + list(range(next_block, next_block + own - shared_blocks)))
+        next_block += own
+        held.append(n)
+    runs = shared_prefixes(tables, held, bs)
+    width = max(map(len, tables))
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    _check_shared(padded, torch.tensor([h + 1 for h in held], dtype=torch.int32),
+                  torch.tensor(runs, dtype=torch.int32), bs)
+    for row in range(1, len(tables)):
+        first = runs[row - 1][0]
+        if runs[row][0] == row and row - first < SHARED_ROWS:  # started a run: it could not join
+            limit, common = min(held[row], held[first]), 0
+            while common < limit and tables[row][common // bs] == tables[first][common // bs]:
+                common += bs
+            assert min(common, limit) < 16
 
 
 # (groups, contexts, shared positions per group): a group of 3 with its prompt, one of 2, a row alone, and 18 rows
