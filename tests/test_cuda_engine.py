@@ -65,6 +65,32 @@ def test_graphs_equal_eager_when_sampling_mixed_guidance(tiny, num_scheduler_ste
             torch.testing.assert_close(a.image_logprobs, b.image_logprobs, rtol=0, atol=1e-4)
 
 
+def test_graphed_cascade_attention_equals_unshared(tiny, monkeypatch):
+    """Under CUDA graphs (the run kernel captured, the runs written into the graph's buffer each replay): shared
+    prefixes read once per run give the tokens and log-probs of every row reading its own, and runs were there
+    (the group's samples over the prompt, the unconditional rows over the pad prefix)."""
+    from engine.model_runner import ModelRunner
+
+    runs = []
+    prepare = ModelRunner._prepare
+
+    def spy(self, batch):
+        steps = prepare(self, batch)
+        if steps[0].meta.shared is not None:
+            runs.append(int((steps[0].meta.shared[:, 1] > 0).sum()))
+        return steps
+
+    monkeypatch.setattr(ModelRunner, "_prepare", spy)
+    params = SamplingParams(n=3, text_temperature=0.9, image_temperature=1.0, cfg_weight=4.0, max_reasoning_tokens=24,
+                            min_reasoning_tokens=24, seed=5, decode_images=False)
+    outs = [_engine(tiny, disable_cascade_attn=off).generate(PROMPTS, params, use_tqdm=False) for off in (False, True)]
+    assert max(runs) >= 6  # two groups' unconditional rows over the pad prefix at least
+    for ga, gb in zip(*outs):
+        for a, b in zip(ga.samples, gb.samples):
+            assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
+            torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-4)
+
+
 def test_lean_16_bit_norm_is_the_one_kernel_norm():
     norm = LlamaRMSNorm(2048, eps=1e-6).to("cuda", torch.bfloat16)
     with torch.no_grad():
