@@ -94,6 +94,20 @@ def test_serve_checks_its_flags_before_loading_the_model(capsys, monkeypatch):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_serve_passes_the_engine_flags_on(monkeypatch, flag):
+    import gotr1.cli
+    import gotr1.serving
+
+    seen = {}
+    monkeypatch.setattr(gotr1.cli, "load_from_args", lambda *a: "bundle")
+    monkeypatch.setattr(gotr1.serving, "serve", lambda bundle, **kw: seen.update(kw))
+    argv = ["serve", "--preset", "tiny", "--num-image-scheduler-steps", "7", *(["--disable-cascade-attn"] * flag)]
+    assert main(argv) == 0
+    config = seen["engine_config"]
+    assert config.num_image_scheduler_steps == 7 and config.disable_cascade_attn is flag
+
+
 def _no_loading(monkeypatch):
     """Make loading a model or a judge fail the test: the checks under test must come before either."""
     import gotr1.cli
