@@ -4,8 +4,9 @@
 # Usage: bash bench/gpu_check.sh OUT_DIR [targets|skinny|sweep|final|engine|serve|judge]
 #   targets: #3's two targets alone (the rollout benchmark, 2 repeats, with a profile), then the tests; the
 #   shortest mode, for a lease of minutes (about 6 min on an H100);
-#   skinny: the skinny-matmul kernel against cuBLAS (with its launch sweep), then the rollout benchmark with the
-#   engine's decode projections through it as one more side (`skinny_matmul_speedup`), then the tests;
+#   skinny: the skinny-matmul kernel against cuBLAS, then the rollout benchmark with the engine's decode
+#   projections through it as one more side (`skinny_matmul_speedup`), then the kernel's launch sweep, then the
+#   tests (the rollout before the sweep: with every comparison side it takes most of a lease);
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, the tests, then the rollout against compiled transformers (as in engine);
@@ -20,10 +21,10 @@
 # uvicorn or pydantic: carry them as wheels (.whl/: transformers 5.24.0, peft 0.21.2, and for serve fastapi,
 # starlette, uvicorn, pydantic + pydantic_core for cp312, annotated-types, typing-inspection, typing-extensions,
 # opentelemetry-api) installed with `pip install --no-deps --target /tmp/site` and PYTHONPATH=/tmp/site.
-# Every rollout run also times the engine with 64-step decode windows and with 16-step image windows (the default
-# runs an image phase in one window): `window_speedup` and `image_window_speedup` say how much of the host gap at
-# window boundaries (10% of the H100's wall time with 16-step windows everywhere) fewer windows close; and with
-# cascade attention off (`cascade_attn_speedup`: what reading each run's shared prefix once saves).
+# Every rollout run but targets also times the engine with 64-step decode windows and with 16-step image windows
+# (the default runs an image phase in one window): `window_speedup` and `image_window_speedup` say how much of the
+# host gap at window boundaries (10% of the H100's wall time with 16-step windows everywhere) fewer windows close;
+# and with cascade attention off (`cascade_attn_speedup`: what reading each run's shared prefix once saves).
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
@@ -54,7 +55,7 @@ elif [[ "$mode" == final ]]; then
   step kernels "$python" -m bench kernels --device cuda --scale gpu --decode-sweep --matmul-sweep \
     --json "$out/kernels-gpu-$tag.json"
 elif [[ "$mode" == skinny ]]; then
-  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
+  step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul \
     --json "$out/skinny-matmul-gpu-$tag.json"
 elif [[ "$mode" == engine ]]; then
   step skinny-matmul "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul,rms_norm,rope,silu_mul \
@@ -70,10 +71,16 @@ elif [[ "$mode" == serve ]]; then
     --open-loop-rounds 2 --json "$out/serve-janus-pro-1b-shape-$tag.json"
 else
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
-  compare=$([[ "$mode" == skinny ]] && echo --compare-skinny-matmul)
+  # targets: the committed figure alone; every other mode also times the settings still to decide
+  compare=$([[ "$mode" != targets ]] && echo --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 \
+    --compare-cascade-attn)
+  [[ "$mode" == skinny ]] && compare="$compare --compare-skinny-matmul"
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
-    --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 --compare-cascade-attn \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
+fi
+if [[ "$mode" == skinny ]]; then
+  step skinny-sweep "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
+    --json "$out/skinny-matmul-sweep-gpu-$tag.json"
 fi
 # A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).
 timeout=$("$python" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
@@ -85,5 +92,5 @@ if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transfor
   step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
     --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
 fi
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|cascade_attn_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"
