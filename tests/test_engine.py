@@ -876,6 +876,23 @@ def test_cascade_attention_changes_no_token(tiny, backend, monkeypatch):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
+def test_cascade_attention_through_preemption(tiny):
+    """A pool too small for both groups: samples are preempted and recomputed, the workspace gathered again with
+    new runs each time; tokens and log-probs still equal those of every row reading its own prefix (a Triton run
+    of the same, 40 s under the interpreter, passed too)."""
+    params = SamplingParams(n=3, max_reasoning_tokens=20, min_reasoning_tokens=20, seed=2, decode_images=False)
+    outs = []
+    for disable in (False, True):
+        eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=40, block_size=4, max_num_seqs=8,
+                                           disable_cascade_attn=disable))
+        outs.append(eng.generate(PROMPTS, params, use_tqdm=False))
+        assert eng.scheduler.num_preemptions > 0
+    for ga, gb in zip(*outs):
+        for a, b in zip(ga.samples, gb.samples):
+            assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
+            torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("skinny_matmul", [False, True])
 def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch, skinny_matmul):
     """The layer math a GPU runs in 16 bits, on this CPU (Triton's interpreter, bf16): q/k/v and gate/up fused,
