@@ -528,6 +528,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"shared must be int32/int64 [B={q.shape[0]}, 2] on {q.device}, got {shared.dtype} "
                          f"{tuple(shared.shape)} on {shared.device}")
     block_tables, context_lens = _unit_stride(block_tables), _unit_stride(context_lens)
+    if shared is not None:
+        shared = _unit_stride(shared)  # the kernels read a row's length one element after its first row
     bsz, num_q_heads, head_dim = q.shape
     out = torch.empty((bsz, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if bsz == 0:

@@ -373,6 +373,11 @@ def test_decode_cascade_equals_reference(groups, ctx_lens, prefix, num_splits, s
     out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits, shared=shared,
                                  shared_splits=shared_splits)
     assert max_rel_err(out, ref) < 1e-5
+    columns = shared.t().contiguous().t()  # the same runs, column-major
+    assert columns.stride(1) != 1
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits,
+                                 shared=columns, shared_splits=shared_splits)
+    assert max_rel_err(out, ref) < 1e-5
     blind = table.clone()
     for row, (first, n) in enumerate(shared.tolist()):
         if first != row:
