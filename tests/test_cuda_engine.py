@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from test_scheduler import assert_same_rollouts
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from engine.config import EngineConfig
@@ -85,10 +86,7 @@ def test_graphed_cascade_attention_equals_unshared(tiny, monkeypatch):
                             min_reasoning_tokens=24, seed=5, decode_images=False)
     outs = [_engine(tiny, disable_cascade_attn=off).generate(PROMPTS, params, use_tqdm=False) for off in (False, True)]
     assert max(runs) >= 6  # two groups' unconditional rows over the pad prefix at least
-    for ga, gb in zip(*outs):
-        for a, b in zip(ga.samples, gb.samples):
-            assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
-            torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-4)
+    assert_same_rollouts(*outs)
 
 
 def test_lean_16_bit_norm_is_the_one_kernel_norm():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_scheduler import assert_same_rollouts
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -867,13 +868,10 @@ def test_cascade_attention_changes_no_token(tiny, backend, monkeypatch):
     params = SamplingParams(n=3, max_reasoning_tokens=3, min_reasoning_tokens=3, seed=1, decode_images=False)
     on, off = (LLMEngine(tiny, EngineConfig(num_kv_blocks=400, block_size=4, attention_backend=backend,
                                             disable_cascade_attn=disable)).generate(PROMPTS[:1], params,
-                                                                                    use_tqdm=False)[0]
+                                                                                    use_tqdm=False)
                for disable in (False, True))
     assert runs and all(r == {0, 3} for r in runs)  # cond rows 0-2 over the prompt, uncond rows 3-5 over the pads
-    for a, b in zip(on.samples, off.samples):
-        assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
-        for x, y in ((a.text_logprobs, b.text_logprobs), (a.image_mixed_logprobs, b.image_mixed_logprobs)):
-            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+    assert_same_rollouts(on, off, atol=1e-5)
 
 
 def test_cascade_attention_through_preemption(tiny):
@@ -887,10 +885,7 @@ def test_cascade_attention_through_preemption(tiny):
                                            disable_cascade_attn=disable))
         outs.append(eng.generate(PROMPTS, params, use_tqdm=False))
         assert eng.scheduler.num_preemptions > 0
-    for ga, gb in zip(*outs):
-        for a, b in zip(ga.samples, gb.samples):
-            assert a.reasoning_ids == b.reasoning_ids and a.image_tokens.tolist() == b.image_tokens.tolist()
-            torch.testing.assert_close(a.image_mixed_logprobs, b.image_mixed_logprobs, rtol=0, atol=1e-5)
+    assert_same_rollouts(*outs, atol=1e-5)
 
 
 @pytest.mark.parametrize("skinny_matmul", [False, True])
