@@ -345,10 +345,9 @@ def test_shared_prefixes_are_valid_and_maximal(families, bs):
     for row in range(1, len(tables)):
         first = runs[row - 1][0]
         if runs[row][0] == row and row - first < SHARED_ROWS:  # started a run: it could not join
-            limit, common = min(held[row], held[first]), 0
-            while common < limit and tables[row][common // bs] == tables[first][common // bs]:
-                common += bs
-            assert min(common, limit) < 16
+            pairs = list(zip(tables[row], tables[first]))
+            same_blocks = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+            assert min(same_blocks * bs, held[row], held[first]) < 16
 
 
 # (groups, contexts, shared positions per group): a group of 3 with its prompt, one of 2, a row alone, and 18 rows
