@@ -70,6 +70,8 @@ elif [[ "$mode" == serve ]]; then
   step serve "$python" -m bench serve --preset janus-pro-1b-shape --device cuda --request-rate 8 \
     --open-loop-rounds 2 --json "$out/serve-janus-pro-1b-shape-$tag.json"
 else
+  # seconds: the fused sampling kernel (rows split over blocks) against eager torch, text and image steps
+  step sampling "$python" -m bench sampling --device cuda --json "$out/sampling-$tag.json"
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
   # targets: the committed figure alone; every other mode also times the settings still to decide
   compare=$([[ "$mode" != targets ]] && echo --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 \
@@ -92,5 +94,5 @@ if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transfor
   step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
     --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
 fi
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|cascade_attn_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|fused_ms|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|cascade_attn_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"

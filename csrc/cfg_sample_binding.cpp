@@ -62,6 +62,13 @@ void cfg_sample_out(const at::Tensor& cond, const c10::optional<at::Tensor>& unc
   args.tokens = tokens.data_ptr<int64_t>();
   args.logprobs = logprobs.data_ptr<float>();
   args.mixed_logprobs = mixed_logprobs.data_ptr<float>();
+  args.splits = gotr1::cfg_sample_splits(rows, args.vocab);
+  at::Tensor partials;  // from torch's caching allocator: no cudaMalloc per step
+  if (args.splits > 1) {
+    partials = at::empty({rows * args.splits * static_cast<int64_t>(sizeof(gotr1::CfgSamplePartial))},
+                         cond.options().dtype(at::kByte));
+    args.partials = reinterpret_cast<gotr1::CfgSamplePartial*>(partials.data_ptr());
+  }
   const cudaError_t status = gotr1::launch_cfg_sample(args, reinterpret_cast<cudaStream_t>(stream));
   TORCH_CHECK(status == cudaSuccess, "cfg_sample kernel launch failed: ", cudaGetErrorString(status));
 }

@@ -308,32 +308,77 @@ __device__ uint32_t radix_select(SharedStorage& sh, Visit&& visit, double target
 
 // ------------------------------------------------------------------------------------------------ kernel
 
+// A row's settings, as the sampling kernel and the merge of a split row both read them.
+struct RowSettings {
+  float w, t;  // CFG weight (1 unpaired), temperature (1 for greedy rows)
+  bool greedy, use_k, use_p;
+  int64_t top_k;
+  float top_p;
+  // Greedy and unfiltered rows need one pass over the logits, so their blocks can split the vocabulary.
+  __device__ __forceinline__ bool one_pass() const { return !use_k && !use_p; }
+};
+
+template <bool kPaired>
+__device__ __forceinline__ RowSettings row_settings(const CfgSampleArgs& args, int64_t row) {
+  RowSettings r;
+  r.w = kPaired ? args.cfg_weight[row] : 1.f;
+  const float temperature = args.temperature[row];
+  r.greedy = temperature == 0.f;
+  r.t = r.greedy ? 1.f : temperature;
+  r.top_k = args.top_k[row];
+  r.top_p = args.top_p[row];
+  r.use_k = !r.greedy && r.top_k > 0 && r.top_k < args.vocab;
+  r.use_p = !r.greedy && r.top_p < 1.f;
+  return r;
+}
+
+// The row's outputs from its whole-row log-sum-exp states and winning index.
+template <typename T, bool kPaired>
+__device__ __forceinline__ void write_sample(const CfgSampleArgs& args, int64_t row, const RowSettings& r,
+                                             float s_max, float s_sum, float c_max, float c_sum, int best_index) {
+  const T* cond = static_cast<const T*>(args.cond) + row * args.cond_row_stride;
+  const int64_t token = best_index == INT_MAX ? 0 : best_index;  // only for an all-NaN row
+  const float c = to_f32(cond[token]);
+  float s_token = __fdiv_rn(c, r.t), cs_token = s_token;
+  if constexpr (kPaired) {
+    const T* uncond = static_cast<const T*>(args.uncond) + row * args.uncond_row_stride;
+    s_token = __fdiv_rn(mix(c, to_f32(uncond[token]), r.w), r.t);
+  }
+  const float mixed_logprob = (s_token - s_max) - logf(s_sum);
+  args.tokens[row] = token;
+  args.mixed_logprobs[row] = mixed_logprob;
+  args.logprobs[row] = kPaired ? (cs_token - c_max) - logf(c_sum) : mixed_logprob;
+}
+
+// Grid (rows, splits). A one-pass row's block `blockIdx.y` covers its share of the vocabulary's groups of 4 and,
+// with more than one split, leaves a partial for cfg_sample_merge_kernel; a filtered row is sampled whole by its
+// first block (its radix selects need every token), the others exit at once.
 template <typename T, bool kPaired>
 __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(const CfgSampleArgs args, const bool vec) {
   __shared__ SharedStorage sh;
   const int64_t row = blockIdx.x;
+  const int64_t split = blockIdx.y, splits = gridDim.y;
   const int64_t vocab = args.vocab;
   const T* __restrict__ cond = static_cast<const T*>(args.cond) + row * args.cond_row_stride;
   const T* __restrict__ uncond =
       kPaired ? static_cast<const T*>(args.uncond) + row * args.uncond_row_stride : nullptr;
-  const float w = kPaired ? args.cfg_weight[row] : 1.f;
-  const float temperature = args.temperature[row];
-  const bool greedy = temperature == 0.f;
-  const float t = greedy ? 1.f : temperature;
-  const int64_t top_k = args.top_k[row];
-  const float top_p = args.top_p[row];
-  const bool use_k = !greedy && top_k > 0 && top_k < vocab;
-  const bool use_p = !greedy && top_p < 1.f;
-  const bool sample_in_first_pass = !use_k && !use_p;
+  const RowSettings r = row_settings<kPaired>(args, row);
+  const bool sample_in_first_pass = r.one_pass();
+  if (!sample_in_first_pass && split > 0) return;
+  const bool partial = sample_in_first_pass && splits > 1;
   const uint64_t seed = static_cast<uint64_t>(args.seeds[row]);
   const uint64_t counter = static_cast<uint64_t>(args.counters[row]);
   const uint2 key = make_uint2(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   const uint32_t ctr_lo = static_cast<uint32_t>(counter), ctr_hi = static_cast<uint32_t>(counter >> 32);
-  const int64_t groups = (vocab + 3) / 4;
+  // This block's groups of 4 tokens, [first, end), in 32 bits (vocab < 2^31): int64 bounds spill at 64 registers.
+  const int groups = static_cast<int>((vocab + 3) / 4);
+  const int per_split = partial ? static_cast<int>((groups + splits - 1) / splits) : groups;
+  const int first = partial ? static_cast<int>(split) * per_split : 0;
+  const int end = first + per_split < groups ? first + per_split : groups;
 
   // f(group, n, s, cs) for this thread's groups of 4 tokens (n valid): s = mixed / T, cs = cond / T.
   auto for_each_group = [&](auto&& f) {
-    for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
+    for (int64_t g = first + static_cast<int>(threadIdx.x); g < end; g += kThreads) {
       float c[4], s[4], cs[4];
       load4(cond, 4 * g, vocab, vec, c);
       if constexpr (kPaired) {
@@ -341,12 +386,12 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(const CfgSampleArg
         load4(uncond, 4 * g, vocab, vec, u);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          s[j] = __fdiv_rn(mix(c[j], u[j], w), t);
-          cs[j] = __fdiv_rn(c[j], t);
+          s[j] = __fdiv_rn(mix(c[j], u[j], r.w), r.t);
+          cs[j] = __fdiv_rn(c[j], r.t);
         }
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) s[j] = cs[j] = __fdiv_rn(c[j], t);
+        for (int j = 0; j < 4; ++j) s[j] = cs[j] = __fdiv_rn(c[j], r.t);
       }
       f(g, static_cast<int>(vocab - 4 * g < 4 ? vocab - 4 * g : 4), s, cs);
     }
@@ -357,14 +402,14 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(const CfgSampleArg
   int best_index = INT_MAX;
   for_each_group([&](int64_t g, int n, const float (&s)[4], const float (&cs)[4]) {
     float noise[4] = {0.f, 0.f, 0.f, 0.f};
-    if (sample_in_first_pass && !greedy) gumbel4(key, g, ctr_lo, ctr_hi, noise);
+    if (sample_in_first_pass && !r.greedy) gumbel4(key, g, ctr_lo, ctr_hi, noise);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (j >= n) break;
       merge_lse(s_max, s_sum, s[j], 1.f);
       if constexpr (kPaired) merge_lse(c_max, c_sum, cs[j], 1.f);
       if (sample_in_first_pass) {
-        const float k = greedy ? s[j] : __fadd_rn(s[j], noise[j]);
+        const float k = r.greedy ? s[j] : __fadd_rn(s[j], noise[j]);
         const int i = static_cast<int>(4 * g + j);
         if (better(k, i, best, best_index)) {
           best = k;
@@ -377,23 +422,27 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(const CfgSampleArg
 
   if (!sample_in_first_pass) {
     uint32_t threshold = 0u;  // keep tokens with order_key(s) >= threshold
-    if (use_k) {
+    if (r.use_k) {
       threshold = radix_select<false>(sh, [&](auto&& add) {
         for_each_group([&](int64_t, int n, const float (&s)[4], const float (&)[4]) {
-          for (int j = 0; j < n; ++j) add(order_key(s[j]), 1.f);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // not j < n: a loop of unknown count would index s in local memory
+            if (j < n) add(order_key(s[j]), 1.f);
+          }
         });
-      }, static_cast<double>(top_k));
+      }, static_cast<double>(r.top_k));
     }
-    if (use_p) {
+    if (r.use_p) {
       const uint32_t survivors = threshold;
       threshold = radix_select<true>(sh, [&](auto&& add) {
         for_each_group([&](int64_t, int n, const float (&s)[4], const float (&)[4]) {
-          for (int j = 0; j < n; ++j) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
             const uint32_t k = order_key(s[j]);
-            if (k >= survivors) add(k, expf(s[j] - s_max));
+            if (j < n && k >= survivors) add(k, expf(s[j] - s_max));
           }
         });
-      }, static_cast<double>(top_p));
+      }, static_cast<double>(r.top_p));
     }
     for_each_group([&](int64_t g, int n, const float (&s)[4], const float (&)[4]) {
       bool kept[4], any = false;
@@ -418,16 +467,46 @@ __global__ void __launch_bounds__(kThreads) cfg_sample_kernel(const CfgSampleArg
   }
   block_argmax(best, best_index, sh);
 
-  if (threadIdx.x == 0) {
-    const int64_t token = best_index == INT_MAX ? 0 : best_index;  // only for an all-NaN row
-    const float c = to_f32(cond[token]);
-    float s_token = __fdiv_rn(c, t), cs_token = s_token;
-    if constexpr (kPaired) s_token = __fdiv_rn(mix(c, to_f32(uncond[token]), w), t);
-    const float mixed_logprob = (s_token - s_max) - logf(s_sum);
-    args.tokens[row] = token;
-    args.mixed_logprobs[row] = mixed_logprob;
-    args.logprobs[row] = kPaired ? (cs_token - c_max) - logf(c_sum) : mixed_logprob;
+  if (threadIdx.x != 0) return;
+  if (partial) {
+    args.partials[row * splits + split] = CfgSamplePartial{s_max, s_sum, c_max, c_sum, best, best_index};
+  } else {
+    write_sample<T, kPaired>(args, row, r, s_max, s_sum, c_max, c_sum, best_index);
   }
+}
+
+// One thread per row after a split launch: merges a one-pass row's partials in split order (the argmax order
+// makes the winner the same as one block's; the sums differ from it only by rounding) and writes its outputs.
+template <typename T, bool kPaired>
+__global__ void cfg_sample_merge_kernel(const CfgSampleArgs args) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= args.rows) return;
+  const RowSettings r = row_settings<kPaired>(args, row);
+  if (!r.one_pass()) return;  // sampled whole by its first block
+  float s_max = -INFINITY, s_sum = 0.f, c_max = -INFINITY, c_sum = 0.f, best = -INFINITY;
+  int best_index = INT_MAX;
+  const CfgSamplePartial* part = args.partials + row * args.splits;
+  for (int64_t i = 0; i < args.splits; ++i) {
+    const CfgSamplePartial p = part[i];
+    merge_lse(s_max, s_sum, p.s_max, p.s_sum);
+    if constexpr (kPaired) merge_lse(c_max, c_sum, p.c_max, p.c_sum);
+    if (better(p.best, p.best_index, best, best_index)) {
+      best = p.best;
+      best_index = p.best_index;
+    }
+  }
+  write_sample<T, kPaired>(args, row, r, s_max, s_sum, c_max, c_sum, best_index);
+}
+
+constexpr int kMergeThreads = 128;
+
+// Host side: blocks per row for `rows` rows of `vocab` logits on `sm_count` SMs (cfg_sample_splits).
+inline int64_t splits_for(int64_t rows, int64_t vocab, int64_t sm_count) {
+  const int64_t blocks = 2 * sm_count;  // two blocks of 1024 threads fill an SM's 2048
+  const int64_t most = (vocab + 3) / 4 / kThreads;  // each thread keeps at least one group of 4 tokens
+  const int64_t want = rows > 0 ? (blocks + rows - 1) / rows : 1;
+  const int64_t splits = want < most ? want : most;
+  return splits > 1 ? splits : 1;
 }
 
 // Host side: whether every row of cond/uncond allows the 4-wide vector loads (16 B fp32, 8 B fp16/bf16).

@@ -54,7 +54,7 @@ T exchange(T value, int src_lane) {
 }  // namespace emu
 
 inline thread_local uint3 threadIdx;
-inline uint3 blockIdx;
+inline uint3 blockIdx, blockDim, gridDim;
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
@@ -118,49 +118,67 @@ inline int atomicMin(int* ptr, int value) {
 
 namespace {
 
-template <typename T, bool kPaired>
-void run_blocks(const gotr1::CfgSampleArgs& args) {
-  const bool vec = gotr1::cfg_sample_detail::vector_loads_ok<T>(args);
-  using gotr1::cfg_sample_detail::kThreads;
-  using gotr1::cfg_sample_detail::kWarps;
-  for (int64_t row = 0; row < args.rows; ++row) {
-    blockIdx = make_uint3(static_cast<unsigned>(row), 0, 0);
-    std::barrier<> block(kThreads);
-    std::unique_ptr<emu::Warp[]> warps(new emu::Warp[kWarps]);
-    emu::block_barrier = &block;
-    emu::warps = warps.get();
-    std::vector<std::thread> threads;
-    threads.reserve(kThreads);
-    for (int t = 0; t < kThreads; ++t) {
-      threads.emplace_back([&args, vec, t] {
-        threadIdx = make_uint3(static_cast<unsigned>(t), 0, 0);
-        emu::thread_id = t;
-        gotr1::cfg_sample_detail::cfg_sample_kernel<T, kPaired>(args, vec);
-      });
+// Runs `kernel()` as a grid of `grid` blocks of `threads` threads, one block after another.
+template <class Kernel>
+void launch(dim3 grid, unsigned threads, Kernel kernel) {
+  gridDim = make_uint3(grid.x, grid.y, 1);
+  blockDim = make_uint3(threads, 1, 1);
+  for (unsigned y = 0; y < grid.y; ++y) {
+    for (unsigned x = 0; x < grid.x; ++x) {
+      blockIdx = make_uint3(x, y, 0);
+      std::barrier<> block(threads);
+      std::unique_ptr<emu::Warp[]> warps(new emu::Warp[(threads + 31) / 32]);
+      emu::block_barrier = &block;
+      emu::warps = warps.get();
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&kernel, t] {
+          threadIdx = make_uint3(t, 0, 0);
+          emu::thread_id = static_cast<int>(t);
+          kernel();
+        });
+      }
+      for (auto& thread : pool) thread.join();
     }
-    for (auto& thread : threads) thread.join();
+  }
+}
+
+// The same two launches as cfg_sample.cu's launch_kernels.
+template <typename T, bool kPaired>
+void run_kernels(const gotr1::CfgSampleArgs& args) {
+  namespace detail = gotr1::cfg_sample_detail;
+  const bool vec = detail::vector_loads_ok<T>(args);
+  launch(dim3(static_cast<unsigned>(args.rows), static_cast<unsigned>(args.splits)), detail::kThreads,
+         [&args, vec] { detail::cfg_sample_kernel<T, kPaired>(args, vec); });
+  if (args.splits > 1) {
+    launch(dim3(static_cast<unsigned>((args.rows + detail::kMergeThreads - 1) / detail::kMergeThreads)),
+           detail::kMergeThreads, [&args] { detail::cfg_sample_merge_kernel<T, kPaired>(args); });
   }
 }
 
 template <typename T>
 void run_typed(const gotr1::CfgSampleArgs& args) {
   if (args.uncond != nullptr) {
-    run_blocks<T, true>(args);
+    run_kernels<T, true>(args);
   } else {
-    run_blocks<T, false>(args);
+    run_kernels<T, false>(args);
   }
 }
 
 }  // namespace
 
+// `splits` blocks per row (cfg_sample_splits picks it on a GPU; tests pass their own).
 extern "C" int gotr1_cfg_sample_emulate(const void* cond, const void* uncond, int64_t cond_row_stride,
                                         int64_t uncond_row_stride, int64_t rows, int64_t vocab, int dtype,
                                         const float* cfg_weight, const float* temperature, const int64_t* top_k,
                                         const float* top_p, const int64_t* seeds, const int64_t* counters,
-                                        int64_t* tokens, float* logprobs, float* mixed_logprobs) {
+                                        int64_t* tokens, float* logprobs, float* mixed_logprobs, int64_t splits) {
+  if (splits < 1) return 1;
+  std::vector<gotr1::CfgSamplePartial> partials(static_cast<size_t>(rows * splits));
   gotr1::CfgSampleArgs args{cond, uncond, cond_row_stride, uncond_row_stride, rows, vocab,
                             static_cast<gotr1::LogitDtype>(dtype), cfg_weight, temperature, top_k, top_p,
-                            seeds, counters, tokens, logprobs, mixed_logprobs};
+                            seeds, counters, tokens, logprobs, mixed_logprobs, splits, partials.data()};
   switch (args.dtype) {
     case gotr1::LogitDtype::kFloat32:
       run_typed<float>(args);
@@ -176,3 +194,7 @@ extern "C" int gotr1_cfg_sample_emulate(const void* cond, const void* uncond, in
 }
 
 extern "C" int gotr1_cfg_sample_emulate_threads() { return gotr1::cfg_sample_detail::kThreads; }
+
+extern "C" int64_t gotr1_cfg_sample_splits_for(int64_t rows, int64_t vocab, int64_t sm_count) {
+  return gotr1::cfg_sample_detail::splits_for(rows, vocab, sm_count);
+}

@@ -486,7 +486,8 @@ def cuda_extension_available() -> bool:
 def cfg_sample_cuda(cond_logits: Tensor, uncond_logits: Tensor | None, *, cfg_weight: Tensor,
                     temperature: Tensor, top_k: Tensor, top_p: Tensor, seeds: Tensor, counters: Tensor,
                     validate: bool = True, out: SampleOutput | None = None) -> SampleOutput:
-    """The fused CUDA kernel (one block per row/pair); `out` lets callers supply (e.g. poisoned) output buffers."""
+    """The fused CUDA kernel (rows split over several blocks when few); `out` lets callers supply (e.g. poisoned)
+    output buffers."""
     ext = _extension()
     if ext is None or not cond_logits.is_cuda:
         raise RuntimeError("cfg_sample CUDA extension unavailable or logits not on a CUDA device")

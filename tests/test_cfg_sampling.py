@@ -355,8 +355,9 @@ def emulation(threads: int) -> ctypes.CDLL:
         return ctypes.CDLL(str(lib))
 
 
-def emulated_sample(threads: int, cond, uncond, **params) -> SampleOutput:
-    """The kernel run on the CPU through csrc/host_emulation.cpp, into poisoned outputs."""
+def emulated_sample(threads: int, cond, uncond, splits: int = 1, **params) -> SampleOutput:
+    """The kernel run on the CPU through csrc/host_emulation.cpp with `splits` blocks per row, into poisoned
+    outputs."""
     rows, vocab = cond.shape
     out = SampleOutput(torch.full((rows,), -1, dtype=torch.int64), torch.full((rows,), math.nan),
                        torch.full((rows,), math.nan))
@@ -368,7 +369,8 @@ def emulated_sample(threads: int, cond, uncond, **params) -> SampleOutput:
     status = emulation(threads).gotr1_cfg_sample_emulate(
         ptr(cond), ptr(uncond), ctypes.c_int64(cond.stride(0)),
         ctypes.c_int64(0 if uncond is None else uncond.stride(0)), ctypes.c_int64(rows), ctypes.c_int64(vocab),
-        ctypes.c_int(dtype), *map(ptr, inputs), ptr(out.tokens), ptr(out.logprobs), ptr(out.mixed_logprobs))
+        ctypes.c_int(dtype), *map(ptr, inputs), ptr(out.tokens), ptr(out.logprobs), ptr(out.mixed_logprobs),
+        ctypes.c_int64(splits))
     assert status == 0
     return out
 
@@ -387,6 +389,50 @@ def test_emulated_kernel_matches_torch_path(paired, dtype):
     assert_kernel_matches(out, cfg_sample_torch(cond, uncond, **params))
     if not paired:
         assert torch.equal(out.logprobs, out.mixed_logprobs)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize(("vocab", "splits"), [(1001, 2), (1001, 3), (203, 7), (50, 16)])
+def test_emulated_split_rows_match_torch_path(paired, vocab, splits):
+    """Greedy and unfiltered rows split over several blocks (the last ones short or, with 16 splits of 13 groups
+    of 4, empty) and merged, beside filtered rows that one block samples whole: the torch path's tokens, its
+    log-probs up to the order of the sums."""
+    cond, uncond, params = make_batch(14, vocab, paired=paired, dtype=torch.bfloat16, seed=21)
+    out = emulated_sample(64, cond, uncond, splits=splits, **params)
+    assert_kernel_matches(out, cfg_sample_torch(cond, uncond, **params))
+    one_pass = (params["temperature"] == 0) | (((params["top_k"] == 0) | (params["top_k"] >= vocab))
+                                              & (params["top_p"] >= 1))
+    assert 0 < int(one_pass.sum()) < 14  # both kinds of row are in the batch
+
+
+def test_emulated_split_ties_and_masked_slices():
+    """Ties across slices go to the lowest index, and a slice whose logits are all -inf (in both rows of a pair)
+    adds nothing: greedy rows of integer logits, sampled rows with their first half masked."""
+    rows, vocab = 6, 512
+    g = torch.Generator().manual_seed(22)
+    cond = torch.randint(0, 3, (rows, vocab), generator=g).float()
+    uncond = cond.clone()
+    cond[3:, :256] = uncond[3:, :256] = -math.inf
+    _, _, params = make_batch(rows, vocab, paired=True, seed=22)
+    params.update(temperature=torch.tensor([0.0, 0.0, 0.0, 1.0, 0.7, 0.0]), top_k=torch.zeros(rows, dtype=torch.long),
+                  top_p=torch.ones(rows))
+    out = emulated_sample(64, cond, uncond, splits=4, **params)
+    assert_kernel_matches(out, cfg_sample_torch(cond, uncond, **params))
+    assert out.tokens[:3].tolist() == (cond[:3] == 2).float().argmax(1).tolist()  # the first 2 of each row
+    assert bool((out.tokens[3:] >= 256).all())
+
+
+def test_split_count():
+    """Blocks per row: enough to fill the SMs twice over, at most one per thread's group of 4 tokens."""
+    splits = emulation(1024).gotr1_cfg_sample_splits_for
+    splits.restype = ctypes.c_int64
+    count = lambda rows, vocab, sms: splits(*(ctypes.c_int64(x) for x in (rows, vocab, sms)))  # noqa: E731
+    assert count(16, 102400, 132) == 17  # a step's text rows: ceil(264 / 16), vocab allows 25
+    assert count(16, 16384, 132) == 4  # its image pairs: 16384 tokens are 4 blocks of 1024 threads x 4
+    assert count(64, 102400, 132) == 5
+    assert count(264, 102400, 132) == 1  # the rows alone fill the device
+    assert count(2, 4099, 132) == 1  # fewer groups of 4 than two blocks' threads
+    assert count(1, 8192, 132) == 2
 
 
 def test_emulated_kernel_ties_masks_and_strided_rows():
@@ -411,6 +457,8 @@ def test_emulated_kernel_full_block():
                   top_p=torch.tensor([0.9, 0.8, 1.0]))
     out = emulated_sample(1024, cond, uncond, **params)
     assert_kernel_matches(out, cfg_sample_torch(cond, uncond, **params))
+    split = emulated_sample(1024, cond, uncond, splits=2, **params)  # the greedy row splits
+    assert_kernel_matches(split, cfg_sample_torch(cond, uncond, **params))
 
 
 # ---------------------------------------------------------------------------------------------------- CUDA kernel
