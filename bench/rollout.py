@@ -145,10 +145,32 @@ def bandwidth_floor(bundle, *, groups: int, n: int, prompt_len: float, reasoning
     return floors
 
 
+def kernel_gaps(intervals: list[tuple[float, float]], short_us: float = 10.0) -> dict:
+    """Where a device idles between kernels, from their (start, end) times in microseconds: the union of the
+    intervals, then each gap between its pieces, short (at most `short_us`: the next kernel of a graph or of a
+    queue already launched, its launch latency and the last one's tail) or long (the device waited for the host:
+    a sync at a window's end, scheduling, Python). Many short gaps argue for fewer kernels or overlapped launches
+    (programmatic dependent launch); long ones for keeping the host ahead."""
+    short = long_ = 0.0
+    num_short = num_long = 0
+    end = None
+    for start, stop in sorted(intervals):
+        if end is not None and start > end:
+            if start - end <= short_us:
+                short, num_short = short + start - end, num_short + 1
+            else:
+                long_, num_long = long_ + start - end, num_long + 1
+        end = stop if end is None else max(end, stop)
+    return {"kernels": len(intervals), "gap_short_s": short / 1e6, "gaps_short": num_short,
+            "gap_long_s": long_ / 1e6, "gaps_long": num_long}
+
+
 def profile_rollout(engine: LLMEngine, prompts: list[str], params: SamplingParams, path: str) -> dict:
     """One engine rollout under torch's profiler. The operator table (by device self time on CUDA, CPU self time
-    otherwise) goes to `path`; returns wall seconds, steps and, on CUDA, the seconds the device spent in kernels:
-    busy / wall far below 1 means the steps are bound by the host (Python, launches, syncs), not the GPU."""
+    otherwise) goes to `path`; returns wall seconds, steps and, on CUDA, the seconds the device spent in kernels
+    (busy / wall far below 1 means the steps are bound by the host (Python, launches, syncs), not the GPU) and
+    where it idled (`kernel_gaps`, with kernels per step)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.runner.device.type == "cuda"
@@ -167,6 +189,11 @@ def profile_rollout(engine: LLMEngine, prompts: list[str], params: SamplingParam
     if cuda:
         result["device_busy_s"] = sum(e.self_device_time_total for e in averages) / 1e6
         result["device_busy_fraction"] = result["device_busy_s"] / wall
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                   and e.time_range.end > e.time_range.start]
+        result.update(kernel_gaps(kernels))
+        result["kernels_per_step"] = result["kernels"] / max(1, result["steps"])
     return result
 
 

@@ -136,3 +136,13 @@ def _args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", default=None)
     rollout.add_args(parser)
     return parser.parse_args(argv)
+
+
+def test_kernel_gaps_split_launch_gaps_from_host_waits():
+    """Overlapping and touching kernels leave no gap; the rest is short (<= 10 us) or long, counted by the union."""
+    kernels = [(0.0, 5.0), (3.0, 8.0), (8.0, 9.0), (10.0, 20.0), (30.0, 31.0), (131.0, 140.0), (135.0, 136.0)]
+    gaps = rollout.kernel_gaps(kernels)
+    assert gaps == {"kernels": 7, "gap_short_s": pytest.approx(11e-6), "gaps_short": 2,
+                    "gap_long_s": pytest.approx(100e-6), "gaps_long": 1}
+    assert rollout.kernel_gaps(list(reversed(kernels))) == gaps  # order of the profiler's events does not matter
+    assert rollout.kernel_gaps([])["kernels"] == 0
