@@ -21,6 +21,9 @@ the host reads a window's tokens and schedules the next, so fewer, longer window
 `--compare-cascade-attn` adds the same engine with cascade attention the other way (`disable_cascade_attn`: a
 run of rows reads its shared prefix once, or every row reads its own; `cascade_attn_speedup`: off time over on
 time; `other_cascade_tokens_match` whether the tokens were equal: the same sums in another order).
+On a Hopper GPU, `--compare-pdl` adds the engine with `enable_pdl` the other way (`pdl_speedup`: off time over on
+time; `other_pdl_tokens_match`, expected true: the same kernels in the same order). An optional side that fails its
+untimed first run (a GPU or Triton without the feature) is left out and named in `failed_sides`.
 `--hf-compile` adds transformers' fastest configuration as one more side (`ReferenceGenerator(compile=True)`:
 static caches, `torch.compile`d decoding, CUDA graphs on a GPU), warmed up at the timed shapes first, compile time
 not counted: `speedup_vs_hf_compiled`.
@@ -83,6 +86,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "`image_window_speedup`)")
     parser.add_argument("--compare-cascade-attn", action="store_true",
                         help="also time the engine with cascade attention the other way (`cascade_attn_speedup`)")
+    parser.add_argument("--enable-pdl", action="store_true",
+                        help="decode-step kernels with programmatic dependent launch (EngineConfig.enable_pdl; "
+                             "Hopper GPUs)")
+    parser.add_argument("--compare-pdl", action="store_true",
+                        help="also time the engine with enable_pdl the other way (`pdl_speedup`; GPU only)")
     parser.add_argument("--hf-compile", action="store_true",
                         help="also time transformers with static caches and torch.compile (compiled untimed first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per side, alternating (median)")
@@ -201,6 +209,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.compare_skinny_matmul and not args.device.startswith("cuda"):
         raise SystemExit("--compare-skinny-matmul needs --device cuda: on a CPU the kernel runs under Triton's "
                          "interpreter, which says nothing about its speed")
+    if (args.enable_pdl or args.compare_pdl) and not args.device.startswith("cuda"):
+        raise SystemExit("--enable-pdl and --compare-pdl need --device cuda (a Hopper GPU): PDL is a GPU launch mode")
     threads = args.threads or (None if args.device.startswith("cuda") else 1)
     if threads:
         torch.set_num_threads(threads)
@@ -211,7 +221,8 @@ def run(args: argparse.Namespace) -> dict:
     config = EngineConfig(block_size=args.block_size, attention_backend=args.attention_backend,
                           enforce_eager=args.enforce_eager or not args.device.startswith("cuda"),
                           gpu_memory_utilization=0.5, num_scheduler_steps=args.num_scheduler_steps,
-                          num_image_scheduler_steps=args.num_image_scheduler_steps, skinny_matmul=args.skinny_matmul)
+                          num_image_scheduler_steps=args.num_image_scheduler_steps, skinny_matmul=args.skinny_matmul,
+                          enable_pdl=args.enable_pdl)
     engine = LLMEngine(bundle, config)
     reference = ReferenceGenerator(bundle)
 
@@ -231,13 +242,14 @@ def run(args: argparse.Namespace) -> dict:
 
     def rollout(num_scheduler_steps: int, fuse: bool = fused, skinny_matmul: bool = skinny,
                 image_steps: int | None = args.num_image_scheduler_steps,
-                cascade: bool = True) -> tuple[float, list]:
+                cascade: bool = True, pdl: bool = args.enable_pdl) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
         engine.scheduler.num_image_scheduler_steps = image_steps
         cfg = engine.config
-        if (cfg.fuse_projections, cfg.skinny_matmul, cfg.disable_cascade_attn) != (fuse, skinny_matmul, not cascade):
+        switches = (fuse, skinny_matmul, not cascade, pdl)
+        if (cfg.fuse_projections, cfg.skinny_matmul, cfg.disable_cascade_attn, cfg.enable_pdl) != switches:
             # read at the next bind, which drops the CUDA graphs: captured again by an untimed warm-up
-            cfg.fuse_projections, cfg.skinny_matmul, cfg.disable_cascade_attn = fuse, skinny_matmul, not cascade
+            cfg.fuse_projections, cfg.skinny_matmul, cfg.disable_cascade_attn, cfg.enable_pdl = switches
             engine.generate(prompts[:1], SamplingParams(**greedy), use_tqdm=False)
         t, out = median_time(lambda: engine.generate(prompts, SamplingParams(**settings), use_tqdm=False),
                              device=args.device, warmup=0, repeats=1)
@@ -254,9 +266,20 @@ def run(args: argparse.Namespace) -> dict:
         extra["image_window"] = (args.num_scheduler_steps, fused, skinny, args.compare_num_image_scheduler_steps)
     if args.compare_cascade_attn:
         extra["cascade"] = (args.num_scheduler_steps, fused, skinny, args.num_image_scheduler_steps, False)
-    for side in [(args.num_scheduler_steps, not fused, skinny), *extra.values(), (1, fused, skinny),
-                 (args.num_scheduler_steps, fused, skinny)]:
-        rollout(*side)  # untimed: each side's first run at the timed shapes (see the module docstring)
+    if args.compare_pdl:
+        extra["pdl"] = (args.num_scheduler_steps, fused, skinny, args.num_image_scheduler_steps, True,
+                        not args.enable_pdl)
+    failed_sides = {}
+    for name, side in [(None, (args.num_scheduler_steps, not fused, skinny)), *list(extra.items()),
+                       (None, (1, fused, skinny)), (None, (args.num_scheduler_steps, fused, skinny))]:
+        try:  # untimed: each side's first run at the timed shapes (see the module docstring)
+            rollout(*side)
+        except Exception as e:  # an optional side that cannot run here is left out, not the whole benchmark
+            if name is None:
+                raise
+            failed_sides[name] = f"{type(e).__name__}: {e}"
+            print(f"rollout: the {name!r} side failed and is left out: {failed_sides[name]}")
+            del extra[name]
     reference.generate(prompts, **settings)
     compiled = ReferenceGenerator(bundle, compile=True) if args.hf_compile else None
     if compiled is not None:  # compilation and graph recording at the timed shapes, untimed: the second call
@@ -265,7 +288,7 @@ def run(args: argparse.Namespace) -> dict:
     engine_times, single_times, other_times, hf_times, compiled_times = [], [], [], [], []
     extra_times: dict[str, list[float]] = {name: [] for name in extra}
     extra_tokens: dict[str, list] = {}
-    other_match = compiled_match = skinny_match = cascade_match = True
+    other_match = compiled_match = skinny_match = cascade_match = pdl_match = True
     for _ in range(args.repeats):  # settings switch before the single-step side, never before the engine's
         t, other_tokens = rollout(args.num_scheduler_steps, fuse=not fused)
         other_times.append(t)
@@ -283,6 +306,7 @@ def run(args: argparse.Namespace) -> dict:
         other_match &= tokens == other_tokens
         skinny_match &= "skinny" not in extra or tokens == extra_tokens["skinny"]
         cascade_match &= "cascade" not in extra or tokens == extra_tokens["cascade"]
+        pdl_match &= "pdl" not in extra or tokens == extra_tokens["pdl"]
         t, hf_out = median_time(lambda: reference.generate(prompts, **settings), device=args.device, warmup=0,
                                 repeats=1)
         hf_times.append(t)
@@ -328,8 +352,10 @@ def run(args: argparse.Namespace) -> dict:
         "step_bytes_mean": floor["step_bytes_mean"], "floor_ms_per_step_per_row": floor["floor_ms_per_step_per_row"],
         "floor_fraction_per_row": floor["floor_ms_per_step_per_row"] / engine_ms_per_step,
         "step_bytes_mean_per_row": floor["step_bytes_mean_per_row"], "cascade_attn": engine.runner.cascade,
-        "preemptions": engine.scheduler.num_preemptions,
+        "enable_pdl": args.enable_pdl, "preemptions": engine.scheduler.num_preemptions,
     }
+    if failed_sides:
+        metrics["failed_sides"] = failed_sides
     metrics["kv_ratio"] = metrics["kv_bytes_engine"] / metrics["kv_bytes_contiguous"]
     if compiled_times:
         t_compiled = statistics.median(compiled_times)
@@ -354,6 +380,11 @@ def run(args: argparse.Namespace) -> dict:
         t_unshared = statistics.median(extra_times["cascade"])
         metrics.update(engine_other_cascade_s=t_unshared, engine_other_cascade_s_runs=extra_times["cascade"],
                        cascade_attn_speedup=t_unshared / t_engine, other_cascade_tokens_match=cascade_match)
+    if "pdl" in extra:
+        t_pdl = statistics.median(extra_times["pdl"])
+        t_on, t_off = (t_engine, t_pdl) if args.enable_pdl else (t_pdl, t_engine)
+        metrics.update(engine_other_pdl_s=t_pdl, engine_other_pdl_s_runs=extra_times["pdl"],
+                       pdl_speedup=t_off / t_on, other_pdl_tokens_match=pdl_match)
     if args.profile:
         metrics["profile"] = profile_rollout(engine, prompts, SamplingParams(**settings), args.profile)
 
@@ -371,6 +402,7 @@ def run(args: argparse.Namespace) -> dict:
         *([engine_row(f"engine, {args.compare_num_image_scheduler_steps}-step image windows", t_image_window)]
           if "image_window" in extra else []),
         *([engine_row("engine, cascade attention off", t_unshared)] if "cascade" in extra else []),
+        *([engine_row(f"engine, PDL {'off' if args.enable_pdl else 'on'}", t_pdl)] if "pdl" in extra else []),
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],
          "tokens_per_s": metrics["hf_tokens_per_s"], "kv_mib": metrics["kv_bytes_contiguous"] / 2**20,
          "ms_per_step": t_hf / (r + bundle.num_image_tokens) * 1e3, "speedup": 1.0, "hf_match": hf_match},

@@ -43,6 +43,10 @@ class EngineConfig:
     decode step's rows whose block tables start alike (a group's samples over their prompt, the unconditional CFG
     rows over their pad prefix) read those K/V once per up to 16 rows (`kernels.paged_attention.shared_prefixes`;
     the torch and Triton backends; flash-attn reads every row's own).
+    `enable_pdl` (FlashInfer's and SGLang's name) launches the Triton kernels of decode steps with programmatic
+    dependent launch (`kernels.pdl`): each may be scheduled while the one before it finishes, which hides part of
+    the idle gap between a step's few hundred small kernels. It needs a GPU of compute capability 9.0 or newer
+    (Hopper); off until a GPU benchmark (`python -m bench rollout --compare-pdl`) shows it faster.
     `attention_backend="auto"` picks flash-attn (CUDA, installed, `block_size % 256 == 0`), else Triton on CUDA,
     else plain torch. CUDA graphs capture decode steps per batch-size bucket unless `enforce_eager`.
     """
@@ -61,6 +65,7 @@ class EngineConfig:
     fuse_projections: bool | None = None
     merge_lora: bool | None = None
     disable_cascade_attn: bool = False
+    enable_pdl: bool = False
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -40,6 +40,7 @@ from engine.lean import (
 )
 from engine.scheduler import ScheduledBatch
 from kernels.paged_attention import shared_prefixes
+from kernels.pdl import programmatic_dependent_launch
 from kernels.rope import rope, rope_store
 from kernels.skinny_matmul import linear as skinny_linear
 
@@ -148,6 +149,11 @@ class ModelRunner:
             # The KV pool, RoPE tables and backend are the first bind's: a cast model would run on them silently.
             raise RuntimeError(f"the model is now {weight.dtype} on {weight.device}, the engine was built for "
                                f"{self.dtype} on {self.device}: build a new LLMEngine for a cast or moved model")
+        if self.config.enable_pdl and not (weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9):
+            where = (f"a GPU of compute capability {torch.cuda.get_device_capability(weight.device)}"
+                     if weight.is_cuda else str(weight.device))
+            raise ValueError(f"enable_pdl needs a CUDA GPU of compute capability 9.0 or newer (Hopper), the model "
+                             f"is on {where}")
         self.janus = janus
         self.layers = list(lm.layers)
         merge = self.config.merge_lora
@@ -155,6 +161,7 @@ class ModelRunner:
             merge = weight.dtype == torch.float32
         previous, self.lora_buffers = self.lora_buffers, {}
         self._disable_cascade_attn = self.config.disable_cascade_attn
+        self.pdl = self.config.enable_pdl
         fuse = self.config.fuse_projections
         self.fuse_projections = lm.embed_tokens.weight.is_cuda if fuse is None else fuse
         linear = skinny_linear if self.config.skinny_matmul else F.linear
@@ -187,7 +194,7 @@ class ModelRunner:
                  tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
                hooks, tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
-               merge, self.fuse_projections, self.config.skinny_matmul, self._disable_cascade_attn)
+               merge, self.fuse_projections, self.config.skinny_matmul, self._disable_cascade_attn, self.pdl)
         if key != self._module_key:
             self.graphs.clear()
             self._module_key = key
@@ -291,10 +298,11 @@ class ModelRunner:
         meta = inputs.meta
         self.backend.begin_step(self.kv_cache, meta)
         h = self._embed(inputs.ids if ids is None else ids, inputs.modality)
-        if self.use_cuda_graphs and not meta.is_prefill and len(batch.seqs) <= self.graph_sizes[-1]:
-            h = self._replay(h, inputs.positions, meta)
-        else:
-            h = self._layers(h, inputs.positions, meta)
+        with programmatic_dependent_launch(self.pdl and not meta.is_prefill):  # graphs keep it from their capture
+            if self.use_cuda_graphs and not meta.is_prefill and len(batch.seqs) <= self.graph_sizes[-1]:
+                h = self._replay(h, inputs.positions, meta)
+            else:
+                h = self._layers(h, inputs.positions, meta)
         if inputs.last is not None:
             h = h.index_select(0, inputs.last)
         text = cond = uncond = None

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, pdl_prologue
+
 _LOG2E = 1.4426950408889634
 SHARED_ROWS = 16  # rows of one run of a shared prefix: the rows of the run kernel's query tile
 SHARED_QUANTUM = 16  # shared positions come in whole 16-position tiles (the CPU kernel's tile)
@@ -307,10 +309,11 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """A row's context past its shared positions (all of it when `SHARED_SPLITS == 0`); with one split it also
     merges the run kernel's partials of its shared positions (slots `NUM_SPLITS..`), else the reduce does."""
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -362,12 +365,13 @@ def _decode_shared_kernel(
     stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (row, q head, split of the shared positions); only a run's first row has work. The run's
     rows (up to BLOCK_R after it) are the rows of the query tile, each masked at its own shared length, and K/V
     come through the first row's block table: each tile is read once for the run. Writes each row's normalised
     partial + LSE to slot `NUM_SPLITS + split`."""
+    pdl_prologue(PDL)
     first = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -403,10 +407,11 @@ def _decode_shared_kernel(
 def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr, shared_ptr, stride_sb,
     HEAD_DIM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """Merge the splits of one (sequence, q head): softmax-weighted sum of the partial outputs by their LSE. The
     shared-prefix slots count only for a row that shares positions (the run kernel wrote no others)."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -572,7 +577,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             q, k_cache, v_cache, block_tables, shared, mid_o, mid_lse, scale * _LOG2E, bsz, max_ctx, *strides,
             GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
             SHARED_SPLITS=shared_splits, BLOCK_R=SHARED_ROWS, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2,
+            DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2, **pdl_launch(),
         )
     _decode_kernel[(bsz, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, scale * _LOG2E, max_ctx,
@@ -580,13 +585,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         SHARED_SPLITS=shared_splits, BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1,
         BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, DOT_PRECISION=dot_precision, UPCAST=upcast,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl_launch(),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz * num_q_heads,)](
             mid_o, mid_lse, out, shared, shared.stride(0), HEAD_DIM=head_dim, NUM_Q_HEADS=num_q_heads,
             NUM_SPLITS=num_splits, SHARED_SPLITS=shared_splits, BLOCK_S=triton.next_power_of_2(num_slots),
-            BLOCK_D=block_d, num_warps=4,
+            BLOCK_D=block_d, num_warps=4, **pdl_launch(),
         )
     return out
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.native import F32, I64, P, csrc_library
+from kernels.pdl import pdl_launch, pdl_prologue
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +42,8 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_r, stride_out, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -105,7 +107,7 @@ def _launch(rows: torch.Tensor, residual: torch.Tensor | None, weight: torch.Ten
                                            total if has_residual else out, rows.stride(0),
                                            residual.stride(0) if has_residual else 0, rows.shape[1], rows.shape[1],
                                            eps, HAS_RESIDUAL=has_residual, BLOCK=block,
-                                           num_warps=min(16, max(1, block // 256)))
+                                           num_warps=min(16, max(1, block // 256)), **pdl_launch())
 
 
 @functools.cache  # a hot path: no re-hashing of the signatures per call

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_cache import check_store, store_kvcache_reference
+from kernels.pdl import pdl_launch, pdl_prologue
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -48,9 +49,10 @@ def rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
 def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr, v_out_ptr, slot_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_table, num_slots,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 STORE: tl.constexpr, BLOCK_D: tl.constexpr):
+                 STORE: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, head): q heads, then k heads, then (STORE) v heads, copied unrotated. With STORE
     the k and v rows go to their cache slot (`k_out`/`v_out` are the caches, rows of `NUM_K_HEADS * HEAD_DIM`)."""
+    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -110,7 +112,7 @@ def _launch(q, k, v, cos, sin_signed, positions, q_out, k_out, v_out, slots, num
             slots.contiguous() if store else positions,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), num_slots,
             NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_DIM=q.shape[2], STORE=store,
-            BLOCK_D=triton.next_power_of_2(q.shape[2]), num_warps=1)
+            BLOCK_D=triton.next_power_of_2(q.shape[2]), num_warps=1, **pdl_launch())
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,

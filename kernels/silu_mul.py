@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, pdl_prologue
+
 
 def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
     """`F.silu(gate) * up` on the halves of `x [..., 2I]`, op for op."""
@@ -23,7 +25,8 @@ def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -50,5 +53,6 @@ def silu_mul(x: torch.Tensor, *, out: torch.Tensor | None = None, block: int = 1
     if rows.shape[0] and width:
         block = min(block, triton.next_power_of_2(width))
         _silu_mul_kernel[(rows.shape[0], triton.cdiv(width, block))](rows, out, rows.stride(0), width, width,
-                                                                      BLOCK=block, num_warps=max(1, block // 256))
+                                                                      BLOCK=block, num_warps=max(1, block // 256),
+                                                                      **pdl_launch())
     return out

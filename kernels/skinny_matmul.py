@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch, pdl_prologue
+
 MAX_ROWS = 64
 
 
@@ -34,8 +36,9 @@ def skinny_matmul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 def _matmul_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, m, n, k, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -68,8 +71,9 @@ def _matmul_kernel(
 
 @triton.jit
 def _reduce_kernel(part_ptr, b_ptr, out_ptr, m, n, stride_om,
-                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[r, c] = sum over splits, in split order, of the partial sums (+ bias), rounded once."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -128,12 +132,13 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"], UPCAST=x.device.type == "cpu",
         # TF32 is exact on 16-bit values; fp32 operands need IEEE (cuBLAS's fp32 default)
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"], **pdl_launch(),
     )
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _reduce_kernel[(m, triton.cdiv(n, block))](part, bias if bias is not None else x, out, m, n, out.stride(0),
-                                                   HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block)
+                                                   HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
+                                                   **pdl_launch())
     return out
 
 

@@ -3,7 +3,8 @@ and trainer call, at Janus-Pro-1B's decode shapes in bf16 (the GPU path; Triton'
 use, neither type-checks a kernel as the compiler does nor lowers it to PTX). Nothing is launched: a stand-in
 driver only names the target, and every launch becomes a compile. Prints each kernel's registers, stack and the
 instructions in its loops (and how many of them touch local memory: spills), from `cuobjdump`, so a change that
-grows a hot loop or makes it spill shows.
+grows a hot loop or makes it spill shows. A decode step's kernels compile a second time with programmatic dependent
+launch on (`kernels.pdl`), and each line counts the `griddepcontrol` instructions in the kernel's PTX.
 
 Run as a script (`TRITON_INTERPRET` must be 0 before triton is imported, hence a process of its own); the test
 `test_sm90_compile.py` runs it. Exits 0 when every kernel compiled.
@@ -62,6 +63,16 @@ def usage(cubin: bytes) -> str:
             if regs else res.strip())
 
 
+def dependent_launch(ptx: str) -> str:
+    """How many `griddepcontrol` instructions the PTX has, and whether the wait comes before every global memory
+    access (the guarantee PDL's correctness rests on)."""
+    wait = ptx.find("griddepcontrol.wait")
+    access = min((i for i in (ptx.find(op) for op in ("ld.global", "st.global", "cp.async", "atom.global"))
+                  if i >= 0), default=-1)
+    first = "n/a" if wait < 0 else ("yes" if access < 0 or wait < access else "NO")
+    return f"griddepcontrol {ptx.count('griddepcontrol')} wait first {first}"
+
+
 def main() -> int:
     driver.set_active(Sm90Driver())
     compiled: list[tuple[str, str, object]] = []
@@ -79,6 +90,7 @@ def main() -> int:
     from kernels.grpo_loss import fused_grpo_loss
     from kernels.kv_cache import store_kvcache
     from kernels.paged_attention import paged_decode_attention, paged_prefill_attention, shared_prefixes
+    from kernels.pdl import programmatic_dependent_launch
     from kernels.rms_norm import add_rms_norm, rms_norm
     from kernels.rope import rope_store
     from kernels.silu_mul import silu_mul
@@ -117,15 +129,20 @@ def main() -> int:
             torch.randint(0, 512, (2, 8)), None, torch.randn(2, 8), torch.randn(2), torch.ones(2, 8, dtype=torch.bool),
             beta=0.04, epsilon=0.2, backend="triton")[0].backward(),
     }
+    # A decode step's kernels once more as `EngineConfig.enable_pdl` launches them (the model runner's context).
+    decode_step = ("decode", "decode, splits", "decode, cascade", "decode, cascade + splits", "rope + store",
+                   "rms norm", "add + rms norm", "silu mul", "skinny matmul")
+    runs = [(name, cases[name], False) for name in cases] + [(f"PDL {name}", cases[name], True) for name in decode_step]
     failed = []
-    for case, run in cases.items():
+    for case, run, pdl in runs:
         try:
-            run()
+            with programmatic_dependent_launch(pdl):
+                run()
         except Exception as e:  # report every case, then fail
             failed.append(case)
             print(f"FAIL {case}: {type(e).__name__}: {e}")
     for name, kernel_name, kernel in compiled:
-        print(f"{name}\t{kernel_name}\t{usage(kernel.asm['cubin'])}")
+        print(f"{name}\t{kernel_name}\t{usage(kernel.asm['cubin'])}, {dependent_launch(kernel.asm['ptx'])}")
     return 1 if failed else 0
 
 

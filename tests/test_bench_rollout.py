@@ -124,10 +124,36 @@ def test_the_window_and_cascade_comparisons_are_more_sides(tmp_path, monkeypatch
     assert longest == {(16, None): 576, (4, None): 576, (16, 8): 8, (1, None): 1}
 
 
-def test_the_skinny_matmul_comparison_is_refused_on_a_cpu():
-    """Under Triton's interpreter the kernel's time says nothing about a GPU's: refused before any model loads."""
+def test_the_gpu_only_comparisons_are_refused_on_a_cpu():
+    """Under Triton's interpreter the kernel's time says nothing about a GPU's, and PDL is a GPU launch mode:
+    refused before any model loads."""
     with pytest.raises(SystemExit, match="--compare-skinny-matmul needs --device cuda"):
         rollout.run(_args(["--compare-skinny-matmul"]))
+    for flag in ("--compare-pdl", "--enable-pdl"):
+        with pytest.raises(SystemExit, match="--enable-pdl and --compare-pdl need --device cuda"):
+            rollout.run(_args([flag]))
+
+
+def test_an_optional_side_that_fails_is_left_out(tmp_path, monkeypatch):
+    """A comparison side whose first run fails (here: cascade attention off refused at bind, as `enable_pdl` is on
+    a GPU without it) is named in `failed_sides` and left out of the timings; the other sides are measured."""
+    bind = ModelRunner.bind
+
+    def refusing_bind(runner, model):
+        if runner.config.disable_cascade_attn:
+            raise RuntimeError("not on this machine")
+        bind(runner, model)
+
+    monkeypatch.setattr(ModelRunner, "bind", refusing_bind)
+    path = tmp_path / "rollout.json"
+    rollout.run(_args(["--groups", "1", "--n", "2", "--reasoning-tokens", "2", "--repeats", "1",
+                       "--compare-cascade-attn", "--compare-num-scheduler-steps", "4", "--json", str(path)]))
+    result = json.loads(path.read_text())
+    m = result["metrics"]
+    assert m["failed_sides"] == {"cascade": "RuntimeError: not on this machine"}
+    assert "cascade_attn_speedup" not in m and m["cascade_attn"] is True
+    assert m["hf_match"] is True and "window_speedup" in m and m["speedup_vs_hf"] > 0
+    assert "engine, cascade attention off" not in [row["side"] for row in result["rows"]]
 
 
 def _args(argv: list[str]) -> argparse.Namespace:

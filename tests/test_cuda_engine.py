@@ -89,6 +89,22 @@ def test_graphed_cascade_attention_equals_unshared(tiny, monkeypatch):
     assert_same_rollouts(*outs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("skinny_matmul", [False, True])
+def test_graphed_programmatic_dependent_launch_changes_nothing_but_timing(dtype, skinny_matmul):
+    """`enable_pdl` captures the decode-step kernels with programmatic dependent launch (in bf16 every norm, RoPE,
+    SwiGLU and, with skinny_matmul, every projection is one): the same sampled tokens and log-probs as without."""
+    bundle = build_preset("tiny", image_size=64, device="cuda", dtype=dtype, seed=6)
+    params = SamplingParams(n=3, text_temperature=0.9, image_temperature=1.0, cfg_weight=4.0, max_reasoning_tokens=24,
+                            seed=7, decode_images=False)
+    engines = [_engine(bundle, enable_pdl=pdl, skinny_matmul=skinny_matmul) for pdl in (True, False)]
+    outs = [engine.generate(PROMPTS, params, use_tqdm=False) for engine in engines]
+    assert engines[0].runner.pdl and engines[0].runner.graphs
+    assert_same_rollouts(*outs, atol=0)  # the same kernels in the same order: bit for bit
+
+
 def test_lean_16_bit_norm_is_the_one_kernel_norm():
     norm = LlamaRMSNorm(2048, eps=1e-6).to("cuda", torch.bfloat16)
     with torch.no_grad():

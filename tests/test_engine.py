@@ -969,6 +969,15 @@ def test_engine_errors_are_clear(tiny, engine):
     SamplingParams(text_temperature=1e-3, image_temperature=1e3, cfg_weight=1e3, top_k=2**63 - 1)  # the bounds
     with pytest.raises(ValueError, match="needs a CUDA device"):
         LLMEngine(tiny, EngineConfig(num_kv_blocks=10, attention_backend="flash_attn"))
+    with pytest.raises(ValueError, match=r"enable_pdl needs a CUDA GPU of compute capability 9\.0.*on cpu"):
+        LLMEngine(tiny, EngineConfig(num_kv_blocks=10, enable_pdl=True))
+    # turned on between rollouts: refused at the next rollout's bind, before the runner changes anything
+    engine.config.enable_pdl = True
+    with pytest.raises(ValueError, match="enable_pdl"):
+        engine.generate([PROMPTS[0]], SamplingParams(n=1, max_reasoning_tokens=2, decode_images=False),
+                        use_tqdm=False)
+    engine.config.enable_pdl = False
+    assert not engine.runner.pdl
     with pytest.raises(TypeError, match="JanusBundle"):
         LLMEngine(tiny.model)
     assert not engine.has_unfinished()

@@ -26,3 +26,12 @@ def test_every_kernel_compiles_for_sm90():
     compiled = {kernel for _, kernel, _ in rows}
     assert set(KERNELS) <= compiled, f"not compiled: {sorted(set(KERNELS) - compiled)}"
     assert ("decode, cascade", "_decode_shared_kernel") in {(case, kernel) for case, kernel, _ in rows}
+    # programmatic dependent launch: every decode-step kernel waits for its predecessor before touching memory,
+    # and no kernel launched without it carries the instructions
+    pdl = {kernel: info for case, kernel, info in rows if case.startswith("PDL ")}
+    assert set(pdl) == {"_decode_kernel", "_decode_shared_kernel", "_decode_reduce_kernel", "_rope_kernel",
+                        "_rms_norm_kernel", "_silu_mul_kernel", "_matmul_kernel", "_reduce_kernel"}
+    assert all(info.endswith("griddepcontrol 2 wait first yes") for case, _, info in rows if case.startswith("PDL ")), \
+        pdl
+    assert all(info.endswith("griddepcontrol 0 wait first n/a") for case, _, info in rows
+               if not case.startswith("PDL "))
