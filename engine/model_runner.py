@@ -380,10 +380,11 @@ class ModelRunner:
         per_row = host_tensor(per_row, torch.int32, dev)
         end = len(context_lens) + num_rows * width
         tables = per_row[len(context_lens):end].view(num_rows, width) if width else None
-        for j, meta in enumerate(metas):
+        shared = per_row[end:].view(num_rows, 2) if cascade else None
+        for j, meta in enumerate(metas):  # one tables and one runs tensor for every step (`_replay` counts on it)
             meta.context_lens = rows_of(per_row, j)
             meta.block_tables = tables
-            meta.shared = per_row[end:].view(num_rows, 2) if cascade else None
+            meta.shared = shared
         last = None
         if batch.is_prefill:
             meta = metas[0]
@@ -476,6 +477,7 @@ class ModelRunner:
         self._g_context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self._g_tables = torch.zeros((max_bs, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
         self._g_shared = torch.zeros((max_bs, 2), dtype=torch.int32, device=dev)  # zeros: no row shares
+        self._g_window: tuple | None = None  # what the buffers' per-window part holds (see `_replay`)
         pool = None
         for size in reversed(self.graph_sizes):
             meta = AttentionMetadata(False, self._g_slots[:size], self._g_context_lens[:size],
@@ -496,14 +498,21 @@ class ModelRunner:
         graph, out = self.graphs[size]
         self._g_hidden[:n] = h
         self._g_positions[:n] = positions
-        self._g_slots.fill_(-1)
+        # The block tables, runs and padding rows are the same for every step of a window (its steps share one
+        # tables tensor, held here so that its identity cannot pass to another's): written at its first step
+        # only, five fewer small copies in each later one.
+        window = (n, meta.block_tables, meta.shared)
+        last = self._g_window
+        if last is None or last[0] != n or last[1] is not window[1] or last[2] is not window[2]:
+            self._g_slots.fill_(-1)
+            self._g_context_lens.zero_()
+            self._g_tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
+            if self.cascade:
+                self._g_shared.zero_()
+                if meta.shared is not None:
+                    self._g_shared[:n] = meta.shared
+            self._g_window = window
         self._g_slots[:n] = meta.slot_mapping
-        self._g_context_lens.zero_()
         self._g_context_lens[:n] = meta.context_lens
-        self._g_tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
-        if self.cascade:
-            self._g_shared.zero_()
-            if meta.shared is not None:
-                self._g_shared[:n] = meta.shared
         graph.replay()
         return out[:n]

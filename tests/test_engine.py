@@ -862,6 +862,8 @@ def test_cascade_attention_changes_no_token(tiny, backend, monkeypatch):
         shared = steps[0].meta.shared
         if shared is not None and batch.uncond_rows:
             runs.append({first for first, n in shared.tolist() if n})
+        # a window's steps share one block tables and one runs tensor: graph replays copy them at its first only
+        assert all(s.meta.block_tables is steps[0].meta.block_tables and s.meta.shared is shared for s in steps)
         return steps
 
     monkeypatch.setattr(ModelRunner, "_prepare", spy)
