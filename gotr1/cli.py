@@ -288,7 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                       ("num_kv_blocks", args.num_kv_blocks),
                                                       ("num_scheduler_steps", args.num_scheduler_steps),
                                                       ("num_image_scheduler_steps", args.num_image_scheduler_steps))
-                                    if v is not None}, disable_cascade_attn=args.disable_cascade_attn)
+                                    if v is not None}, disable_cascade_attn=args.disable_cascade_attn,
+                                 enable_pdl=args.enable_pdl)
     defaults = {f"default_{k}": v for k, v in preset_defaults(args, "SAMPLING_DEFAULTS").items()}
     config = ServerConfig(max_n=args.max_n, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                           interrupt_windows=args.interrupt_windows, **defaults)
@@ -385,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--disable-cascade-attn", action="store_true",
                      help="every decode row reads its own shared prefix (default: once per run of rows over the "
                           "same blocks, as vLLM's cascade attention)")
+    srv.add_argument("--enable-pdl", action="store_true",
+                     help="decode-step kernels with programmatic dependent launch (a Hopper GPU; default: off)")
     srv.add_argument("--interrupt-windows", action=argparse.BooleanOptionalAction, default=True,
                      help="a request arriving during a multi-step window ends it at the next step (default: on; "
                           "off, a new request waits for the rest of the window)")

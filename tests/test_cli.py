@@ -102,10 +102,12 @@ def test_serve_passes_the_engine_flags_on(monkeypatch, flag):
     seen = {}
     monkeypatch.setattr(gotr1.cli, "load_from_args", lambda *a: "bundle")
     monkeypatch.setattr(gotr1.serving, "serve", lambda bundle, **kw: seen.update(kw))
-    argv = ["serve", "--preset", "tiny", "--num-image-scheduler-steps", "7", *(["--disable-cascade-attn"] * flag)]
+    argv = ["serve", "--preset", "tiny", "--num-image-scheduler-steps", "7",
+            *(["--disable-cascade-attn", "--enable-pdl"] * flag)]
     assert main(argv) == 0
     config = seen["engine_config"]
     assert config.num_image_scheduler_steps == 7 and config.disable_cascade_attn is flag
+    assert config.enable_pdl is flag
 
 
 def _no_loading(monkeypatch):
