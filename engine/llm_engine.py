@@ -116,9 +116,9 @@ class LLMEngine:
                 parts.append(self.sampler.text_tensors(text_logits, text_samples, step))
             if cond is not None:
                 parts.append(self.sampler.image_tensors(cond, uncond, image_samples, step, paired))
-            # (a batch that only grows the shared unconditional prefix samples nothing)
-            sampled.append(torch.cat([p.flatten() for p in parts]) if parts else
-                           torch.zeros(0, dtype=torch.float64, device=self.runner.device))
+            # (a batch that only grows the shared unconditional prefix samples nothing; one part is a view)
+            sampled.append(torch.cat([p.flatten() for p in parts]) if len(parts) > 1 else parts[0].flatten() if parts
+                           else torch.zeros(0, dtype=torch.float64, device=self.runner.device))
             if step + 1 < batch.num_steps:
                 if interrupt is not None and interrupt():
                     break
