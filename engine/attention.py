@@ -41,12 +41,14 @@ class AttentionBackend:
     """Store + attend. `graph_safe`: no host syncs in decode, so it can be captured in a CUDA graph.
     `triton_store`: its store is `kernels.kv_cache.store_kvcache`, so a caller may store with
     `kernels.rope.rope_store` instead and call `attend` alone. `shares_prefixes`: its decode reads a run's shared
-    positions once when the metadata carries `shared`."""
+    positions once when the metadata carries `shared`. `fuses_rope_store`: its `decode` also takes the step's
+    unrotated q with `rope=` (`kernels.paged_attention.RopeStore`) and does `rope_store`'s work itself."""
 
     name = "base"
     graph_safe = False
     triton_store = False
     shares_prefixes = False
+    fuses_rope_store = False
 
     def store(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slot_mapping: torch.Tensor) -> None:
@@ -299,13 +301,14 @@ class TritonBackend(AttentionBackend):
     graph_safe = True
     triton_store = True
     shares_prefixes = True
+    fuses_rope_store = True
 
     def store(self, key, value, k_cache, v_cache, slot_mapping):
         kv_cache.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
-    def decode(self, q, k_cache, v_cache, meta, scale):
+    def decode(self, q, k_cache, v_cache, meta, scale, rope=None):
         return paged_attention.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                      scale=scale, shared=meta.shared)
+                                                      scale=scale, shared=meta.shared, rope=rope)
 
     def prefill(self, q, k_cache, v_cache, meta, scale):
         return paged_attention.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
@@ -319,6 +322,7 @@ class FlashAttnBackend(TritonBackend):
     name = "flash_attn"
     graph_safe = True
     shares_prefixes = False
+    fuses_rope_store = False
 
     def __init__(self):
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache

@@ -39,7 +39,7 @@ from engine.lean import (
     projection,
 )
 from engine.scheduler import ScheduledBatch
-from kernels.paged_attention import shared_prefixes
+from kernels.paged_attention import RopeStore, shared_prefixes
 from kernels.pdl import programmatic_dependent_launch
 from kernels.rope import rope, rope_store
 from kernels.skinny_matmul import linear as skinny_linear
@@ -427,7 +427,8 @@ class ModelRunner:
         RoPE runs once per layer on q and k together: `x cos + rotate_half(x) sin` as `x cos + x[perm] sin'`
         (`sin'` = sin with its first half negated), the same products and sum as transformers', so bit-equal;
         16-bit on a GPU, the same roundings in one kernel (`kernels.rope`), within an ulp, which also stores k and
-        v into the cache when the backend's store is that kernel's (`rope_store`)."""
+        v into the cache when the backend's store is that kernel's (`rope_store`); in a decode step the Triton
+        attention kernels do that work themselves (`RopeStore`), one launch fewer per layer."""
         n, d = h.shape[0], self.head_dim
         if not self.fused_rope:
             cos = self.cos.index_select(0, positions).unsqueeze(1)
@@ -437,7 +438,11 @@ class ModelRunner:
         x = forwards[0].input_norm(h)
         for i, f in enumerate(forwards):
             q, k, v = (t.view(n, -1, d) for t in f.qkv(x))
-            if self.rope_stores:
+            if self.rope_stores and not meta.is_prefill and self.backend.fuses_rope_store:
+                # the attention kernels rotate q and the new k and store k and v: one launch fewer per layer
+                o = self.backend.decode(q, k_cache[i], v_cache[i], meta, self.scale,
+                                        rope=RopeStore(k, v, self.cos, self.sin_signed, positions, meta.slot_mapping))
+            elif self.rope_stores:
                 q = rope_store(q, k, v, self.cos, self.sin_signed, positions, k_cache[i], v_cache[i],
                                meta.slot_mapping)
                 o = self.backend.attend(i, q, k_cache[i], v_cache[i], meta, self.scale)

@@ -21,6 +21,11 @@ positions past the shared ones and merges the run's partials by their log-sum-ex
 rollout reads about a quarter fewer K/V bytes per step this way (the unconditional rows' prefix is as long as the
 conditional rows' prompt + chain).
 
+A decode step can also hand the kernels its new tokens' unrotated q, k and v (`rope`): they rotate q themselves,
+and the one program per (row, KV head) whose range ends the row's context rotates the new k, stores k and v in the
+cache and attends the new position from registers. That is what `kernels.rope.rope_store` followed by this op
+computes, in one launch fewer per layer.
+
 Prefill/extend runs one program per (query tile, q head, sequence) with a causal mask on absolute positions. The new
 tokens' K/V are already in the cache, so a shared cached prefix and the new tokens are read the same way.
 
@@ -33,15 +38,30 @@ The torch references are also the engine's CPU attention backend: vectorised gat
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_prologue
+from kernels.rope import check_rope_store, rope_rotate, rope_store_reference
 
 _LOG2E = 1.4426950408889634
 SHARED_ROWS = 16  # rows of one run of a shared prefix: the rows of the run kernel's query tile
 SHARED_QUANTUM = 16  # shared positions come in whole 16-position tiles (the CPU kernel's tile)
+
+
+class RopeStore(NamedTuple):
+    """A decode step's new keys and values `[B, Hkv, D]` before RoPE, with what `kernels.rope.rope_store` rotates and
+    stores them by: tables `[max_pos, D]`, each row's position `[B]` and cache slot `[B]` (-1: none)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin_signed: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 def shared_prefixes(tables: list[list[int]], held: list[int], block_size: int) -> list[tuple[int, int]]:
@@ -164,16 +184,21 @@ def _check_shared(block_tables: torch.Tensor, context_lens: torch.Tensor, shared
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float,
-                                     num_splits: int | None = None, shared: torch.Tensor | None = None) -> torch.Tensor:
+                                     num_splits: int | None = None, shared: torch.Tensor | None = None,
+                                     rope: RopeStore | None = None) -> torch.Tensor:
     """Decode attention, torch: q `[B, Hq, D]` attends the first `context_lens[b]` cached tokens of its sequence.
 
     `num_splits` is accepted for signature parity and ignored; `shared` (see `shared_prefixes`) is checked, and
-    changes nothing: sharing is exact. A row with context 0 (CUDA-graph padding) gives 0.
+    changes nothing: sharing is exact. A row with context 0 (CUDA-graph padding) gives 0. With `rope`, q is
+    unrotated and the new tokens' K/V not stored yet: `rope_store_reference` first.
     """
     del num_splits
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     if shared is not None:
         _check_shared(block_tables, context_lens, shared, k_cache.shape[1])
+    if rope is not None:
+        q = rope_store_reference(q, rope.k, rope.v, rope.cos, rope.sin_signed, rope.positions, k_cache, v_cache,
+                                 rope.slot_mapping)
     if q.shape[0] == 0:
         return torch.empty_like(q)
     max_ctx = max(int(context_lens.max()), 1)
@@ -305,14 +330,19 @@ def _merge_partial(o_ptr, lse_ptr, m_i, l_i, acc, valid, d_valid):
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, shared_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
-    qk_scale, max_ctx,
+    new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+    qk_scale, max_ctx, pool_slots,
     stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cos,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     """A row's context past its shared positions (all of it when `SHARED_SPLITS == 0`); with one split it also
-    merges the run kernel's partials of its shared positions (slots `NUM_SPLITS..`), else the reduce does."""
+    merges the run kernel's partials of its shared positions (slots `NUM_SPLITS..`), else the reduce does. With
+    `ROPE`, q comes unrotated and the row's new K/V are not in the cache yet: the program whose range ends the
+    context rotates and stores them and attends that position from registers (no other program reads it)."""
     pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -331,13 +361,39 @@ def _decode_kernel(
     head = kv_head * GROUP + g
     g_valid = g < GROUP
     d_valid = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
-                mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    q_rows = q_ptr + b * stride_qb + head[:, None] * stride_qh
+    q_mask = g_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    newest = ctx - 1
+    cached_end = end
+    if ROPE:  # cos and sin' at the row's position: for q here, for the new k below
+        swapped = (d + HEAD_DIM // 2) % HEAD_DIM
+        table = tl.load(pos_ptr + b).to(tl.int64) * stride_cos
+        c = tl.load(cos_ptr + table + d, mask=d_valid, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + table + d, mask=d_valid, other=0.0).to(tl.float32)
+        q = rope_rotate(q, tl.load(q_rows + swapped[None, :], mask=q_mask, other=0.0), c[None, :], s[None, :],
+                        q_ptr.dtype.element_ty)
+        cached_end = tl.minimum(end, newest)
     if UPCAST:
         q = q.to(tl.float32)
-    m_i, l_i, acc = _attend(q, k_cache_ptr, v_cache_ptr, table_ptr + b * stride_tb, kv_head.to(tl.int64) * stride_kh,
-                            start, end, end + g * 0, d, d_valid, qk_scale, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N,
+    kv_off = kv_head.to(tl.int64) * stride_kh
+    m_i, l_i, acc = _attend(q, k_cache_ptr, v_cache_ptr, table_ptr + b * stride_tb, kv_off, start, cached_end,
+                            cached_end + g * 0, d, d_valid, qk_scale, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N,
                             USE_DOT, DOT_PRECISION, UPCAST)
+    if ROPE:
+        if (start <= newest) & (newest < end):
+            k = rope_rotate(tl.load(new_k_ptr + b * stride_nkb + kv_head * stride_nkh + d, mask=d_valid, other=0.0),
+                            tl.load(new_k_ptr + b * stride_nkb + kv_head * stride_nkh + swapped, mask=d_valid,
+                                    other=0.0), c, s, k_cache_ptr.dtype.element_ty)
+            v = tl.load(new_v_ptr + b * stride_nvb + kv_head * stride_nvh + d, mask=d_valid, other=0.0)
+            slot = tl.load(slot_ptr + b).to(tl.int64) + d * 0  # a vector: -1 is padding, out of range dropped
+            stored = d_valid & (slot >= 0) & (slot < pool_slots)
+            tl.store(k_cache_ptr + slot * stride_ks + kv_off + d, k, mask=stored)
+            tl.store(v_cache_ptr + slot * stride_ks + kv_off + d, v.to(v_cache_ptr.dtype.element_ty), mask=stored)
+            scores = tl.where(g_valid, tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * qk_scale,
+                              float("-inf"))
+            p, m_i, l_i, acc = _softmax_step(scores[:, None], m_i, l_i, acc)
+            acc += p * v.to(tl.float32)[None, :]
 
     num_slots: tl.constexpr = NUM_SPLITS + SHARED_SPLITS
     o_mask = g_valid[:, None] & d_valid[None, :]
@@ -360,12 +416,12 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_shared_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, shared_ptr, mid_o_ptr, mid_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, shared_ptr, mid_o_ptr, mid_lse_ptr, cos_ptr, sin_ptr, pos_ptr,
     qk_scale, num_rows, max_ctx,
-    stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
+    stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb, stride_cos,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (row, q head, split of the shared positions); only a run's first row has work. The run's
     rows (up to BLOCK_R after it) are the rows of the query tile, each masked at its own shared length, and K/V
@@ -390,8 +446,15 @@ def _decode_shared_kernel(
 
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
-    q = tl.load(q_ptr + rows[:, None] * stride_qb + head * stride_qh + d[None, :],
-                mask=member[:, None] & d_valid[None, :], other=0.0)
+    q_rows = q_ptr + rows[:, None] * stride_qb + head * stride_qh
+    q_mask = member[:, None] & d_valid[None, :]
+    q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    if ROPE:  # each row's query rotated at its own position (the shared positions are all cached)
+        table = tl.load(pos_ptr + rows, mask=member, other=0).to(tl.int64)[:, None] * stride_cos
+        q = rope_rotate(q, tl.load(q_rows + ((d + HEAD_DIM // 2) % HEAD_DIM)[None, :], mask=q_mask, other=0.0),
+                        tl.load(cos_ptr + table + d[None, :], mask=q_mask, other=0.0).to(tl.float32),
+                        tl.load(sin_ptr + table + d[None, :], mask=q_mask, other=0.0).to(tl.float32),
+                        q_ptr.dtype.element_ty)
     if UPCAST:
         q = q.to(tl.float32)
     m_i, l_i, acc = _attend(q, k_cache_ptr, v_cache_ptr, table_ptr + first.to(tl.int64) * stride_tb,
@@ -508,7 +571,8 @@ def _default_num_splits(device: torch.device, programs: int, tiles: int) -> int:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, *, scale: float, num_splits: int | None = None,
                            block_n: int = 64, use_dot: bool | None = None, upcast: bool | None = None,
-                           shared: torch.Tensor | None = None, shared_splits: int | None = None) -> torch.Tensor:
+                           shared: torch.Tensor | None = None, shared_splits: int | None = None,
+                           rope: RopeStore | None = None) -> torch.Tensor:
     """Decode attention: q `[B, Hq, D]`, one new token per sequence, attends its first `context_lens[b]` cached
     tokens (the current token included) through `block_tables [B, max_blocks]`. Returns `[B, Hq, D]` in q's dtype.
 
@@ -525,6 +589,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `shared` `[B, 2]` (`shared_prefixes`; the reference checks it, this does not: no sync) has each run of rows
     read its shared positions once, in `shared_splits` splits (default: as `num_splits`, counting a run per
     `SHARED_ROWS` rows); `shared_splits=0` ignores it.
+    `rope` (unrotated q; the new K/V not stored yet) does `kernels.rope.rope_store`'s work inside the same kernels:
+    one launch fewer per layer. Each row's slot must be its position `context_lens - 1` in its block table.
     """
     _check_decode(q, k_cache, v_cache, block_tables, context_lens)
     _check_kernel_inputs(q, k_cache, v_cache)
@@ -532,6 +598,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                or shared.device != q.device):
         raise ValueError(f"shared must be int32/int64 [B={q.shape[0]}, 2] on {q.device}, got {shared.dtype} "
                          f"{tuple(shared.shape)} on {shared.device}")
+    if rope is not None:
+        check_rope_store(q, rope.k, rope.v, rope.cos, rope.sin_signed, rope.positions, k_cache, v_cache,
+                         rope.slot_mapping)
     block_tables, context_lens = _unit_stride(block_tables), _unit_stride(context_lens)
     if shared is not None:
         shared = _unit_stride(shared)  # the kernels read a row's length one element after its first row
@@ -572,20 +641,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     dot_precision = _dot_precision(q, k_cache)
     strides = (q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
                k_cache.stride(2), shared.stride(0))
+    if rope is None:  # unused pointers and strides
+        new_k = new_v = cos = sin_signed = q
+        positions = slots = context_lens
+    else:
+        new_k, new_v, cos, sin_signed = rope.k, rope.v, rope.cos, rope.sin_signed
+        positions, slots = rope.positions.contiguous(), rope.slot_mapping.contiguous()
     if shared_splits:  # before the rows' own kernel, which merges its partials when it has one split
         _decode_shared_kernel[(bsz, num_q_heads, shared_splits)](
-            q, k_cache, v_cache, block_tables, shared, mid_o, mid_lse, scale * _LOG2E, bsz, max_ctx, *strides,
+            q, k_cache, v_cache, block_tables, shared, mid_o, mid_lse, cos, sin_signed, positions, scale * _LOG2E,
+            bsz, max_ctx, *strides, cos.stride(0),
             GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
             SHARED_SPLITS=shared_splits, BLOCK_R=SHARED_ROWS, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision, UPCAST=upcast, num_warps=4, num_stages=2, **pdl_launch(),
+            DOT_PRECISION=dot_precision, UPCAST=upcast, ROPE=rope is not None, num_warps=4, num_stages=2,
+            **pdl_launch(),
         )
     _decode_kernel[(bsz, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, scale * _LOG2E, max_ctx,
-        *strides,
+        q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, new_k, new_v, cos, sin_signed,
+        positions, slots, scale * _LOG2E, max_ctx, k_cache.shape[0] * k_cache.shape[1], *strides,
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), cos.stride(0),
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         SHARED_SPLITS=shared_splits, BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1,
         BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, DOT_PRECISION=dot_precision, UPCAST=upcast,
-        num_warps=4, num_stages=2, **pdl_launch(),
+        ROPE=rope is not None, num_warps=4, num_stages=2, **pdl_launch(),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(bsz * num_q_heads,)](

@@ -79,15 +79,23 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ou
         else:
             src = k_ptr + t * stride_kt + (h - NUM_Q_HEADS) * stride_kh
             dst = k_out_ptr + (row * NUM_K_HEADS + h - NUM_Q_HEADS) * HEAD_DIM
-        x = tl.load(src + d, mask=valid, other=0.0).to(tl.float32)
-        xs = tl.load(src + swapped, mask=valid, other=0.0).to(tl.float32)
-        a = (x * c).to(dtype).to(tl.float32)
-        b = (xs * s).to(dtype).to(tl.float32)
-        tl.store(dst + d, (a + b).to(dtype), mask=valid)
+        x = tl.load(src + d, mask=valid, other=0.0)
+        xs = tl.load(src + swapped, mask=valid, other=0.0)
+        tl.store(dst + d, rope_rotate(x, xs, c, s, dtype), mask=valid)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
-           positions: torch.Tensor) -> None:
+@triton.jit
+def rope_rotate(x, x_swapped, cos, sin_signed, dtype: tl.constexpr):
+    """`x cos + rotate_half(x) sin` as torch rounds it in `dtype`: each product rounded, then their sum
+    (`x_swapped`: x with its halves swapped; cos and sin' in fp32). Shared by every kernel that rotates."""
+    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+    b = (x_swapped.to(tl.float32) * sin_signed).to(dtype).to(tl.float32)
+    return (a + b).to(dtype)
+
+
+def check_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+               positions: torch.Tensor) -> None:
+    """Shapes, dtypes and layouts of a rotation's arguments."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must be [N, H, D] with equal N and D, got {tuple(q.shape)} and {tuple(k.shape)}")
     dim = q.shape[2]
@@ -119,11 +127,21 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin_signed: torch.
          positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`rope_reference` in one launch; returns new contiguous (q, k). Positions are not range-checked on the
     device (CUDA-graph safe): the caller's positions index its own tables."""
-    _check(q, k, cos, sin_signed, positions)
+    check_rope(q, k, cos, sin_signed, positions)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
                                                                                       device=k.device)
     _launch(q, k, k, cos, sin_signed, positions, q_out, k_out, k_out, None, 0)  # no v heads without a store
     return q_out, k_out
+
+
+def check_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                     positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+    """The arguments of `rope_store`, or of a kernel that rotates and stores as it does."""
+    check_rope(q, k, cos, sin_signed, positions)
+    check_store(k, v, k_cache, v_cache, slot_mapping)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v.stride(2) != 1:
+        raise ValueError("the caches must be contiguous and v contiguous along head_dim")
 
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
@@ -132,10 +150,7 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     """`rope_store_reference` in one launch; returns the rotated q (new, contiguous). The caches are
     `[num_blocks, block_size, num_kv_heads, head_dim]` (contiguous); slots past them are dropped, not written, as
     `store_kvcache` does."""
-    _check(q, k, cos, sin_signed, positions)
-    check_store(k, v, k_cache, v_cache, slot_mapping)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or v.stride(2) != 1:
-        raise ValueError("the caches must be contiguous and v contiguous along head_dim")
+    check_rope_store(q, k, v, cos, sin_signed, positions, k_cache, v_cache, slot_mapping)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch(q, k, v, cos, sin_signed, positions, q_out, k_cache, v_cache, slot_mapping,
             k_cache.shape[0] * k_cache.shape[1])

@@ -89,7 +89,7 @@ def main() -> int:
     from kernels.advantages import group_advantages
     from kernels.grpo_loss import fused_grpo_loss
     from kernels.kv_cache import store_kvcache
-    from kernels.paged_attention import paged_decode_attention, paged_prefill_attention, shared_prefixes
+    from kernels.paged_attention import RopeStore, paged_decode_attention, paged_prefill_attention, shared_prefixes
     from kernels.pdl import programmatic_dependent_launch
     from kernels.rms_norm import add_rms_norm, rms_norm
     from kernels.rope import rope_store
@@ -104,6 +104,8 @@ def main() -> int:
     table[1:16, :2] = table[0, :2]  # a run of 16 rows over 32 shared positions
     shared = torch.tensor(shared_prefixes(table.tolist(), [39] * rows, bs), dtype=torch.int32)
     gpu = dict(use_dot=True, upcast=False)  # what a GPU picks for 16 bits
+    rope = RopeStore(q, q, torch.randn(64, dim, dtype=bf16), torch.randn(64, dim, dtype=bf16),
+                     torch.full((rows,), 39), torch.arange(rows))
     cases = {
         "decode": lambda: paged_decode_attention(q, kv[0], kv[1], table, ctx, scale=0.1, num_splits=1, **gpu),
         "decode, splits": lambda: paged_decode_attention(q, kv[0], kv[1], table, ctx, scale=0.1, num_splits=4, **gpu),
@@ -111,6 +113,10 @@ def main() -> int:
                                                           shared=shared, shared_splits=9, **gpu),
         "decode, cascade + splits": lambda: paged_decode_attention(q, kv[0], kv[1], table, ctx, scale=0.1,
                                                                    num_splits=3, shared=shared, shared_splits=4, **gpu),
+        "decode, rope + store": lambda: paged_decode_attention(q, kv[0], kv[1], table, ctx, scale=0.1, num_splits=3,
+                                                               rope=rope, **gpu),
+        "decode, cascade + rope + store": lambda: paged_decode_attention(
+            q, kv[0], kv[1], table, ctx, scale=0.1, num_splits=1, shared=shared, shared_splits=4, rope=rope, **gpu),
         "prefill": lambda: paged_prefill_attention(q, kv[0], kv[1], table[:2], torch.tensor([0, 16, 32]),
                                                    torch.tensor([16, 40], dtype=torch.int32), scale=0.1),
         "kv store": lambda: store_kvcache(q, q, kv[0], kv[1], torch.arange(rows)),
@@ -130,7 +136,8 @@ def main() -> int:
             beta=0.04, epsilon=0.2, backend="triton")[0].backward(),
     }
     # A decode step's kernels once more as `EngineConfig.enable_pdl` launches them (the model runner's context).
-    decode_step = ("decode", "decode, splits", "decode, cascade", "decode, cascade + splits", "rope + store",
+    decode_step = ("decode", "decode, splits", "decode, cascade", "decode, cascade + splits", "decode, rope + store",
+                   "decode, cascade + rope + store", "rope + store",
                    "rms norm", "add + rms norm", "silu mul", "skinny matmul")
     runs = [(name, cases[name], False) for name in cases] + [(f"PDL {name}", cases[name], True) for name in decode_step]
     failed = []

@@ -914,6 +914,14 @@ def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch, skinny_matmul)
     for name in ("add_rms_norm", "silu_mul", "rms_norm"):
         monkeypatch.setattr(lean_module, name, counted(name, getattr(lean_module, name)))
     monkeypatch.setattr(runner_module, "rope_store", counted("rope", runner_module.rope_store))
+    import kernels.paged_attention as attention_module
+    decode = attention_module.paged_decode_attention
+
+    def decode_spy(*args, rope=None, **kwargs):  # a decode step's attention rotates and stores itself
+        calls["fused rope"] = calls.get("fused rope", 0) + (rope is not None)
+        return decode(*args, rope=rope, **kwargs)
+
+    monkeypatch.setattr(attention_module, "paged_decode_attention", decode_spy)
     import kernels.skinny_matmul as skinny_module
     monkeypatch.setattr(skinny_module, "skinny_matmul", counted("skinny", skinny_module.skinny_matmul))
     bundle = build_preset("tiny", image_size=64, dtype=torch.bfloat16, seed=4)
@@ -925,9 +933,10 @@ def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch, skinny_matmul)
     [group] = eng.generate(PROMPTS[:1], params, use_tqdm=False)
     s = group.samples[0]
     layers = len(eng.runner.layers)
-    assert calls["rope"] == calls["silu_mul"] and calls["add_rms_norm"] == (2 * layers - 1) * calls["rope"] // layers
-    assert calls["rope"] >= layers * (1 + 4 + 16 - 1)  # a prefill and every decode step, each layer
-    assert calls["rms_norm"] > calls["rope"] // layers  # the first input norm of every forward, the heads' norms
+    forwards = calls["rope"] + calls["fused rope"]  # per layer: RoPE in the prefills, in the attention after
+    assert forwards == calls["silu_mul"] and calls["add_rms_norm"] == (2 * layers - 1) * forwards // layers
+    assert calls["fused rope"] >= layers * (4 + 16 - 1) and calls["rope"] >= layers  # every decode step, a prefill
+    assert calls["rms_norm"] > forwards // layers  # the first input norm of every forward, the heads' norms
     assert (calls.get("skinny", 0) > 0) == skinny_matmul
     text, cond, mixed, _ = teacher_forced(bundle, s.prompt_ids, s.reasoning_ids, s.image_tokens, text_t=0,
                                           image_t=0, cfg=3.0)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from kernels.paged_attention import (
     SHARED_ROWS,
+    RopeStore,
     _check_shared,
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -22,6 +23,7 @@ from kernels.paged_attention import (
     paged_prefill_attention_reference,
     shared_prefixes,
 )
+from kernels.rope import rope_store
 
 # Data is built on the CPU (seeded generators), then moved here: the kernels compile for real when a GPU is present.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -414,6 +416,85 @@ def test_decode_cascade_rejects_bad_runs():
             paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=1.0, shared=wrong)
         with pytest.raises(ValueError, match=r"shared must be int32/int64 \[B"):
             paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=1.0, shared=wrong)
+
+
+def new_tokens(k_cache, v_cache, table, ctx, hq, seed=5):
+    """A decode step's unrotated q, k, v (strided slices of one packed projection, as the engine's fused q/k/v
+    give them), RoPE tables, and each row's slot: its position `ctx - 1` through its table (-1 for a context 0
+    padding row). The caches' entries at those slots become NaN: only a store can fill them."""
+    g = torch.Generator().manual_seed(seed)
+    rows, (_, bs, hkv, d) = ctx.shape[0], k_cache.shape
+    dtype = k_cache.dtype
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
+    q, k, v = (x.view(rows, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], 1))
+    angles = torch.randn(int(ctx.max()) + 3, d, generator=g)
+    cos, sin_signed = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    held = (ctx.long() - 1).clamp(min=0)
+    slots = (table.long().gather(1, (held // bs)[:, None])[:, 0] * bs + held % bs).masked_fill(ctx == 0, -1)
+    for cache in (k_cache, v_cache):
+        cache.view(-1, hkv, d)[slots[slots >= 0]] = float("nan")
+    return q, RopeStore(k, v, cos, sin_signed, held, slots)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("hq,hkv,d,bs", [CONFIGS[0], CONFIGS[1], CONFIGS[3]])
+@pytest.mark.usefixtures("poison")
+def test_decode_with_rope_and_store_equals_rope_store_then_decode(hq, hkv, d, bs, num_splits):
+    """Unrotated q and the new K/V handed to the decode kernels: the attention, and the cache after, of
+    `rope_store_reference` followed by the reference; a context 0 padding row stores nothing and gives 0."""
+    k_cache, v_cache, table, ctx = paged_case([9, 0, 1, 17, 40], hkv=hkv, d=d, block_size=bs)
+    q, rope = new_tokens(k_cache, v_cache, table, ctx, hq)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = paged_decode_attention_reference(q, ref_k, ref_v, table, ctx, scale=0.3, rope=rope)
+    assert not ref.isnan().any() and not ref[1].any()
+    # 16-position tiles: with 3 splits the new position ends a split of its own or shares one
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits, block_n=16,
+                                 rope=rope)
+    assert max_rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(k_cache, ref_k, equal_nan=True, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v_cache, ref_v, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_splits,shared_splits", [(1, 2), (3, 1)])
+@pytest.mark.usefixtures("poison")
+def test_decode_with_rope_and_store_over_shared_prefixes(num_splits, shared_splits):
+    """With runs: the run kernel rotates each row's query at the row's own position."""
+    groups, ctx_lens, prefix = RUNS[0]
+    k_cache, v_cache, table, ctx, shared = run_case(groups, ctx_lens, prefix, hkv=2, d=24, block_size=4)
+    q, rope = new_tokens(k_cache, v_cache, table, ctx, 6)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref = paged_decode_attention_reference(q, ref_k, ref_v, table, ctx, scale=0.3, shared=shared, rope=rope)
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, num_splits=num_splits, shared=shared,
+                                 shared_splits=shared_splits, block_n=16, rope=rope)
+    assert max_rel_err(out, ref) < 1e-5
+    torch.testing.assert_close(k_cache, ref_k, equal_nan=True, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("poison", "gpu_rounding")
+def test_decode_with_rope_and_store_bf16():
+    """In 16 bits the rotation rounds as `rope_store` does: the stored keys equal its own, bit for bit."""
+    groups, ctx_lens, prefix = RUNS[0]
+    k_cache, v_cache, table, ctx, shared = run_case(groups, ctx_lens, prefix, hkv=2, d=24, block_size=4,
+                                                    dtype=torch.bfloat16)
+    q, rope = new_tokens(k_cache, v_cache, table, ctx, 6)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    rotated = rope_store(q, *rope[:5], ref_k, ref_v, rope.slot_mapping)
+    ref = paged_decode_attention(rotated, ref_k, ref_v, table, ctx, scale=0.3, shared=shared)
+    out = paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=0.3, shared=shared, rope=rope)
+    assert torch.equal(k_cache.isnan(), ref_k.isnan()) and torch.equal(k_cache.nan_to_num(), ref_k.nan_to_num())
+    assert torch.equal(v_cache.nan_to_num(), ref_v.nan_to_num())
+    assert out.dtype == torch.bfloat16 and norm_rel_err(out, ref) < 1e-2
+
+
+def test_decode_with_rope_rejects_bad_new_tokens():
+    k_cache, v_cache, table, ctx = paged_case([5, 9], hkv=2, d=8, block_size=4)
+    q, rope = new_tokens(k_cache, v_cache, table, ctx, 4)
+    for bad, match in ((rope._replace(positions=rope.positions[:1]), "positions must be"),
+                       (rope._replace(k=rope.k[:, :1]), "key and value must both be"),
+                       (rope._replace(cos=rope.cos[:, :4]), "tables must both be"),
+                       (rope._replace(slot_mapping=rope.slot_mapping.float()), "slot_mapping must be int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            paged_decode_attention(q, k_cache, v_cache, table, ctx, scale=1.0, rope=bad)
 
 
 def test_bench_decode_reference(benchmark):
