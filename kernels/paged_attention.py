@@ -369,10 +369,10 @@ def _decode_kernel(
     if ROPE:  # cos and sin' at the row's position: for q here, for the new k below
         swapped = (d + HEAD_DIM // 2) % HEAD_DIM
         table = tl.load(pos_ptr + b).to(tl.int64) * stride_cos
-        c = tl.load(cos_ptr + table + d, mask=d_valid, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + table + d, mask=d_valid, other=0.0).to(tl.float32)
-        q = rope_rotate(q, tl.load(q_rows + swapped[None, :], mask=q_mask, other=0.0), c[None, :], s[None, :],
-                        q_ptr.dtype.element_ty)
+        cos_row = tl.load(cos_ptr + table + d, mask=d_valid, other=0.0).to(tl.float32)
+        sin_row = tl.load(sin_ptr + table + d, mask=d_valid, other=0.0).to(tl.float32)
+        q = rope_rotate(q, tl.load(q_rows + swapped[None, :], mask=q_mask, other=0.0), cos_row[None, :],
+                        sin_row[None, :], q_ptr.dtype.element_ty)
         cached_end = tl.minimum(end, newest)
     if UPCAST:
         q = q.to(tl.float32)
@@ -384,7 +384,7 @@ def _decode_kernel(
         if (start <= newest) & (newest < end):
             k = rope_rotate(tl.load(new_k_ptr + b * stride_nkb + kv_head * stride_nkh + d, mask=d_valid, other=0.0),
                             tl.load(new_k_ptr + b * stride_nkb + kv_head * stride_nkh + swapped, mask=d_valid,
-                                    other=0.0), c, s, k_cache_ptr.dtype.element_ty)
+                                    other=0.0), cos_row, sin_row, k_cache_ptr.dtype.element_ty)
             v = tl.load(new_v_ptr + b * stride_nvb + kv_head * stride_nvh + d, mask=d_valid, other=0.0)
             slot = tl.load(slot_ptr + b).to(tl.int64) + d * 0  # a vector: -1 is padding, out of range dropped
             stored = d_valid & (slot >= 0) & (slot < pool_slots)
