@@ -102,41 +102,51 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch, interrupt: Callable[[], bool] | None = None) -> list[Group]:
         """Forward and sample each step of the batch. The tokens one step samples are the next step's inputs
         without leaving the device (an image token feeds its conditional and its unconditional row), so the host
-        queues every step and reads all their tokens in one copy at the end, then appends them step by step."""
+        queues every step; at the end it stacks the window's tokens and log-probs (no per-step casts or copies),
+        reads them in two copies, and appends each sample's in one go."""
         text_samples, image_samples = batch.text_samples, batch.image_samples
         paired = None
         if 0 < len(batch.uncond_rows) < len(image_samples):
             paired = self.sampler.paired_rows(image_samples)
         order = self._feed_order(batch) if batch.num_steps > 1 else None
-        ids, sampled = None, []
+        ids = None
+        # per step: tokens [text, image] and log-probs [text, image conditional, image mixed], the kinds it has
+        tokens: list[list[torch.Tensor]] = []
+        logprobs: list[list[torch.Tensor]] = []
         for step in range(batch.num_steps):
             text_logits, cond, uncond = self.runner.run(batch, step, ids)
-            parts = []
+            toks, lps = [], []
             if text_logits is not None:
-                parts.append(self.sampler.text_tensors(text_logits, text_samples, step))
+                tok, lp = self.sampler.text_tensors(text_logits, text_samples, step)
+                toks.append(tok)
+                lps.append(lp)
             if cond is not None:
-                parts.append(self.sampler.image_tensors(cond, uncond, image_samples, step, paired))
-            # (a batch that only grows the shared unconditional prefix samples nothing; one part is a view)
-            sampled.append(torch.cat([p.flatten() for p in parts]) if len(parts) > 1 else parts[0].flatten() if parts
-                           else torch.zeros(0, dtype=torch.float64, device=self.runner.device))
+                out = self.sampler.image_tensors(cond, uncond, image_samples, step, paired)
+                toks.append(out.tokens)
+                lps += (out.logprobs, out.mixed_logprobs)
+            tokens.append(toks)
+            logprobs.append(lps)
             if step + 1 < batch.num_steps:
                 if interrupt is not None and interrupt():
                     break
-                tokens = [p[0] for p in parts]
+                feed = list(toks)
                 if batch.uncond_rows:
-                    tokens.append(tokens[-1] if paired is None else tokens[-1].index_select(0, paired))
-                ids = torch.cat(tokens).long()
+                    feed.append(toks[-1] if paired is None else toks[-1].index_select(0, paired))
+                ids = torch.cat(feed)
                 ids = ids if order is None else ids.index_select(0, order)
-        self.num_steps += len(sampled)
+        self.num_steps += len(tokens)
         num_text, num_image = len(text_samples), len(image_samples)
-        finished = []
-        for values in torch.stack(sampled).tolist():  # one device sync for the whole batch
-            text, image = values[:2 * num_text], values[2 * num_text:]
-            _check_finite(text[num_text:], text_samples, image[num_image:], image_samples)
-            finished += self.scheduler.postprocess(
-                batch, [int(t) for t in text[:num_text]], text[num_text:], [int(t) for t in image[:num_image]],
-                image[num_image:2 * num_image], image[2 * num_image:])
-        if len(sampled) < batch.num_steps:
+        token_columns: list[list[int]] = []
+        logprob_columns: list[list[float]] = []
+        if num_text + num_image:  # (a batch that only grows the shared unconditional prefix samples nothing)
+            # [steps, text + image] and [steps, text + 2 image]: the first read is the batch's one device sync
+            token_columns = torch.cat([torch.stack(kind) for kind in zip(*tokens)], 1).cpu().T.tolist()
+            logprob_columns = torch.cat([torch.stack(kind) for kind in zip(*logprobs)], 1).cpu().T.tolist()
+            _check_finite(logprob_columns, text_samples, image_samples)
+        finished = self.scheduler.postprocess(
+            batch, token_columns[:num_text], logprob_columns[:num_text], token_columns[num_text:],
+            logprob_columns[num_text:num_text + num_image], logprob_columns[num_text + num_image:])
+        if len(tokens) < batch.num_steps:
             self.scheduler.cut_window(batch)
         return finished
 
@@ -203,14 +213,14 @@ class LLMEngine:
         return self.peak_used_blocks * self.runner.block_bytes
 
 
-def _check_finite(text_logprobs: list[float], text_samples: list[Sample], image_logprobs: list[float],
-                  image_samples: list[Sample]) -> None:
+def _check_finite(logprobs: list[list[float]], text_samples: list[Sample], image_samples: list[Sample]) -> None:
     """NaN logits (weights a diverged update left non-finite, or a 16-bit overflow) would otherwise yield
-    tokens that depend on the sampling path and NaN log-probs for the GRPO loss: refuse them by name. Image rows
-    carry two log-probs each (conditional, CFG-mixed)."""
-    bad = [s for s, lp in zip(text_samples, text_logprobs) if math.isnan(lp)]
-    bad += [s for s, lp in zip(image_samples * 2, image_logprobs) if math.isnan(lp)]
-    if bad:
+    tokens that depend on the sampling path and NaN log-probs for the GRPO loss: refuse them by name. `logprobs`
+    holds a window's columns, one per text row, then two per image row (conditional, CFG-mixed); a NaN anywhere
+    makes a column's sum NaN (log-probs are at most 0: no inf - inf)."""
+    nan = [math.isnan(sum(column)) for column in logprobs]
+    if any(nan):
+        bad = [s for s, b in zip(text_samples + image_samples * 2, nan, strict=True) if b]
         ids = sorted({s.group.request_id for s in bad})
         raise FloatingPointError(f"the model's logits are NaN for request(s) {ids}: its weights or activations are "
                                  "not finite (a diverged update, or an overflow in 16 bits)")

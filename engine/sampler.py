@@ -2,7 +2,8 @@
 `kernels.cfg_sampling.cfg_sample` call for the text rows and one for the image pairs of a step.
 
 Settings are checked once, by `SamplingParams`, so the kernel's per-step value checks (a device sync) are off.
-Results stay on the device: the engine brings a whole (multi-)step's tokens to the host in one copy.
+Results stay on the device, as the kernel wrote them (no per-step casts or stacks): the engine stacks a whole
+(multi-)step window's tokens and log-probs once, at its end, and brings them to the host in two copies.
 Random numbers are counter-based: row r draws from (its sample's key, the position of the token it samples),
 so a sample's tokens are the same whatever else shares its batch, and after preemption and recompute.
 """
@@ -12,7 +13,7 @@ import torch
 
 from engine.model_runner import host_tensor
 from engine.sequence import Sample
-from kernels.cfg_sampling import cfg_sample
+from kernels.cfg_sampling import SampleOutput, cfg_sample
 
 
 class Sampler:
@@ -45,12 +46,11 @@ class Sampler:
         return dict(cached[1], counters=counters)
 
     @torch.inference_mode()
-    def text_tensors(self, logits: torch.Tensor, samples: list[Sample], step: int) -> torch.Tensor:
-        """One reasoning token per row, left on the device as `[2, rows]` float64: tokens and log-probs (float64
-        holds every token id exactly, so one copy brings both to the host). `<begin_of_image>` is banned below
-        `min_reasoning_tokens` and forced at `max_reasoning_tokens`; the log-prob reported for those rows is still
-        the policy's own, `log_softmax(logits / T)[token]`, the quantity a teacher-forced forward gives the GRPO
-        loss."""
+    def text_tensors(self, logits: torch.Tensor, samples: list[Sample], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reasoning token per row, left on the device: tokens (int64) and log-probs (fp32). `<begin_of_image>`
+        is banned below `min_reasoning_tokens` and forced at `max_reasoning_tokens`; the log-prob reported for
+        those rows is still the policy's own, `log_softmax(logits / T)[token]`, the quantity a teacher-forced
+        forward gives the GRPO loss."""
         settings = self._settings(samples, image=False, step=step)
         banned = [i for i, s in enumerate(samples) if s.suppress_boi(step)]
         forced = [i for i, s in enumerate(samples) if s.force_boi(step)]
@@ -78,7 +78,7 @@ class Sampler:
             t = torch.where(t == 0, 1.0, t)[:, None]
             policy = torch.log_softmax(pick(raw).float() / t, dim=-1).gather(1, pick(tokens)[:, None])[:, 0]
             logprobs = policy if every else logprobs.index_copy(0, rows, policy)
-        return torch.stack([tokens.double(), logprobs.double()])
+        return tokens, logprobs
 
     def paired_rows(self, samples: list[Sample]) -> torch.Tensor:
         """Indices of the samples that have an unconditional row, in the order of the step's `uncond_rows`."""
@@ -86,10 +86,9 @@ class Sampler:
 
     @torch.inference_mode()
     def image_tensors(self, cond: torch.Tensor, uncond: torch.Tensor | None, samples: list[Sample], step: int,
-                      paired: torch.Tensor | None) -> torch.Tensor:
-        """One image token per sample, sampled from `u + w (c - u)`, left on the device as `[3, samples]` float64:
-        tokens, log-probs of the conditional logits, log-probs of the mixed logits (float64 holds every token id
-        exactly, so one copy brings all three to the host).
+                      paired: torch.Tensor | None) -> SampleOutput:
+        """One image token per sample, sampled from `u + w (c - u)`, left on the device: tokens (int64), log-probs
+        of the conditional logits and of the mixed logits (fp32).
 
         `uncond` holds the rows of the samples that have one, in order (None: no sample has); when only some have
         one, `paired` is `paired_rows(samples)`. In such a step a sample without one is paired with its own
@@ -97,5 +96,4 @@ class Sampler:
         call per step."""
         if uncond is not None and uncond.shape[0] < len(samples):
             uncond = cond.index_copy(0, paired, uncond)
-        out = cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True, step=step))
-        return torch.stack([out.tokens.double(), out.logprobs.double(), out.mixed_logprobs.double()])
+        return cfg_sample(cond, uncond, validate=False, **self._settings(samples, image=True, step=step))

@@ -387,11 +387,14 @@ class Scheduler:
             self._drop_prefix()
 
     # ------------------------------------------------------------------------------------------------ results
-    def postprocess(self, batch: ScheduledBatch, text_tokens: list[int], text_logprobs: list[float],
-                    image_tokens: list[int], image_logprobs: list[float],
-                    image_mixed_logprobs: list[float]) -> list[Group]:
-        """Append the sampled tokens of one step (once per step of a multi-step batch, in order); returns the
-        groups that finished with it."""
+    def postprocess(self, batch: ScheduledBatch, text_tokens: list[list[int]], text_logprobs: list[list[float]],
+                    image_tokens: list[list[int]], image_logprobs: list[list[float]],
+                    image_mixed_logprobs: list[list[float]]) -> list[Group]:
+        """Append what the batch's steps sampled, per sample: one list over the steps for each of its text rows
+        (token, log-prob) and image samples (token, conditional and mixed log-probs), the same as a call per step
+        with one-step lists; returns the groups that finished with it. A text row that sampled
+        `<begin_of_image>` keeps nothing after it (the window's later steps were waste for it); an image
+        sample's window ends no later than its image (`_multi_step`), so it finishes at the last step or not."""
         bm = self.block_manager
         for group in batch.prefilled_groups:  # the samples fork the prompt's KV, computed once
             prompt = group.prompt_seq
@@ -400,25 +403,26 @@ class Scheduler:
                 s.cond.num_cached_tokens = len(prompt)
             bm.free(prompt)
             group.prompt_seq = None
-        for s, tok, lp in zip(batch.text_samples, text_tokens, text_logprobs, strict=True):
-            if s.in_image_phase:  # sampled `<begin_of_image>` in an earlier step of this batch: the rest is waste
+        for s, toks, lps in zip(batch.text_samples, text_tokens, text_logprobs, strict=True):
+            if s.in_image_phase:  # sampled `<begin_of_image>` at an earlier step of this batch (a call per step)
                 continue
-            forced = s.force_boi()
-            s.cond.token_ids.append(tok)
-            s.text_logprobs.append(lp)
-            if tok == self.boi_id:
+            kept = toks.index(self.boi_id) + 1 if self.boi_id in toks else len(toks)
+            forced = s.force_boi(kept - 1)
+            s.cond.token_ids += toks[:kept]
+            s.text_logprobs += lps[:kept]
+            if toks[kept - 1] == self.boi_id:
                 s.cond.image_start = len(s.cond)
                 s.cond.num_cached_tokens = len(s.cond) - 1  # a multi-step batch ran past it
                 s.boi_forced = forced
         finished: list[Group] = []
         done = False
-        for s, tok, lp, mlp in zip(batch.image_samples, image_tokens, image_logprobs, image_mixed_logprobs,
-                                   strict=True):
-            s.cond.token_ids.append(tok)
+        for s, toks, lps, mlps in zip(batch.image_samples, image_tokens, image_logprobs, image_mixed_logprobs,
+                                      strict=True):
+            s.cond.token_ids += toks
             if s.uncond is not None:
-                s.uncond.token_ids.append(tok)
-            s.image_logprobs.append(lp)
-            s.image_mixed_logprobs.append(mlp)
+                s.uncond.token_ids += toks
+            s.image_logprobs += lps
+            s.image_mixed_logprobs += mlps
             if s.num_image_tokens == s.group.num_image_tokens:
                 self._free_rows(s)
                 s.status = SampleStatus.FINISHED

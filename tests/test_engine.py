@@ -398,7 +398,7 @@ def test_sampler_rows_equal_the_reference_op_with_their_own_settings_and_counter
     for step, order in ((0, every), (1, every[::-1]), (0, [0, 1])):
         rows = [text[i] for i in order]
         tokens, logprobs = sampler.text_tensors(text_logits[order], rows, step)
-        for s, raw, tok, lp in zip(rows, text_logits[order], tokens.long(), logprobs.float()):
+        for s, raw, tok, lp in zip(rows, text_logits[order], tokens, logprobs):
             banned = raw.clone()
             if s.suppress_boi(step):
                 banned[boi] = -math.inf
@@ -413,8 +413,9 @@ def test_sampler_rows_equal_the_reference_op_with_their_own_settings_and_counter
         out = sampler.image_tensors(cond, uncond[:2], image, step, paired)
         for r, s in enumerate(image):
             ref = expect(s, cond[r], uncond[r] if s.uncond is not None else None, step, True)
-            assert out[0, r] == ref[0]
-            torch.testing.assert_close(out[1:, r].float(), torch.stack(ref[1:]), rtol=0, atol=1e-6)
+            assert out.tokens[r] == ref[0]
+            torch.testing.assert_close(torch.stack([out.logprobs[r], out.mixed_logprobs[r]]), torch.stack(ref[1:]),
+                                       rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("cfg_weight,tight_blocks", [(5.0, 48), (1.0, 20)])
@@ -547,9 +548,9 @@ def test_multi_step_batches_equal_single_steps(eager_to_draw, monkeypatch, num_k
     wasted, batches = [], []
     postprocess, schedule = Scheduler.postprocess, Scheduler.schedule
 
-    def spy(self, batch, *args):
-        wasted.append(sum(s.in_image_phase for s in batch.text_samples))
-        return postprocess(self, batch, *args)
+    def spy(self, batch, text_tokens, *args):  # steps a text row ran after its BOI, per window
+        wasted.append(sum(len(t) - 1 - t.index(tiny.boi_id) for t in text_tokens if tiny.boi_id in t))
+        return postprocess(self, batch, text_tokens, *args)
 
     monkeypatch.setattr(Scheduler, "postprocess", spy)
     monkeypatch.setattr(Scheduler, "schedule", lambda self: batches.append(schedule(self)) or batches[-1])

@@ -58,49 +58,64 @@ class FakeModel:
         assert all(not s.force_boi(batch.num_steps - 2) for s in batch.text_samples)
         for src, dst in batch.copies:
             self.slots[dst] = list(self.slots[src])
-        finished = []
         steps = batch.num_steps if self.cuts is None else min(batch.num_steps, next(self.cuts))
-        for step in range(steps):  # the host appends after each step here, the engine after the last
-            finished += self._step(sched, batch, step)
+        # Like the engine, the host appends once, after the window's last step: meanwhile each row's tokens so far
+        # live here (a text row stops at its `<begin_of_image>`: the window's later steps are waste for it).
+        tokens: dict[int, list[int]] = {}
+        text = [([], []) for _ in batch.text_samples]  # per sample: tokens, log-probs over the steps
+        image = [([], []) for _ in batch.image_samples]
+        for step in range(steps):
+            self._step(batch, step, tokens, text, image)
+        finished = sched.postprocess(batch, [t for t, _ in text], [lp for _, lp in text], [t for t, _ in image],
+                                     [lp for _, lp in image], [[x - 1 for x in lp] for _, lp in image])
         if steps < batch.num_steps:
             sched.cut_window(batch)
         check_state(sched, self.bm)
         return finished
 
-    def _step(self, sched: Scheduler, batch, step: int):
+    def _step(self, batch, step: int, tokens: dict[int, list[int]], text: list, image: list) -> None:
         bs = self.bm.block_size
+
+        def row(seq: Sequence) -> list[int]:
+            return tokens.setdefault(id(seq), list(seq.token_ids))
+
         for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
             assert q >= 1 and (batch.is_prefill or q == 1)
+            own = row(seq)
             for p in range(start + step, start + step + q):
                 block = seq.block_table[p // bs]
                 assert self.bm.ref_counts[block] == 1, "a shared block was written"
                 # past the row's tokens: a text row that sampled BOI earlier in this window (a wasted step)
-                self.slots[block][p % bs] = tuple(seq.token_ids[:p + 1]) if p < len(seq) else ("wasted", p)
+                self.slots[block][p % bs] = tuple(own[:p + 1]) if p < len(own) else ("wasted", p)
         for seq, start, q in zip(batch.seqs, batch.starts, batch.query_lens):
-            if start + step + q <= len(seq):
+            own = row(seq)
+            if start + step + q <= len(own):
                 ctx = [self.slots[seq.block_table[p // bs]][p % bs] for p in range(start + step + q)]
-                assert ctx == [tuple(seq.token_ids[:p + 1]) for p in range(start + step + q)], "read foreign KV"
-        text = []
-        for s in batch.text_samples:
-            rng = random.Random(hash((s.key, tuple(s.cond.token_ids))))
+                assert ctx == [tuple(own[:p + 1]) for p in range(start + step + q)], "read foreign KV"
+        for s, (toks, lps) in zip(batch.text_samples, text):
+            own = row(s.cond)
+            rng = random.Random(hash((s.key, tuple(own))))
             tok = BOI if rng.random() < 0.3 else rng.randrange(10, 40)
-            if s.force_boi():
+            if s.force_boi(step):
                 tok = BOI
-            elif s.suppress_boi() and tok == BOI:
+            elif s.suppress_boi(step) and tok == BOI:
                 tok = 10
-            text.append(tok)
-        image = []
-        for s in batch.image_samples:
-            u = s.uncond
+            toks.append(tok)
+            lps.append(-float(len(own)))
+            if BOI not in toks[:-1]:
+                own.append(tok)
+        for s, (toks, lps) in zip(batch.image_samples, image):
+            own = row(s.cond)
             length = s.cond.image_start
             if s.group.guided:
-                assert u.token_ids == [BOS] + [PAD] * (length - 2) + s.cond.token_ids[length - 1:]
+                assert row(s.uncond) == [BOS] + [PAD] * (length - 2) + own[length - 1:]
             else:
-                assert u is None
-            image.append(random.Random(hash((s.key, tuple(s.cond.token_ids)))).randrange(64))
-        lps = [-float(len(s.cond)) for s in batch.text_samples]
-        ilps = [-float(len(s.cond)) for s in batch.image_samples]
-        return sched.postprocess(batch, text, lps, image, ilps, [x - 1 for x in ilps])
+                assert s.uncond is None
+            toks.append(random.Random(hash((s.key, tuple(own)))).randrange(64))
+            lps.append(-float(len(own)))
+            own.append(toks[-1])
+            if s.uncond is not None:
+                row(s.uncond).append(toks[-1])
 
 
 def check_state(sched: Scheduler, bm: BlockManager) -> None:
