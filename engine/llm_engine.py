@@ -132,7 +132,7 @@ class LLMEngine:
                 feed = list(toks)
                 if batch.uncond_rows:
                     feed.append(toks[-1] if paired is None else toks[-1].index_select(0, paired))
-                ids = torch.cat(feed)
+                ids = torch.cat(feed) if len(feed) > 1 else feed[0]
                 ids = ids if order is None else ids.index_select(0, order)
         self.num_steps += len(tokens)
         num_text, num_image = len(text_samples), len(image_samples)
