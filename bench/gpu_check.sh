@@ -25,8 +25,10 @@
 # (the default runs an image phase in one window): `window_speedup` and `image_window_speedup` say how much of the
 # host gap at window boundaries (10% of the H100's wall time with 16-step windows everywhere) fewer windows close;
 # with cascade attention off (`cascade_attn_speedup`: what reading each run's shared prefix once saves), and with
-# programmatic dependent launch on (`pdl_speedup`); its profile splits the GPU's idle time into short gaps between
-# kernels and long waits for the host (`gap_short_s`, `gap_long_s`, `kernels_per_step`).
+# programmatic dependent launch on (`pdl_speedup`); then the engine with every setting that won switched over
+# (`--best-of-compared`: `best_settings`, `speedup_vs_hf_best`, `floor_fraction_best`), which the profile profiles;
+# it splits the GPU's idle time into short gaps between kernels and long waits for the host (`gap_short_s`,
+# `gap_long_s`, `kernels_per_step`).
 # Results: OUT_DIR/{kernels,rollout}-<device>.json, tables and logs; the script goes on after a failing step and
 # exits non-zero if any failed. The fused sampling extension (csrc/) builds in the background meanwhile.
 set -uo pipefail
@@ -77,7 +79,7 @@ else
   repeats=$([[ "$mode" == sweep ]] && echo 1 || echo 2)
   # targets: the committed figure alone; every other mode also times the settings still to decide
   compare=$([[ "$mode" != targets ]] && echo --compare-num-scheduler-steps 64 --compare-num-image-scheduler-steps 16 \
-    --compare-cascade-attn --compare-pdl)
+    --compare-cascade-attn --compare-pdl --best-of-compared)
   [[ "$mode" == skinny ]] && compare="$compare --compare-skinny-matmul"
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
@@ -96,5 +98,5 @@ if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transfor
   step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
     --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
 fi
-for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|fused_ms|pdl_speedup|gap_|kernels_per_step|failed_sides|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|cascade_attn_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
+for log in "$out"/*.log; do echo "== $log"; grep -E "passed|failed|fused_ms|pdl_speedup|best|gap_|kernels_per_step|failed_sides|speedup_vs_hf|multi_step_speedup|window_speedup|fused_projections|skinny_matmul_speedup|cascade_attn_speedup|speedup_batched|bw_fraction|skinny_matmul_time|busy|engine_ms|floor_ms|ttft|served_vs" "$log" | tail -8; done
 exit "$failed"

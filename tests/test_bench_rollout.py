@@ -156,6 +156,61 @@ def test_an_optional_side_that_fails_is_left_out(tmp_path, monkeypatch):
     assert "engine, cascade attention off" not in [row["side"] for row in result["rows"]]
 
 
+def test_winning_settings_switch_what_was_faster_by_more_than_the_margin():
+    """Each switch: the time off over the time on (> 1: on wins); windows: the engine's time over the other's
+    (> 1: the other's length wins); within the margin, or not compared, the engine's own setting stays."""
+    engine = dict(num_scheduler_steps=16, num_image_scheduler_steps=None, skinny_matmul=False, cascade_attn=True,
+                  enable_pdl=False)
+    assert rollout.winning_settings(engine) == engine
+    measured = dict(engine, skinny_matmul_speedup=1.05, cascade_attn_speedup=0.9, pdl_speedup=1.011,
+                    window_speedup=1.02, other_num_scheduler_steps=64, image_window_speedup=0.95,
+                    other_num_image_scheduler_steps=16)
+    assert rollout.winning_settings(measured) == dict(num_scheduler_steps=64, num_image_scheduler_steps=None,
+                                                      skinny_matmul=True, cascade_attn=False, enable_pdl=True)
+    edge = dict(measured, skinny_matmul=True, skinny_matmul_speedup=0.991, pdl_speedup=1.009, window_speedup=1.009,
+                cascade_attn_speedup=1.2)  # skinny on and slightly better off: stays on
+    assert rollout.winning_settings(edge) == dict(engine, skinny_matmul=True)
+    assert rollout.winning_settings(measured, margin=0.1) == engine
+
+
+@pytest.mark.parametrize("window_factor", [0.9, 1.0])
+def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatch, window_factor):
+    """With fake times (4-step windows 10% faster, or no faster; cascade attention off 0.5% slower, inside the
+    margin): the best side runs with the winners only when some setting won, timed every repeat, and its ratio is
+    transformers' median over its median; otherwise it is the engine side itself."""
+    engines = []
+    generate = rollout.LLMEngine.generate
+
+    def spy(engine, *a, **k):
+        engines.append(engine)
+        return generate(engine, *a, **k)
+
+    def fake_time(fn, *, device, warmup, repeats):
+        engines.clear()
+        out = fn()
+        if not engines:  # transformers
+            return 10.0, out
+        e = engines[-1]
+        t = 1.0 * (window_factor if e.scheduler.num_scheduler_steps == 4 else 1.0)
+        return t * (1.005 if e.config.disable_cascade_attn else 1.0), out
+
+    monkeypatch.setattr(rollout.LLMEngine, "generate", spy)
+    monkeypatch.setattr(rollout, "median_time", fake_time)
+    path = tmp_path / "rollout.json"
+    rollout.run(_args(["--groups", "1", "--n", "2", "--reasoning-tokens", "2", "--repeats", "2",
+                       "--compare-num-scheduler-steps", "4", "--compare-cascade-attn", "--best-of-compared",
+                       "--json", str(path)]))
+    result = json.loads(path.read_text())
+    m, sides = result["metrics"], [row["side"] for row in result["rows"]]
+    won = window_factor < 1
+    assert m["best_settings"] == dict(num_scheduler_steps=4 if won else 16, num_image_scheduler_steps=None,
+                                      skinny_matmul=False, cascade_attn=True, enable_pdl=False)
+    assert m["engine_best_s_runs"] == ([0.9, 0.9] if won else m["engine_s_runs"])
+    assert m["speedup_vs_hf_best"] == pytest.approx(10.0 / (0.9 if won else 1.0))
+    assert m["best_tokens_match"] is True
+    assert ("engine, best of the compared settings" in sides) and sides[-1] == "transformers"
+
+
 def _args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
