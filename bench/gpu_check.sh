@@ -5,8 +5,8 @@
 #   targets: #3's two targets alone (the rollout benchmark, 2 repeats, with a profile), then the tests; the
 #   shortest mode, for a lease of minutes (about 6 min on an H100);
 #   skinny: the skinny-matmul kernel against cuBLAS, then the rollout benchmark with the engine's decode
-#   projections through it as one more side (`skinny_matmul_speedup`), then the kernel's launch sweep, then the
-#   tests (the rollout before the sweep: with every comparison side it takes most of a lease);
+#   projections through it as one more side (`skinny_matmul_speedup`), then the tests, then the kernel's launch
+#   sweep (the rollout first: with every comparison side it takes most of a lease);
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, the tests, then the rollout against compiled transformers (as in engine);
@@ -84,16 +84,16 @@ else
   step rollout "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats "$repeats" $compare \
     --profile "$out/rollout-profile-$tag.txt" --json "$out/rollout-janus-pro-1b-shape-$tag.json"
 fi
-if [[ "$mode" == skinny ]]; then
-  step skinny-sweep "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
-    --json "$out/skinny-matmul-sweep-gpu-$tag.json"
-fi
 # A hung CUDA test fails alone rather than taking the lease with it (pytest-timeout is in the lent image).
 timeout=$("$python" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
 step tests "$python" -m pytest -p no:cacheprovider --benchmark-disable $timeout tests/test_cuda_engine.py \
   tests/test_paged_attention.py tests/test_kv_cache.py tests/test_rms_norm.py tests/test_rope.py \
   tests/test_skinny_matmul.py tests/test_silu_mul.py \
   tests/test_cfg_sampling.py tests/test_judge_qwen.py tests/test_engine.py::test_triton_backend_equals_torch_backend
+if [[ "$mode" == skinny ]]; then  # after the tests: the least needed of its figures
+  step skinny-sweep "$python" -m bench kernels --device cuda --scale gpu --only skinny_matmul --matmul-sweep \
+    --json "$out/skinny-matmul-sweep-gpu-$tag.json"
+fi
 if [[ "$mode" == engine || "$mode" == final ]]; then  # last: compiling transformers takes minutes
   step rollout-hf-compile "$python" -m bench rollout --preset janus-pro-1b-shape --device cuda --repeats 1 \
     --hf-compile --json "$out/rollout-hf-compile-janus-pro-1b-shape-$tag.json"
