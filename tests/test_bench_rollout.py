@@ -173,6 +173,20 @@ def test_winning_settings_switch_what_was_faster_by_more_than_the_margin():
     assert rollout.winning_settings(measured, margin=0.1) == engine
 
 
+def test_a_switched_skinny_matmul_is_timed_with_pdl_both_ways():
+    """PDL's own comparison ran with the other matmuls: when the best switches `skinny_matmul`, both PDL settings
+    are candidates; otherwise (or when PDL was not compared) the winners alone."""
+    engine = dict(num_scheduler_steps=16, num_image_scheduler_steps=None, skinny_matmul=False, cascade_attn=True,
+                  enable_pdl=False)
+    best = dict(engine, skinny_matmul=True)
+    assert rollout.best_candidates(dict(engine, skinny_matmul_speedup=1.1, pdl_speedup=1.0)) == [
+        best, dict(best, enable_pdl=True)]
+    assert rollout.best_candidates(dict(engine, skinny_matmul_speedup=1.1, pdl_speedup=1.05)) == [
+        dict(best, enable_pdl=True), best]
+    assert rollout.best_candidates(dict(engine, skinny_matmul_speedup=1.1)) == [best]
+    assert rollout.best_candidates(dict(engine, skinny_matmul_speedup=1.001, pdl_speedup=1.0)) == [engine]
+
+
 @pytest.mark.parametrize("window_factor", [0.9, 1.0])
 def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatch, window_factor):
     """With fake times (4-step windows 10% faster, or no faster; cascade attention off 0.5% slower, inside the
@@ -209,6 +223,52 @@ def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatc
     assert m["speedup_vs_hf_best"] == pytest.approx(10.0 / (0.9 if won else 1.0))
     assert m["best_tokens_match"] is True
     assert ("engine, best of the compared settings" in sides) and sides[-1] == "transformers"
+
+
+@pytest.mark.parametrize("faster_first", [True, False])
+def test_of_several_best_candidates_the_faster_is_timed_and_profiled(tmp_path, monkeypatch, faster_first):
+    """Two candidates (here: the winners with cascade attention on and off; on a GPU, PDL both ways), timed in
+    turns every repeat: the faster median is `best_settings`, each candidate's times are in `best_candidates`,
+    and the profile runs with the best one's settings even when the other ran last."""
+    engines, profiled = [], []
+    generate = rollout.LLMEngine.generate
+
+    def spy(engine, *a, **k):
+        engines.append(engine)
+        return generate(engine, *a, **k)
+
+    def fake_time(fn, *, device, warmup, repeats):
+        engines.clear()
+        out = fn()
+        if not engines:
+            return 10.0, out
+        e = engines[-1]
+        return (0.8 if e.scheduler.num_scheduler_steps == 4 else 1.0) * (0.9 if e.config.disable_cascade_attn
+                                                                          else 1.0), out
+
+    def candidates(metrics):
+        best = rollout.winning_settings(metrics)
+        both = [dict(best, cascade_attn=False), best]  # the faster first: the slower runs last
+        return both if faster_first else both[::-1]
+
+    monkeypatch.setattr(rollout.LLMEngine, "generate", spy)
+    monkeypatch.setattr(rollout, "median_time", fake_time)
+    monkeypatch.setattr(rollout, "best_candidates", candidates)
+    monkeypatch.setattr(rollout, "profile_rollout", lambda engine, *a: profiled.append(
+        (engine.scheduler.num_scheduler_steps, engine.config.disable_cascade_attn)) or {})
+    path = tmp_path / "rollout.json"
+    rollout.run(_args(["--groups", "1", "--n", "2", "--reasoning-tokens", "2", "--repeats", "2",
+                       "--compare-num-scheduler-steps", "4", "--best-of-compared", "--profile", "unused",
+                       "--json", str(path)]))
+    m = json.loads(path.read_text())["metrics"]
+    best = dict(num_scheduler_steps=4, num_image_scheduler_steps=None, skinny_matmul=False, cascade_attn=False,
+                enable_pdl=False)
+    assert m["best_settings"] == best and m["engine_best_s_runs"] == pytest.approx([0.72, 0.72])
+    listed = [(best, pytest.approx([0.72, 0.72])), (dict(best, cascade_attn=True), [0.8, 0.8])]
+    listed = listed if faster_first else listed[::-1]
+    assert [(c["settings"], c["engine_s_runs"]) for c in m["best_candidates"]] == listed
+    assert m["speedup_vs_hf_best"] == pytest.approx(10.0 / 0.72)
+    assert profiled == [(4, True)]
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
