@@ -4,9 +4,13 @@ A decode step multiplies a few dozen activation rows by every projection of the 
 bytes that move. In the session-3 H200 profile of a Janus-Pro-1B-shaped rollout, cuBLAS's kernels for 16-32 rows
 moved them at about 0.58 of copy bandwidth, and took 45% of the step's GPU time. Here one program owns a
 `BLOCK_N x (K / SPLIT_K)` slab of the weight. It streams the slab in `BLOCK_K` tiles and multiplies the whole row
-block (padded to 16 rows) against each tile on the matrix units, accumulating in fp32. With `SPLIT_K > 1` a second
-kernel adds the partial sums in a fixed order, so there are no atomics and results are deterministic. The bias is
-added in fp32 and the result is rounded once to the input dtype.
+block (padded to 16 rows) against each tile on the matrix units, accumulating in fp32. With `SPLIT_K > 1` each
+program writes its partial sums to a workspace and counts itself in on its column tile's counter (an atomic with
+release and acquire order); the tile's last program adds the partial sums in split order, so results are
+deterministic and no second kernel is launched (CUTLASS's serial split-K: a decode step has three split
+projections per layer, each a reduce launch fewer). The last program also sets the counter back to zero, so the
+counters (one buffer per device, zeroed once) are ready for the next launch and for CUDA-graph replays. The bias
+is added in fp32 and the result is rounded once to the input dtype.
 
 Whether this beats cuBLAS is a GPU measurement (`python -m bench kernels --only skinny_matmul --scale gpu
 --matmul-sweep`), not yet made. The engine uses it only when asked to (`EngineConfig.skinny_matmul`).
@@ -34,7 +38,7 @@ def skinny_matmul_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 @triton.jit
 def _matmul_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, m, n, k, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, m, n, k, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -59,30 +63,50 @@ def _matmul_kernel(
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-    else:  # partial sums [SPLIT_K, m, n], fp32
-        part = part_ptr + (split.to(tl.int64) * m + rows.to(tl.int64))[:, None] * n + cols[None, :]
-        tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K > 1:  # partial sums [SPLIT_K, m, n], fp32; the tile's last program to count itself in adds them
+        part = part_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
+        tl.store(part + split.to(tl.int64) * m * n, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial sums written before the count releases them
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(SPLIT_K):  # in split order, from L2 (".cg"): the other programs' writes
+                acc += tl.load(part + s * m * n, mask=ok, other=0.0, cache_modifier=".cg")
+            _finish(acc, b_ptr, out_ptr, rows, cols, col_ok, ok, stride_om, HAS_BIAS)
+            tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
+    else:
+        _finish(acc, b_ptr, out_ptr, rows, cols, col_ok, ok, stride_om, HAS_BIAS)
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, b_ptr, out_ptr, m, n, stride_om,
-                   HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[r, c] = sum over splits, in split order, of the partial sums (+ bias), rounded once."""
-    pdl_prologue(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < n
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * m + row) * n + cols, mask=ok, other=0.0)
+def _finish(acc, b_ptr, out_ptr, rows, cols, col_ok, ok, stride_om, HAS_BIAS: tl.constexpr):
+    """`acc` (+ bias, in fp32) rounded once into the output tile."""
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=ok)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_SPLIT_TILES = 1 << 16  # column tiles of a split-K launch: N up to a million at the smallest tile
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's split-K tile counters, all zero between launches (each launch's last programs reset theirs).
+    Created zeroed at their one size and never replaced, since CUDA graphs keep their address; creating them
+    cannot happen during a graph capture (the engine's eager warm-up before its captures does it). Launches share
+    them, so split-K launches on one device must run one at a time, as on the engine's one stream (a kernel
+    launched under programmatic dependent launch waits for its predecessor before it touches memory)."""
+    if tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"a split-K launch takes at most {MAX_SPLIT_TILES} column tiles, got {tiles}: use split_k=1 "
+                         "or a wider block_n")
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"skinny_matmul's split-K counters on {device} do not exist yet and a CUDA-graph "
+                               "capture cannot zero new memory: run a split-K launch once before capturing")
+        counters = _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return counters
 
 
 def default_launch(m: int, n: int, k: int) -> dict[str, int]:
@@ -125,20 +149,18 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if k == 0:
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     split = max(1, min(launch["split_k"], triton.cdiv(k, launch["block_k"])))
+    tiles = triton.cdiv(n, launch["block_n"])
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    _matmul_kernel[(triton.cdiv(n, launch["block_n"]), split)](
-        x, weight, bias if bias is not None else x, out, part, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+    counters = _counters(x.device, tiles) if split > 1 else out
+    _matmul_kernel[(tiles, split)](
+        x, weight, bias if bias is not None else x, out, part, counters, m, n, k, x.stride(0), weight.stride(0),
+        out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"], UPCAST=x.device.type == "cpu",
         # TF32 is exact on 16-bit values; fp32 operands need IEEE (cuBLAS's fp32 default)
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=launch["num_warps"], num_stages=launch["num_stages"], **pdl_launch(),
     )
-    if split > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _reduce_kernel[(m, triton.cdiv(n, block))](part, bias if bias is not None else x, out, m, n, out.stride(0),
-                                                   HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
-                                                   **pdl_launch())
     return out
 
 

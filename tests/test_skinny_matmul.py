@@ -1,12 +1,22 @@
 """The decode-step matmul against its fp32 reference and `F.linear`: fp32 tight, bf16 within an ulp of the
-once-rounded result, at odd sizes, with and without bias, for every split of K (the partial sums and their reduce)."""
+once-rounded result, at odd sizes, with and without bias, for every split of K (the partial sums and their reduce
+by each tile's last program; Triton's interpreter runs programs one after another, so the race that the counters'
+release/acquire order prevents shows only on a GPU, where these tests also run)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.skinny_matmul import MAX_ROWS, default_launch, linear, skinny_matmul, skinny_matmul_reference
+from kernels.skinny_matmul import (
+    MAX_ROWS,
+    MAX_SPLIT_TILES,
+    _counters,
+    default_launch,
+    linear,
+    skinny_matmul,
+    skinny_matmul_reference,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -35,6 +45,19 @@ def test_equals_reference(poison, gpu_rounding, m, n, k, bias, bf16, split_k, bl
     x, w, b = case(m, n, k, torch.bfloat16 if bf16 else torch.float32, bias, seed)
     out = skinny_matmul(x, w, b, split_k=split_k, block_n=block[0], block_k=block[1])
     close(out, skinny_matmul_reference(x, w, b))
+
+
+def test_split_k_counters_are_zero_after_every_launch(poison):
+    """Each tile's last program sets its counter back: the next launch (or graph replay) starts from zero, the
+    same tile ids again with another split."""
+    for split_k in (2, 3, 8):
+        x, w, b = case(4, 70, 200, torch.float32, bias=True, seed=split_k)
+        close(skinny_matmul(x, w, b, split_k=split_k, block_n=16, block_k=16), skinny_matmul_reference(x, w, b))
+        counters = _counters(DEVICE, 0)
+        assert counters.numel() == MAX_SPLIT_TILES and not counters.any()
+    wide = torch.zeros(1, 200, device=DEVICE).expand(MAX_SPLIT_TILES * 16 + 1, 200)  # no memory: one row, repeated
+    with pytest.raises(ValueError, match="at most 65536 column tiles"):
+        skinny_matmul(x, wide, split_k=2, block_n=16)
 
 
 @pytest.mark.parametrize("m", [1, 16, 33, MAX_ROWS])
