@@ -6,7 +6,8 @@ per-sequence block table; `num_q_heads` is a multiple of `num_kv_heads` (MHA or 
 Decode is flash-decoding: stage 1 runs one program per (sequence, kv head, context split). Each program keeps the whole
 query group of that kv head in its tile, so K/V are read once per kv head. It walks its share of the context in
 tiles gathered through the block table, with an online softmax in fp32. When there are several splits it writes a
-normalised partial output plus its log-sum-exp, and stage 2 merges the splits. On a GPU in 16 bits the scores and
+normalised partial output plus its log-sum-exp, and the last of them to finish merges the splits
+(`kernels.serial_split`: no second kernel). On a GPU in 16 bits the scores and
 P @ V run on the matrix units with 16-bit operands, an MHA query row padded to 16: on an H200 that reads K/V at 0.93
 of copy bandwidth, where fp32 tiles reduced with broadcast multiplies reached 0.66-0.71 (same bytes: the upcasts and
 cross-thread reductions, presumably, were the limit).
@@ -46,6 +47,7 @@ import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_prologue
 from kernels.rope import check_rope_store, rope_rotate, rope_store_reference
+from kernels.serial_split import counters, last_to_arrive, reset_count
 
 _LOG2E = 1.4426950408889634
 SHARED_ROWS = 16  # rows of one run of a shared prefix: the rows of the run kernel's query tile
@@ -329,18 +331,19 @@ def _merge_partial(o_ptr, lse_ptr, m_i, l_i, acc, valid, d_valid):
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, shared_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, shared_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, count_ptr,
     new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
     qk_scale, max_ctx, pool_slots,
     stride_qb, stride_qh, stride_tb, stride_kb, stride_ks, stride_kh, stride_sb,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cos,
     GROUP: tl.constexpr, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ROPE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
     """A row's context past its shared positions (all of it when `SHARED_SPLITS == 0`); with one split it also
-    merges the run kernel's partials of its shared positions (slots `NUM_SPLITS..`), else the reduce does. With
+    merges the run kernel's partials of its shared positions (slots `NUM_SPLITS..`), else the (row, KV head)'s last
+    program to finish merges every slot (`kernels.serial_split`). With
     `ROPE`, q comes unrotated and the row's new K/V are not in the cache yet: the program whose range ends the
     context rotates and stores them and attends that position from registers (no other program reads it)."""
     pdl_prologue(PDL)
@@ -412,6 +415,15 @@ def _decode_kernel(
         part = (b * NUM_Q_HEADS + head) * num_slots + split
         tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=o_mask)
         tl.store(mid_lse_ptr + part, lse, mask=g_valid)
+        tile = b * tl.num_programs(1) + kv_head
+        if last_to_arrive(count_ptr, tile, NUM_SPLITS):
+            shares = False
+            if SHARED_SPLITS > 0:
+                shares = tl.load(shared_ptr + b * stride_sb + 1) > 0
+            for gi in tl.static_range(GROUP):
+                _merge_slots(mid_o_ptr, mid_lse_ptr, out_ptr, b * NUM_Q_HEADS + kv_head * GROUP + gi, shares,
+                             HEAD_DIM, NUM_SPLITS, SHARED_SPLITS, BLOCK_S, BLOCK_D)
+            reset_count(count_ptr, tile)
 
 
 @triton.jit
@@ -467,27 +479,22 @@ def _decode_shared_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    mid_o_ptr, mid_lse_ptr, out_ptr, shared_ptr, stride_sb,
-    HEAD_DIM: tl.constexpr, NUM_Q_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-):
-    """Merge the splits of one (sequence, q head): softmax-weighted sum of the partial outputs by their LSE. The
-    shared-prefix slots count only for a row that shares positions (the run kernel wrote no others)."""
-    pdl_prologue(PDL)
-    row = tl.program_id(0).to(tl.int64)
+def _merge_slots(mid_o_ptr, mid_lse_ptr, out_ptr, row, shares, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 SHARED_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the slots of one (sequence, q head): softmax-weighted sum of the partial outputs by their LSE, read
+    from L2 (other programs wrote them). The shared-prefix slots count only for a row that `shares` positions (the
+    run kernel wrote no others)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     num_slots: tl.constexpr = NUM_SPLITS + SHARED_SPLITS
     s_valid = s < NUM_SPLITS
     if SHARED_SPLITS > 0:
-        shares = s * 0 + tl.load(shared_ptr + (row // NUM_Q_HEADS) * stride_sb + 1) > 0  # a vector (see above)
-        s_valid = s_valid | ((s < num_slots) & shares)
-    lse = tl.load(mid_lse_ptr + row * num_slots + s, mask=s_valid, other=float("-inf"))
+        s_valid = s_valid | ((s < num_slots) & (s * 0 + shares.to(tl.int32) > 0))  # a vector (see above)
+    lse = tl.load(mid_lse_ptr + row * num_slots + s, mask=s_valid, other=float("-inf"), cache_modifier=".cg")
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     parts = tl.load(mid_o_ptr + (row * num_slots + s[:, None]) * HEAD_DIM + d[None, :],
-                    mask=s_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+                    mask=s_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0, cache_modifier=".cg")
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
@@ -656,21 +663,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             DOT_PRECISION=dot_precision, UPCAST=upcast, ROPE=rope is not None, num_warps=4, num_stages=2,
             **pdl_launch(),
         )
+    count = counters(q.device, bsz * num_kv_heads) if num_splits > 1 else out  # unused with one split
     _decode_kernel[(bsz, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, new_k, new_v, cos, sin_signed,
+        q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, count, new_k, new_v, cos,
+        sin_signed,
         positions, slots, scale * _LOG2E, max_ctx, k_cache.shape[0] * k_cache.shape[1], *strides,
         new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), cos.stride(0),
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         SHARED_SPLITS=shared_splits, BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1,
-        BLOCK_N=block_n, BLOCK_D=block_d, USE_DOT=use_dot, DOT_PRECISION=dot_precision, UPCAST=upcast,
-        ROPE=rope is not None, num_warps=4, num_stages=2, **pdl_launch(),
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_slots), USE_DOT=use_dot,
+        DOT_PRECISION=dot_precision, UPCAST=upcast, ROPE=rope is not None, num_warps=4, num_stages=2,
+        **pdl_launch(),
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(bsz * num_q_heads,)](
-            mid_o, mid_lse, out, shared, shared.stride(0), HEAD_DIM=head_dim, NUM_Q_HEADS=num_q_heads,
-            NUM_SPLITS=num_splits, SHARED_SPLITS=shared_splits, BLOCK_S=triton.next_power_of_2(num_slots),
-            BLOCK_D=block_d, num_warps=4, **pdl_launch(),
-        )
     return out
 
 

@@ -5,12 +5,9 @@ bytes that move. In the session-3 H200 profile of a Janus-Pro-1B-shaped rollout,
 moved them at about 0.58 of copy bandwidth, and took 45% of the step's GPU time. Here one program owns a
 `BLOCK_N x (K / SPLIT_K)` slab of the weight. It streams the slab in `BLOCK_K` tiles and multiplies the whole row
 block (padded to 16 rows) against each tile on the matrix units, accumulating in fp32. With `SPLIT_K > 1` each
-program writes its partial sums to a workspace and counts itself in on its column tile's counter (an atomic with
-release and acquire order); the tile's last program adds the partial sums in split order, so results are
-deterministic and no second kernel is launched (CUTLASS's serial split-K: a decode step has three split
-projections per layer, each a reduce launch fewer). The last program also sets the counter back to zero, so the
-counters (one buffer per device, zeroed once) are ready for the next launch and for CUDA-graph replays. The bias
-is added in fp32 and the result is rounded once to the input dtype.
+program writes its partial sums to a workspace, and the column tile's last program adds them in split order
+(`kernels.serial_split`): deterministic, and no reduce kernel (a decode step has three split projections per
+layer). The bias is added in fp32 and the result is rounded once to the input dtype.
 
 Whether this beats cuBLAS is a GPU measurement (`python -m bench kernels --only skinny_matmul --scale gpu
 --matmul-sweep`), not yet made. The engine uses it only when asked to (`EngineConfig.skinny_matmul`).
@@ -24,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_launch, pdl_prologue
+from kernels.serial_split import counters, last_to_arrive, reset_count
 
 MAX_ROWS = 64
 
@@ -67,13 +65,12 @@ def _matmul_kernel(
     if SPLIT_K > 1:  # partial sums [SPLIT_K, m, n], fp32; the tile's last program to count itself in adds them
         part = part_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :]
         tl.store(part + split.to(tl.int64) * m * n, acc, mask=ok)
-        tl.debug_barrier()  # every thread's partial sums written before the count releases them
-        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+        if last_to_arrive(count_ptr, pid_n, SPLIT_K):
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in range(SPLIT_K):  # in split order, from L2 (".cg"): the other programs' writes
                 acc += tl.load(part + s * m * n, mask=ok, other=0.0, cache_modifier=".cg")
             _finish(acc, b_ptr, out_ptr, rows, cols, col_ok, ok, stride_om, HAS_BIAS)
-            tl.atomic_xchg(count_ptr + pid_n, 0)  # ready for the next launch
+            reset_count(count_ptr, pid_n)
     else:
         _finish(acc, b_ptr, out_ptr, rows, cols, col_ok, ok, stride_om, HAS_BIAS)
 
@@ -85,28 +82,6 @@ def _finish(acc, b_ptr, out_ptr, rows, cols, col_ok, ok, stride_om, HAS_BIAS: tl
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=ok)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-MAX_SPLIT_TILES = 1 << 16  # column tiles of a split-K launch: N up to a million at the smallest tile
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The device's split-K tile counters, all zero between launches (each launch's last programs reset theirs).
-    Created zeroed at their one size and never replaced, since CUDA graphs keep their address; creating them
-    cannot happen during a graph capture (the engine's eager warm-up before its captures does it). Launches share
-    them, so split-K launches on one device must run one at a time, as on the engine's one stream (a kernel
-    launched under programmatic dependent launch waits for its predecessor before it touches memory)."""
-    if tiles > MAX_SPLIT_TILES:
-        raise ValueError(f"a split-K launch takes at most {MAX_SPLIT_TILES} column tiles, got {tiles}: use split_k=1 "
-                         "or a wider block_n")
-    counters = _COUNTERS.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"skinny_matmul's split-K counters on {device} do not exist yet and a CUDA-graph "
-                               "capture cannot zero new memory: run a split-K launch once before capturing")
-        counters = _COUNTERS[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
-    return counters
 
 
 def default_launch(m: int, n: int, k: int) -> dict[str, int]:
@@ -151,9 +126,9 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = max(1, min(launch["split_k"], triton.cdiv(k, launch["block_k"])))
     tiles = triton.cdiv(n, launch["block_n"])
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
-    counters = _counters(x.device, tiles) if split > 1 else out
+    count = counters(x.device, tiles) if split > 1 else out
     _matmul_kernel[(tiles, split)](
-        x, weight, bias if bias is not None else x, out, part, counters, m, n, k, x.stride(0), weight.stride(0),
+        x, weight, bias if bias is not None else x, out, part, count, m, n, k, x.stride(0), weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=max(16, triton.next_power_of_2(m)),
         BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"], UPCAST=x.device.type == "cpu",

@@ -1,22 +1,15 @@
 """The decode-step matmul against its fp32 reference and `F.linear`: fp32 tight, bf16 within an ulp of the
 once-rounded result, at odd sizes, with and without bias, for every split of K (the partial sums and their reduce
-by each tile's last program; Triton's interpreter runs programs one after another, so the race that the counters'
-release/acquire order prevents shows only on a GPU, where these tests also run)."""
+by each tile's last program, `kernels.serial_split`: Triton's interpreter runs programs one after another, so the
+race that its release/acquire order prevents shows only on a GPU, where these tests also run)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.skinny_matmul import (
-    MAX_ROWS,
-    MAX_SPLIT_TILES,
-    _counters,
-    default_launch,
-    linear,
-    skinny_matmul,
-    skinny_matmul_reference,
-)
+from kernels.serial_split import MAX_COUNTERS, counters
+from kernels.skinny_matmul import MAX_ROWS, default_launch, linear, skinny_matmul, skinny_matmul_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -53,10 +46,10 @@ def test_split_k_counters_are_zero_after_every_launch(poison):
     for split_k in (2, 3, 8):
         x, w, b = case(4, 70, 200, torch.float32, bias=True, seed=split_k)
         close(skinny_matmul(x, w, b, split_k=split_k, block_n=16, block_k=16), skinny_matmul_reference(x, w, b))
-        counters = _counters(DEVICE, 0)
-        assert counters.numel() == MAX_SPLIT_TILES and not counters.any()
-    wide = torch.zeros(1, 200, device=DEVICE).expand(MAX_SPLIT_TILES * 16 + 1, 200)  # no memory: one row, repeated
-    with pytest.raises(ValueError, match="at most 65536 column tiles"):
+        count = counters(DEVICE, 0)
+        assert count.numel() == MAX_COUNTERS and not count.any()
+    wide = torch.zeros(1, 200, device=DEVICE).expand(MAX_COUNTERS * 16 + 1, 200)  # no memory: one row, repeated
+    with pytest.raises(ValueError, match="at most 65536 output tiles"):
         skinny_matmul(x, wide, split_k=2, block_n=16)
 
 

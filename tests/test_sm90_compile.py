@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import triton
 
-KERNELS = ("_decode_kernel", "_decode_shared_kernel", "_decode_reduce_kernel", "_prefill_kernel",
+KERNELS = ("_decode_kernel", "_decode_shared_kernel", "_prefill_kernel",
            "_store_kvcache_kernel", "_rope_kernel", "_rms_norm_kernel", "_silu_mul_kernel", "_matmul_kernel",
            "_group_advantages_kernel", "_logp_kernel", "_dlogits_kernel")
 
@@ -29,7 +29,7 @@ def test_every_kernel_compiles_for_sm90():
     # programmatic dependent launch: every decode-step kernel waits for its predecessor before touching memory,
     # and no kernel launched without it carries the instructions
     pdl = {kernel: info for case, kernel, info in rows if case.startswith("PDL ")}
-    assert set(pdl) == {"_decode_kernel", "_decode_shared_kernel", "_decode_reduce_kernel", "_rope_kernel",
+    assert set(pdl) == {"_decode_kernel", "_decode_shared_kernel", "_rope_kernel",
                         "_rms_norm_kernel", "_silu_mul_kernel", "_matmul_kernel"}
     assert all(info.endswith("griddepcontrol 2 wait first yes") for case, _, info in rows if case.startswith("PDL ")), \
         pdl
