@@ -211,9 +211,9 @@ def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatc
     monkeypatch.setattr(rollout.LLMEngine, "generate", spy)
     monkeypatch.setattr(rollout, "median_time", fake_time)
     path = tmp_path / "rollout.json"
-    rollout.run(_args(["--groups", "1", "--n", "2", "--reasoning-tokens", "2", "--repeats", "2",
+    rollout.run(_args(["--preset", "shapes", "--groups", "1", "--n", "1", "--reasoning-tokens", "2", "--repeats", "2",
                        "--compare-num-scheduler-steps", "4", "--compare-cascade-attn", "--best-of-compared",
-                       "--json", str(path)]))
+                       "--json", str(path)]))  # the shapes preset: 64 image tokens, the times are fake
     result = json.loads(path.read_text())
     m, sides = result["metrics"], [row["side"] for row in result["rows"]]
     won = window_factor < 1
@@ -257,7 +257,7 @@ def test_of_several_best_candidates_the_faster_is_timed_and_profiled(tmp_path, m
     monkeypatch.setattr(rollout, "profile_rollout", lambda engine, *a: profiled.append(
         (engine.scheduler.num_scheduler_steps, engine.config.disable_cascade_attn)) or {})
     path = tmp_path / "rollout.json"
-    rollout.run(_args(["--groups", "1", "--n", "2", "--reasoning-tokens", "2", "--repeats", "2",
+    rollout.run(_args(["--preset", "shapes", "--groups", "1", "--n", "1", "--reasoning-tokens", "2", "--repeats", "2",
                        "--compare-num-scheduler-steps", "4", "--best-of-compared", "--profile", "unused",
                        "--json", str(path)]))
     m = json.loads(path.read_text())["metrics"]
