@@ -390,11 +390,11 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, text_tokens: list[list[int]], text_logprobs: list[list[float]],
                     image_tokens: list[list[int]], image_logprobs: list[list[float]],
                     image_mixed_logprobs: list[list[float]]) -> list[Group]:
-        """Append what the batch's steps sampled, per sample: one list over the steps for each of its text rows
-        (token, log-prob) and image samples (token, conditional and mixed log-probs), the same as a call per step
-        with one-step lists; returns the groups that finished with it. A text row that sampled
-        `<begin_of_image>` keeps nothing after it (the window's later steps were waste for it); an image
-        sample's window ends no later than its image (`_multi_step`), so it finishes at the last step or not."""
+        """Append what the batch's steps sampled (once, after its last step), per sample: one list over the steps
+        for each of its text rows (token, log-prob) and image samples (token, conditional and mixed log-probs);
+        returns the groups that finished with it. A text row that sampled `<begin_of_image>` keeps nothing after it
+        (the window's later steps were waste for it); an image sample's window ends no later than its image
+        (`_multi_step`), so it finishes at the last step or not."""
         bm = self.block_manager
         for group in batch.prefilled_groups:  # the samples fork the prompt's KV, computed once
             prompt = group.prompt_seq
@@ -404,8 +404,6 @@ class Scheduler:
             bm.free(prompt)
             group.prompt_seq = None
         for s, toks, lps in zip(batch.text_samples, text_tokens, text_logprobs, strict=True):
-            if s.in_image_phase:  # sampled `<begin_of_image>` at an earlier step of this batch (a call per step)
-                continue
             kept = toks.index(self.boi_id) + 1 if self.boi_id in toks else len(toks)
             forced = s.force_boi(kept - 1)
             s.cond.token_ids += toks[:kept]
