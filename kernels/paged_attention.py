@@ -666,8 +666,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     count = counters(q.device, bsz * num_kv_heads) if num_splits > 1 else out  # unused with one split
     _decode_kernel[(bsz, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, shared, out, mid_o, mid_lse, count, new_k, new_v, cos,
-        sin_signed,
-        positions, slots, scale * _LOG2E, max_ctx, k_cache.shape[0] * k_cache.shape[1], *strides,
+        sin_signed, positions, slots, scale * _LOG2E, max_ctx, k_cache.shape[0] * k_cache.shape[1], *strides,
         new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), cos.stride(0),
         GROUP=group, NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         SHARED_SPLITS=shared_splits, BLOCK_G=max(16, triton.next_power_of_2(group)) if use_dot else 1,
