@@ -24,6 +24,7 @@ from kernels.paged_attention import (
     shared_prefixes,
 )
 from kernels.rope import rope_store
+from kernels.serial_split import counters
 
 # Data is built on the CPU (seeded generators), then moved here: the kernels compile for real when a GPU is present.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,6 +139,7 @@ def test_decode_fp32(hq, hkv, d, bs, num_splits):
     ref = paged_decode_attention_reference(q, k_cache, v_cache, table, ctx, scale=0.3)
     assert out.dtype == q.dtype
     assert max_rel_err(out, ref) < 1e-5
+    assert not counters(DEVICE, 0).any()  # each (row, KV head)'s merging program reset its counter
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
