@@ -187,11 +187,9 @@ def test_a_switched_skinny_matmul_is_timed_with_pdl_both_ways():
     assert rollout.best_candidates(dict(engine, skinny_matmul_speedup=1.001, pdl_speedup=1.0)) == [engine]
 
 
-@pytest.mark.parametrize("window_factor", [0.9, 1.0])
-def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatch, window_factor):
-    """With fake times (4-step windows 10% faster, or no faster; cascade attention off 0.5% slower, inside the
-    margin): the best side runs with the winners only when some setting won, timed every repeat, and its ratio is
-    transformers' median over its median; otherwise it is the engine side itself."""
+def fake_times(monkeypatch, engine_time) -> None:
+    """`bench rollout`'s timings made up: `engine_time(engine)` seconds for an engine rollout (by the settings
+    the engine ran with), 10 s for transformers'; the rollouts themselves still run."""
     engines = []
     generate = rollout.LLMEngine.generate
 
@@ -202,14 +200,19 @@ def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatc
     def fake_time(fn, *, device, warmup, repeats):
         engines.clear()
         out = fn()
-        if not engines:  # transformers
-            return 10.0, out
-        e = engines[-1]
-        t = 1.0 * (window_factor if e.scheduler.num_scheduler_steps == 4 else 1.0)
-        return t * (1.005 if e.config.disable_cascade_attn else 1.0), out
+        return (engine_time(engines[-1]) if engines else 10.0), out
 
     monkeypatch.setattr(rollout.LLMEngine, "generate", spy)
     monkeypatch.setattr(rollout, "median_time", fake_time)
+
+
+@pytest.mark.parametrize("window_factor", [0.9, 1.0])
+def test_the_best_of_the_compared_settings_is_one_more_side(tmp_path, monkeypatch, window_factor):
+    """With fake times (4-step windows 10% faster, or no faster; cascade attention off 0.5% slower, inside the
+    margin): the best side runs with the winners only when some setting won, timed every repeat, and its ratio is
+    transformers' median over its median; otherwise it is the engine side itself."""
+    fake_times(monkeypatch, lambda e: (window_factor if e.scheduler.num_scheduler_steps == 4 else 1.0)
+               * (1.005 if e.config.disable_cascade_attn else 1.0))
     path = tmp_path / "rollout.json"
     rollout.run(_args(["--preset", "shapes", "--groups", "1", "--n", "1", "--reasoning-tokens", "2", "--repeats", "2",
                        "--compare-num-scheduler-steps", "4", "--compare-cascade-attn", "--best-of-compared",
@@ -230,29 +233,15 @@ def test_of_several_best_candidates_the_faster_is_timed_and_profiled(tmp_path, m
     """Two candidates (here: the winners with cascade attention on and off; on a GPU, PDL both ways), timed in
     turns every repeat: the faster median is `best_settings`, each candidate's times are in `best_candidates`,
     and the profile runs with the best one's settings even when the other ran last."""
-    engines, profiled = [], []
-    generate = rollout.LLMEngine.generate
-
-    def spy(engine, *a, **k):
-        engines.append(engine)
-        return generate(engine, *a, **k)
-
-    def fake_time(fn, *, device, warmup, repeats):
-        engines.clear()
-        out = fn()
-        if not engines:
-            return 10.0, out
-        e = engines[-1]
-        return (0.8 if e.scheduler.num_scheduler_steps == 4 else 1.0) * (0.9 if e.config.disable_cascade_attn
-                                                                          else 1.0), out
+    profiled = []
+    fake_times(monkeypatch, lambda e: (0.8 if e.scheduler.num_scheduler_steps == 4 else 1.0)
+               * (0.9 if e.config.disable_cascade_attn else 1.0))
 
     def candidates(metrics):
         best = rollout.winning_settings(metrics)
         both = [dict(best, cascade_attn=False), best]  # the faster first: the slower runs last
         return both if faster_first else both[::-1]
 
-    monkeypatch.setattr(rollout.LLMEngine, "generate", spy)
-    monkeypatch.setattr(rollout, "median_time", fake_time)
     monkeypatch.setattr(rollout, "best_candidates", candidates)
     monkeypatch.setattr(rollout, "profile_rollout", lambda engine, *a: profiled.append(
         (engine.scheduler.num_scheduler_steps, engine.config.disable_cascade_attn)) or {})
