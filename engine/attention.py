@@ -62,10 +62,10 @@ class AttentionBackend:
                 scale: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def needs_block_tables(self, steps: list[AttentionMetadata]) -> bool:
-        """Whether the metadata of a batch's steps (in order; a multi-step batch's share one block table) must
-        carry block tables (asked before they are built: a flattened table per row is the largest part of a
-        decode step's metadata)."""
+    def needs_block_tables(self, first: AttentionMetadata, max_context: int) -> bool:
+        """Whether a batch's steps must carry block tables (a multi-step batch's share one), from its first step's
+        metadata and the longest context of its last (asked before the tables are built: a flattened table per
+        row is the largest part of a decode step's metadata)."""
         return True
 
     def begin_step(self, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -153,12 +153,10 @@ class TorchBackend(AttentionBackend):
         return (self._k is not None and meta.seq_ids == self._seq_ids
                 and all(c == n + 1 for c, n in zip(meta.host_context_lens, self._lens)))
 
-    def needs_block_tables(self, steps):
+    def needs_block_tables(self, first, max_context):
         """Only when the workspace does not hold the rows, or some step outgrows it: a larger one may exceed its
         bound, and such steps read the paged cache."""
-        first = steps[0]
-        return (first.is_prefill or not self._continues(first)
-                or max(steps[-1].host_context_lens) > self._v.shape[2])
+        return first.is_prefill or not self._continues(first) or max_context > self._v.shape[2]
 
     def begin_step(self, kv_cache, meta):
         if meta.is_prefill:  # prefill reads the paged cache; the next decode step re-gathers

@@ -54,6 +54,9 @@ def unwrap(model: torch.nn.Module) -> JanusForConditionalGeneration:
     return janus
 
 
+METADATA_CHUNK = 16  # a window's steps whose metadata is built and sent at once (see `ModelRunner._prepare`)
+
+
 @dataclass(slots=True)
 class StepInputs:
     """One forward's inputs on the device: token ids (None when the caller feeds them), positions, which tokens
@@ -102,7 +105,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.lora_buffers: dict[tuple[int, str], torch.Tensor] = {}  # LoRA weights by (layer id, what)
-        self._steps: list[StepInputs] = []  # the current batch's steps, prepared by its step 0
+        self._steps: list[StepInputs] = []  # the current chunk of the batch's steps (`_prepare`)
+        # the current window's block tables and runs, one tensor each for all its steps (None: not needed / off)
+        self._window: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._module_key: tuple = ()
         self.dtype: torch.dtype | None = None  # the model's, set after the first bind sized everything from it
         self.bind(model)
@@ -285,16 +290,16 @@ class ModelRunner:
             ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Forward step `step` of the batch (only a multi-step batch has more than step 0); returns (text logits
         per `text_rows`, conditional image logits per `cond_rows`, unconditional ones per `uncond_rows` or None
-        when there are none), in the model's dtype. Step 0 applies the block copies and sends every step's
-        metadata at once; a later step's input tokens are `ids`, the ones the step before sampled (one per row,
-        on the device: the host does not wait for them)."""
-        if step == 0:
-            if batch.copies:
-                self._copy_blocks(batch.copies)
-            self._steps = self._prepare(batch)
-        elif ids is None:
+        when there are none), in the model's dtype. Step 0 applies the block copies; every `METADATA_CHUNK`th step
+        sends the metadata of the next steps at once; a later step's input tokens are `ids`, the ones the step
+        before sampled (one per row, on the device: the host does not wait for them)."""
+        if step == 0 and batch.copies:
+            self._copy_blocks(batch.copies)
+        if step > 0 and ids is None:
             raise ValueError(f"step {step} of a multi-step batch needs the input ids the step before sampled")
-        inputs = self._steps[step]
+        if step % METADATA_CHUNK == 0:
+            self._steps = self._prepare(batch, step)
+        inputs = self._steps[step % METADATA_CHUNK]
         meta = inputs.meta
         self.backend.begin_step(self.kv_cache, meta)
         h = self._embed(inputs.ids if ids is None else ids, inputs.modality)
@@ -322,14 +327,16 @@ class ModelRunner:
             return h[first:first + len(rows)]
         return h.index_select(0, host_tensor(rows, torch.int64, h.device))
 
-    def _prepare(self, batch: ScheduledBatch) -> list[StepInputs]:
-        """Each step's inputs, built in Python and sent as two tensors (int64 per token, int32 per row: context
-        lengths + padded block tables, the latter only when the backend needs them): per-step host overhead is
-        what bounds small models. Decode steps (one token per row; step j of a multi-step batch feeds position
-        `start + j`, through the same block tables) take a loop-free path."""
+    def _prepare(self, batch: ScheduledBatch, first: int) -> list[StepInputs]:
+        """Steps `first` to `first + METADATA_CHUNK` of the batch, their inputs built in Python and sent as two
+        tensors (int64 per token, int32 context lengths per row); per-step host overhead is what bounds small
+        models. The window's block tables (when the backend needs them) and runs are built at its first chunk, one
+        tensor each for all its steps. Decode steps (one token per row; step j feeds position `start + j` through
+        the same block tables) take a loop-free path. A long window (an image phase is 576 steps) is built a chunk
+        at a time, so only its first chunk's metadata keeps the device waiting."""
         bs = self.block_size
         seqs, starts = batch.seqs, batch.starts
-        num_rows, num_steps = len(seqs), batch.num_steps
+        num_rows, num_steps = len(seqs), min(METADATA_CHUNK, batch.num_steps - first)
         if batch.is_prefill:
             ids: list[int] = []
             positions: list[int] = []
@@ -342,16 +349,19 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
                 image += [p >= seq.image_start for p in range(start, end)]
             context_lens = [s + q for s, q in zip(starts, batch.query_lens)]
+            max_context = max(context_lens)
         else:
-            ids = [seq.token_ids[p] for seq, p in zip(seqs, starts)]
-            positions = starts if num_steps == 1 else [p + j for j in range(num_steps) for p in starts]
+            ids = [seq.token_ids[p] for seq, p in zip(seqs, starts)] if first == 0 else []
+            positions = [p + j for j in range(first, first + num_steps) for p in starts]
             slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs * num_steps, positions)]
             image = [p >= seq.image_start for seq, p in zip(seqs * num_steps, positions)]
             context_lens = [p + 1 for p in positions]
-        num_tokens = len(ids)
+            max_context = max(starts) + batch.num_steps  # the window's last step
+        num_ids = len(ids)
         dev = self.device
         per_token = host_tensor(ids + positions + slots, torch.int64, dev)
-        positions_t, slots_t = per_token[num_tokens:].chunk(2)
+        positions_t, slots_t = per_token[num_ids:].chunk(2)
+        context_t = host_tensor(context_lens, torch.int32, dev)
         step_tokens = len(positions) // num_steps  # a decode step's: one per row
 
         def tokens_of(x, j: int):
@@ -361,30 +371,14 @@ class ModelRunner:
             return x[j * num_rows:(j + 1) * num_rows]
 
         seq_ids = tuple(s.seq_id for s in seqs)
-        metas = [AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=tokens_of(slots_t, j), context_lens=None,
-                                   block_tables=None, seq_ids=seq_ids, host_context_lens=rows_of(context_lens, j))
+        metas = [AttentionMetadata(is_prefill=batch.is_prefill, slot_mapping=tokens_of(slots_t, j),
+                                   context_lens=rows_of(context_t, j), block_tables=None, seq_ids=seq_ids,
+                                   host_context_lens=rows_of(context_lens, j))
                  for j in range(num_steps)]
-        per_row = context_lens
-        width = 0
-        cascade = False
-        if self.backend.needs_block_tables(metas):
-            width = max(len(seq.block_table) for seq in seqs)
-            per_row = list(context_lens)
-            for seq in seqs:
-                per_row += seq.block_table
-                per_row += [0] * (width - len(seq.block_table))
-            # runs computed at the window's first step stay right for its later ones: contexts only grow
-            cascade = self.cascade and not batch.is_prefill
-            if cascade:
-                per_row += [x for run in shared_prefixes([seq.block_table for seq in seqs], starts, bs) for x in run]
-        per_row = host_tensor(per_row, torch.int32, dev)
-        end = len(context_lens) + num_rows * width
-        tables = per_row[len(context_lens):end].view(num_rows, width) if width else None
-        shared = per_row[end:].view(num_rows, 2) if cascade else None
-        for j, meta in enumerate(metas):  # one tables and one runs tensor for every step (`_replay` counts on it)
-            meta.context_lens = rows_of(per_row, j)
-            meta.block_tables = tables
-            meta.shared = shared
+        if first == 0:
+            self._window = self._window_tables(batch, metas[0], max_context)
+        for meta in metas:  # one tables and one runs tensor for every step of the window (`_replay` counts on it)
+            meta.block_tables, meta.shared = self._window
         last = None
         if batch.is_prefill:
             meta = metas[0]
@@ -396,8 +390,25 @@ class ModelRunner:
             meta.cu_seqlens_q, meta.cu_seqlens_k = cu[:num_rows + 1], cu[num_rows + 1:]
             meta.max_seqlen_q, meta.max_seqlen_k = max(batch.query_lens), max(context_lens)
             last = meta.cu_seqlens_q[1:].long() - 1
-        return [StepInputs(per_token[:num_tokens] if j == 0 else None, tokens_of(positions_t, j),
+        return [StepInputs(per_token[:num_ids] if num_ids and j == 0 else None, tokens_of(positions_t, j),
                            self._modality(tokens_of(image, j)), meta, last) for j, meta in enumerate(metas)]
+
+    def _window_tables(self, batch: ScheduledBatch, first: AttentionMetadata,
+                       max_context: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The window's padded block tables `[rows, width]` and, with cascade attention in a decode window, its
+        runs `[rows, 2]` (computed at its first step, right for its later ones: contexts only grow), in one copy;
+        or None where the backend needs no tables for this window."""
+        if not self.backend.needs_block_tables(first, max_context):
+            return None, None
+        tables = [seq.block_table for seq in batch.seqs]
+        width = max(map(len, tables))
+        per_row = [x for table in tables for x in table + [0] * (width - len(table))]
+        cascade = self.cascade and not batch.is_prefill
+        if cascade:
+            per_row += [x for run in shared_prefixes(tables, batch.starts, self.block_size) for x in run]
+        t = host_tensor(per_row, torch.int32, self.device)
+        end = len(tables) * width
+        return t[:end].view(len(tables), width), (t[end:].view(len(tables), 2) if cascade else None)
 
     def _modality(self, image: list[bool]) -> tuple[torch.Tensor, torch.Tensor] | bool | None:
         """`StepInputs.modality` of a step's tokens (is each an image token?)."""

@@ -94,9 +94,9 @@ def test_the_window_and_cascade_comparisons_are_more_sides(tmp_path, monkeypatch
         longest[key] = max(longest[key], batch.num_steps)
         return batch
 
-    def prepare_spy(runner, batch):
-        steps = prepare(runner, batch)
-        if not batch.is_prefill:
+    def prepare_spy(runner, batch, first):
+        steps = prepare(runner, batch, first)
+        if not batch.is_prefill and first == 0:
             shared_runs[runner.cascade, steps[0].meta.shared is not None] += 1
         return steps
 

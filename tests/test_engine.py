@@ -855,16 +855,19 @@ def test_cascade_attention_changes_no_token(tiny, backend, monkeypatch):
     of a group their prompt, the unconditional rows their pad prefix, the two runs `shared_prefixes` finds."""
     from engine.model_runner import ModelRunner
 
-    runs = []
+    runs, windows = [], {}
     prepare = ModelRunner._prepare
 
-    def spy(self, batch):
-        steps = prepare(self, batch)
-        shared = steps[0].meta.shared
-        if shared is not None and batch.uncond_rows:
+    def spy(self, batch, first):
+        steps = prepare(self, batch, first)
+        if first == 0:  # a new window (a batch object's id may be an earlier one's)
+            windows[id(batch)] = steps[0].meta.block_tables, steps[0].meta.shared
+        tables, shared = windows[id(batch)]
+        if first == 0 and shared is not None and batch.uncond_rows:
             runs.append({first for first, n in shared.tolist() if n})
-        # a window's steps share one block tables and one runs tensor: graph replays copy them at its first only
-        assert all(s.meta.block_tables is steps[0].meta.block_tables and s.meta.shared is shared for s in steps)
+        # a window's steps, chunk after chunk, share one block tables and one runs tensor: graph replays copy them
+        # at its first step only
+        assert all(s.meta.block_tables is tables and s.meta.shared is shared for s in steps)
         return steps
 
     monkeypatch.setattr(ModelRunner, "_prepare", spy)
@@ -946,12 +949,20 @@ def test_the_16_bit_gpu_layer_path_emulated_on_a_cpu(monkeypatch, skinny_matmul)
     torch.testing.assert_close(s.image_mixed_logprobs, mixed, rtol=0, atol=0.2)
 
 
-def test_576_image_tokens_greedy_equals_reference():
+def test_576_image_tokens_greedy_equals_reference(monkeypatch):
+    """A whole image phase in one window, its step metadata built a chunk at a time while earlier steps run."""
+    from engine.model_runner import METADATA_CHUNK, ModelRunner
+
+    chunks = []
+    prepare = ModelRunner._prepare
+    monkeypatch.setattr(ModelRunner, "_prepare", lambda self, batch, first: chunks.append(first) or prepare(
+        self, batch, first))
     bundle = build_preset("tiny")
     assert bundle.num_image_tokens == 576
     params = SamplingParams(n=2, text_temperature=0, image_temperature=0, max_reasoning_tokens=4,
                             decode_images=True)
     [group] = LLMEngine(bundle, EngineConfig(num_kv_blocks=300)).generate(PROMPTS[:1], params, use_tqdm=False)
+    assert max(chunks) == 576 - METADATA_CHUNK  # the image window's last chunk (576 = 36 chunks of 16)
     [ref] = ReferenceGenerator(bundle).generate(PROMPTS[:1], n=1, text_temperature=0, image_temperature=0,
                                                 max_reasoning_tokens=4, decode_images=False)
     for s in group.samples:
