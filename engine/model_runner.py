@@ -349,14 +349,12 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
                 image += [p >= seq.image_start for p in range(start, end)]
             context_lens = [s + q for s, q in zip(starts, batch.query_lens)]
-            max_context = max(context_lens)
         else:
             ids = [seq.token_ids[p] for seq, p in zip(seqs, starts)] if first == 0 else []
             positions = [p + j for j in range(first, first + num_steps) for p in starts]
             slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs * num_steps, positions)]
             image = [p >= seq.image_start for seq, p in zip(seqs * num_steps, positions)]
             context_lens = [p + 1 for p in positions]
-            max_context = max(starts) + batch.num_steps  # the window's last step
         num_ids = len(ids)
         dev = self.device
         per_token = host_tensor(ids + positions + slots, torch.int64, dev)
@@ -375,8 +373,9 @@ class ModelRunner:
                                    context_lens=rows_of(context_t, j), block_tables=None, seq_ids=seq_ids,
                                    host_context_lens=rows_of(context_lens, j))
                  for j in range(num_steps)]
-        if first == 0:
-            self._window = self._window_tables(batch, metas[0], max_context)
+        if first == 0:  # with the longest context of the window's last step
+            last_context = max(context_lens) if batch.is_prefill else max(starts) + batch.num_steps
+            self._window = self._window_tables(batch, metas[0], last_context)
         for meta in metas:  # one tables and one runs tensor for every step of the window (`_replay` counts on it)
             meta.block_tables, meta.shared = self._window
         last = None
