@@ -6,7 +6,9 @@
 #   shortest mode, for a lease of minutes (about 6 min on an H100);
 #   skinny: the skinny-matmul kernel against cuBLAS, then the rollout benchmark with the engine's decode
 #   projections through it as one more side (`skinny_matmul_speedup`), then the tests, then the kernel's launch
-#   sweep (the rollout first: with every comparison side it takes most of a lease);
+#   sweep (the rollout first: with every comparison side it took 290 s on an H100, after 21 s of kernel and
+#   sampling benchmarks; the tests then ran past a 555 s limit, since on a fresh machine they compile every
+#   Triton kernel: 68 s once compiled);
 #   sweep: the decode launch-configuration sweep, one timed rollout with a profile, the tests;
 #   final (default): every kernel benchmark with the decode sweep, the rollout benchmark (2 repeats) with a
 #   profile, the tests, then the rollout against compiled transformers (as in engine);

@@ -279,12 +279,14 @@ def run(args: argparse.Namespace) -> dict:
     r = args.reasoning_tokens
     settings = dict(n=args.n, cfg_weight=args.cfg, max_reasoning_tokens=r, min_reasoning_tokens=r,
                     decode_images=False, seed=args.seed)
-    fused = engine.config.fuse_projections = engine.runner.fuse_projections  # the default for this device
+    fused = engine.config.fuse_projections = engine.runner.fuse_projections  # the defaults for this device
+    engine.config.disable_cascade_attn = engine.runner.disable_cascade_attn
+    cascade_on = not engine.runner.disable_cascade_attn
     skinny = args.skinny_matmul
 
     def rollout(num_scheduler_steps: int, fuse: bool = fused, skinny_matmul: bool = skinny,
                 image_steps: int | None = args.num_image_scheduler_steps,
-                cascade: bool = True, pdl: bool = args.enable_pdl) -> tuple[float, list]:
+                cascade: bool = cascade_on, pdl: bool = args.enable_pdl) -> tuple[float, list]:
         engine.scheduler.num_scheduler_steps = num_scheduler_steps  # the same engine, pool and weights
         engine.scheduler.num_image_scheduler_steps = image_steps
         cfg = engine.config
@@ -312,7 +314,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.compare_num_image_scheduler_steps:
         extra["image_window"] = (args.num_scheduler_steps, fused, skinny, args.compare_num_image_scheduler_steps)
     if args.compare_cascade_attn:
-        extra["cascade"] = (args.num_scheduler_steps, fused, skinny, args.num_image_scheduler_steps, False)
+        extra["cascade"] = (args.num_scheduler_steps, fused, skinny, args.num_image_scheduler_steps, not cascade_on)
     if args.compare_pdl:
         extra["pdl"] = (args.num_scheduler_steps, fused, skinny, args.num_image_scheduler_steps, True,
                         not args.enable_pdl)
@@ -424,9 +426,10 @@ def run(args: argparse.Namespace) -> dict:
                        engine_other_image_window_s_runs=extra_times["image_window"],
                        image_window_speedup=t_engine / t_image_window)
     if "cascade" in extra:
-        t_unshared = statistics.median(extra_times["cascade"])
-        metrics.update(engine_other_cascade_s=t_unshared, engine_other_cascade_s_runs=extra_times["cascade"],
-                       cascade_attn_speedup=t_unshared / t_engine, other_cascade_tokens_match=cascade_match)
+        t_cascade = statistics.median(extra_times["cascade"])
+        t_on, t_off = (t_engine, t_cascade) if cascade_on else (t_cascade, t_engine)
+        metrics.update(engine_other_cascade_s=t_cascade, engine_other_cascade_s_runs=extra_times["cascade"],
+                       cascade_attn_speedup=t_off / t_on, other_cascade_tokens_match=cascade_match)
     if "pdl" in extra:
         t_pdl = statistics.median(extra_times["pdl"])
         t_on, t_off = (t_engine, t_pdl) if args.enable_pdl else (t_pdl, t_engine)
@@ -475,7 +478,8 @@ def run(args: argparse.Namespace) -> dict:
           if "window" in extra else []),
         *([engine_row(f"engine, {args.compare_num_image_scheduler_steps}-step image windows", t_image_window)]
           if "image_window" in extra else []),
-        *([engine_row("engine, cascade attention off", t_unshared)] if "cascade" in extra else []),
+        *([engine_row(f"engine, cascade attention {'off' if cascade_on else 'on'}", t_cascade)]
+          if "cascade" in extra else []),
         *([engine_row(f"engine, PDL {'off' if args.enable_pdl else 'on'}", t_pdl)] if "pdl" in extra else []),
         *([engine_row("engine, best of the compared settings", t_best)] if best_times is not None else []),
         {"side": "transformers", "seconds": t_hf, "groups_per_s": metrics["hf_groups_per_s"],

@@ -103,7 +103,7 @@ class LLMEngine:
         """Forward and sample each step of the batch. The tokens one step samples are the next step's inputs
         without leaving the device (an image token feeds its conditional and its unconditional row), so the host
         queues every step; at the end it stacks the window's tokens and log-probs (no per-step casts or copies),
-        reads them in two copies, and appends each sample's in one go."""
+        reads them in one copy, and appends each sample's in one go."""
         text_samples, image_samples = batch.text_samples, batch.image_samples
         paired = None
         if 0 < len(batch.uncond_rows) < len(image_samples):
@@ -139,9 +139,13 @@ class LLMEngine:
         token_columns: list[list[int]] = []
         logprob_columns: list[list[float]] = []
         if num_text + num_image:  # (a batch that only grows the shared unconditional prefix samples nothing)
-            # [steps, text + image] and [steps, text + 2 image]: the first read is the batch's one device sync
-            token_columns = torch.cat([torch.stack(kind) for kind in zip(*tokens)], 1).cpu().T.tolist()
-            logprob_columns = torch.cat([torch.stack(kind) for kind in zip(*logprobs)], 1).cpu().T.tolist()
+            # [steps, text + image] int64 and [steps, text + 2 image] fp32, read in one copy, the window's one
+            # device sync: the tokens (< 2**31) as int32 beside the log-probs' bits
+            toks = torch.cat([torch.stack(kind) for kind in zip(*tokens)], 1)
+            lps = torch.cat([torch.stack(kind) for kind in zip(*logprobs)], 1)
+            host = torch.cat([toks.int(), lps.view(torch.int32)], 1).cpu()
+            token_columns = host[:, :toks.shape[1]].T.tolist()
+            logprob_columns = host[:, toks.shape[1]:].view(torch.float32).T.tolist()
             _check_finite(logprob_columns, text_samples, image_samples)
         finished = self.scheduler.postprocess(
             batch, token_columns[:num_text], logprob_columns[:num_text], token_columns[num_text:],

@@ -141,7 +141,7 @@ class ModelRunner:
     @property
     def cascade(self) -> bool:
         """Decode steps carry `AttentionMetadata.shared` (the config as of the last bind, like the graphs)."""
-        return self.backend.shares_prefixes and not self._disable_cascade_attn
+        return self.backend.shares_prefixes and not self.disable_cascade_attn
 
     # ------------------------------------------------------------------------------------------------ set-up
     def bind(self, model: torch.nn.Module) -> None:
@@ -165,7 +165,8 @@ class ModelRunner:
         if merge is None:
             merge = weight.dtype == torch.float32
         previous, self.lora_buffers = self.lora_buffers, {}
-        self._disable_cascade_attn = self.config.disable_cascade_attn
+        disable = self.config.disable_cascade_attn
+        self.disable_cascade_attn = weight.is_cuda if disable is None else disable
         self.pdl = self.config.enable_pdl
         fuse = self.config.fuse_projections
         self.fuse_projections = lm.embed_tokens.weight.is_cuda if fuse is None else fuse
@@ -199,7 +200,7 @@ class ModelRunner:
                  tuple(module_globals._global_forward_pre_hooks), tuple(module_globals._global_forward_hooks))
         key = (tuple(id(m) for m in lm.modules()), id(janus.lm_head), id(janus.model.generation_head), adapters,
                hooks, tuple(p.data_ptr() for p in lm.parameters()),  # re-homed or moved weights: graphs hold addresses
-               merge, self.fuse_projections, self.config.skinny_matmul, self._disable_cascade_attn, self.pdl)
+               merge, self.fuse_projections, self.config.skinny_matmul, self.disable_cascade_attn, self.pdl)
         if key != self._module_key:
             self.graphs.clear()
             self._module_key = key

@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-image-scheduler-steps", type=int, default=None,
                      help="decode steps per host sync when every row is in the image phase and no request waits "
                           "(default: up to the first image's completion)")
-    srv.add_argument("--disable-cascade-attn", action="store_true",
-                     help="every decode row reads its own shared prefix (default: once per run of rows over the "
-                          "same blocks, as vLLM's cascade attention)")
+    srv.add_argument("--disable-cascade-attn", action="store_true", default=None,
+                     help="every decode row reads its own shared prefix (default: on a GPU; on a CPU once per run "
+                          "of rows over the same blocks, as vLLM's cascade attention)")
     srv.add_argument("--enable-pdl", action="store_true",
                      help="decode-step kernels with programmatic dependent launch (a Hopper GPU; default: off)")
     srv.add_argument("--interrupt-windows", action=argparse.BooleanOptionalAction, default=True,

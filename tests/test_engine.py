@@ -576,6 +576,23 @@ def test_multi_step_batches_equal_single_steps(eager_to_draw, monkeypatch, num_k
         _assert_same_rollouts(multi, multi_lock, single, single_lock)
 
 
+def test_a_window_reads_its_samples_in_one_copy(tiny, monkeypatch):
+    """A decode window's tokens and log-probs come to the host in one copy, on a GPU its one sync (a CUDA test
+    counts the syncs there); here the `Tensor.cpu` calls of the window's `step()` stand in for them."""
+    eng = LLMEngine(tiny, EngineConfig(num_kv_blocks=200, block_size=4))
+    eng.add_request(PROMPTS[0], SamplingParams(n=2, max_reasoning_tokens=12, min_reasoning_tokens=12, seed=0,
+                                               decode_images=False))
+    eng.step()  # the prefill
+    copies, cpu, steps = [], torch.Tensor.cpu, eng.num_steps
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or cpu(self, *a, **k))
+    eng.step()
+    monkeypatch.undo()
+    assert eng.num_steps - steps > 1 and len(copies) == 1, copies
+    while eng.scheduler.has_unfinished():
+        eng.step()
+    assert eng.block_manager.num_used_blocks == 0
+
+
 def _assert_same_rollouts(multi, multi_lock, single, single_lock):
     for group, ref in zip(multi + multi_lock, single + single_lock):
         for s, r in zip(group.samples, ref.samples):
@@ -693,7 +710,8 @@ def test_fused_projections_rehome_the_parameters_once_and_keep_them_trainable(tm
     values = [[p.detach().clone() for p in group] for group in groups]
     objects = [[id(p) for p in group] for group in groups]
     pointers = [p.data_ptr() for p in model.parameters()]
-    assert not LLMEngine(bundle, EngineConfig(num_kv_blocks=8)).runner.fuse_projections  # a CPU's default
+    runner = LLMEngine(bundle, EngineConfig(num_kv_blocks=8)).runner
+    assert not runner.fuse_projections and runner.cascade  # a CPU's defaults
     assert [p.data_ptr() for p in model.parameters()] == pointers  # unfused: the model is left alone
     with torch.inference_mode():
         eng = LLMEngine(bundle, EngineConfig(num_kv_blocks=64, fuse_projections=True))
