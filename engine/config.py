@@ -39,13 +39,12 @@ class EngineConfig:
     from the policy's own parameters at the start of every rollout into a buffer of the engine (`W` is never
     touched; TRL merges before generating, in place). None (default) merges fp32 weights only: a 16-bit merged
     weight would round away a LoRA delta smaller than its last bit, so 16-bit models apply LoRA inline.
-    `disable_cascade_attn` (vLLM's name) turns off cascade attention, where a
-    decode step's rows whose block tables start alike (a group's samples over their prompt, the unconditional CFG
-    rows over their pad prefix) read those K/V once per up to 16 rows (`kernels.paged_attention.shared_prefixes`;
-    the torch and Triton backends; flash-attn reads every row's own). None (default) disables it on a GPU only:
-    on an H100 the rollout benchmark at the Janus-Pro-1B shape measured it 9% slower (GoT prompts are short, so
-    the K/V it reads once saves less than its run kernel and merge cost; vLLM too skips prefixes under 256
-    tokens); on a CPU it measured even (1.00x).
+    `disable_cascade_attn` (vLLM's name) turns off cascade attention, where a decode step's rows whose block
+    tables start alike (a group's samples over their prompt, the unconditional CFG rows over their pad prefix)
+    read those K/V once per up to 16 rows (`kernels.paged_attention.shared_prefixes`; the torch and Triton
+    backends; flash-attn reads every row's own). None (default) disables it on a GPU only: on an H100 the rollout
+    benchmark at the Janus-Pro-1B shape took 10% longer with it (GoT prompts are short; vLLM too skips prefixes
+    under 256 tokens); on a CPU it measured even (1.00x).
     `enable_pdl` (FlashInfer's and SGLang's name) launches the Triton kernels of decode steps with programmatic
     dependent launch (`kernels.pdl`): each may be scheduled while the one before it finishes, which hides part of
     the idle gap between a step's few hundred small kernels. It needs a GPU of compute capability 9.0 or newer
