@@ -169,7 +169,7 @@ class ModelRunner:
         self.disable_cascade_attn = weight.is_cuda if disable is None else disable
         self.pdl = self.config.enable_pdl
         fuse = self.config.fuse_projections
-        self.fuse_projections = lm.embed_tokens.weight.is_cuda if fuse is None else fuse
+        self.fuse_projections = weight.is_cuda if fuse is None else fuse
         linear = skinny_linear if self.config.skinny_matmul else F.linear
         lora = functools.partial(self._lora_weights, previous, merge)
         call = functools.partial(lean, linear=linear, lora=lora, fuse=self.fuse_projections)

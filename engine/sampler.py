@@ -3,7 +3,7 @@
 
 Settings are checked once, by `SamplingParams`, so the kernel's per-step value checks (a device sync) are off.
 Results stay on the device, as the kernel wrote them (no per-step casts or stacks): the engine stacks a whole
-(multi-)step window's tokens and log-probs once, at its end, and brings them to the host in two copies.
+(multi-)step window's tokens and log-probs once, at its end, and brings them to the host in one copy.
 Random numbers are counter-based: row r draws from (its sample's key, the position of the token it samples),
 so a sample's tokens are the same whatever else shares its batch, and after preemption and recompute.
 """
